@@ -1,0 +1,84 @@
+"""One entry point for every dataset: ``load_dataset(name, root=None, **kwargs)``.
+
+Names: ``"shapeworld"`` (the embedded, generated default world), the
+torchvision datasets (``"eurosat"``, ``"oxford_pets"``, ``"dtd"``,
+``"flowers102"``, ``"caltech101"``, ``"food101"``, ``"cifar10"``,
+``"cifar100"``; downloads off unless ``download=True``) and
+``"imagefolder:<path>"`` for any local folder of class sub-folders.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+from fewclip_tutorial.data.base import DatasetSpec
+
+__all__ = ["IMAGEFOLDER_PREFIX", "UnknownDatasetError", "list_datasets", "load_dataset"]
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+_TORCHVISION_NAMES = (
+    "eurosat",
+    "oxford_pets",
+    "dtd",
+    "flowers102",
+    "caltech101",
+    "food101",
+    "cifar10",
+    "cifar100",
+)
+
+
+class UnknownDatasetError(KeyError):
+    """The dataset name is not registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names (``"imagefolder:<path>"`` is listed as its prefix form)."""
+    return ["shapeworld", *_TORCHVISION_NAMES, f"{IMAGEFOLDER_PREFIX}<path>"]
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> DatasetSpec:
+    """Load dataset ``name`` as a :class:`DatasetSpec`.
+
+    Args:
+        name: a name from :func:`list_datasets`, or ``"imagefolder:/some/path"``.
+        root: data folder for torchvision datasets (default ``$FEWCLIP_DATA`` or
+            ``~/.cache/fewclip_tutorial/data``); ignored by ``shapeworld``.
+        **kwargs: passed to the loader (``download=True``, ``seed=...``, ...).
+
+    Raises:
+        UnknownDatasetError: ``name`` is not registered (the message lists the
+            known names and the closest match).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}.")
+    key = name.strip()
+    if key.lower().startswith(IMAGEFOLDER_PREFIX):
+        from fewclip_tutorial.data.imagefolder import load_imagefolder
+
+        path = key[len(IMAGEFOLDER_PREFIX) :]
+        if not path:
+            raise ValueError(
+                "'imagefolder:' needs a path after the colon, e.g. 'imagefolder:/data/my_photos'."
+            )
+        return load_imagefolder(path, **kwargs)
+    key = key.lower()
+    if key == "shapeworld":
+        from fewclip_tutorial.data.shapeworld import load_shapeworld
+
+        return load_shapeworld(**kwargs)
+    if key in _TORCHVISION_NAMES:
+        from fewclip_tutorial.data.torchvision_datasets import TORCHVISION_LOADERS
+
+        return TORCHVISION_LOADERS[key](root=root, **kwargs)
+
+    known = list_datasets()
+    close = difflib.get_close_matches(key, [n for n in known if not n.endswith(">")], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownDatasetError(
+        f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}."
+    )

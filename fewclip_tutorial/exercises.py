@@ -1,0 +1,397 @@
+"""Self-checking notebook exercises.
+
+A chapter asks the reader to write a small tensor function (say, the prompt
+ensemble) and then checks it against the package's reference implementation on
+random inputs::
+
+    from fewclip_tutorial.exercises import get_exercise
+
+    ex = get_exercise("zero_shot_logits")
+    print(ex.description)
+    ex.check(my_zero_shot_logits)      # prints feedback, returns True/False
+    print(ex.solution_source())        # the reference code, when stuck
+
+Method modules register their own exercises at import time with
+:func:`register_exercise`.  The checker compares outputs structurally: type,
+shape, dtype, then values (``atol``/``rtol``), and reports the first trial that
+fails with its input shapes, the maximum absolute error, or the exception.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewclip_tutorial.zeroshot import prompt_ensemble, zero_shot_logits
+
+__all__ = [
+    "Exercise",
+    "UnknownExerciseError",
+    "check",
+    "compare_outputs",
+    "get_exercise",
+    "list_exercises",
+    "register_exercise",
+]
+
+InputMaker = Callable[[torch.Generator], Any]
+
+
+class UnknownExerciseError(KeyError):
+    """No exercise is registered under this name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
+    if isinstance(x, np.ndarray):
+        return f"ndarray(shape={x.shape}, dtype={x.dtype})"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__}[{', '.join(_describe(v) for v in x)}]"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in x.items()) + "}"
+    return f"{type(x).__name__}({x!r})" if isinstance(x, (int, float, bool, str)) else type(x).__name__
+
+
+def compare_outputs(
+    got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4, where: str = "output"
+) -> str | None:
+    """Compare a student's output with the reference output.
+
+    Handles tensors, NumPy arrays, numbers, and (nested) tuples/lists/dicts.
+
+    Returns:
+        ``None`` when they match, else a one-paragraph explanation of the first mismatch.
+    """
+    if isinstance(expected, Tensor):
+        if not isinstance(got, Tensor):
+            return f"{where} should be a torch.Tensor, but it is {_describe(got)}."
+        if tuple(got.shape) != tuple(expected.shape):
+            return (
+                f"{where} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}. "
+                "Check which dimension you reduce over, and transposes."
+            )
+        if got.dtype != expected.dtype:
+            return f"{where} has dtype {got.dtype}, expected {expected.dtype}."
+        g = got.detach().cpu()
+        e = expected.detach().cpu()
+        if e.dtype == torch.bool or not (e.is_floating_point() or e.is_complex()):
+            n_bad = int((g != e).sum())
+            if n_bad:
+                return f"{where}: {n_bad} of {e.numel()} entries differ from the reference."
+            return None
+        if torch.isnan(g).any() and not torch.isnan(e).any():
+            return f"{where} contains NaN values; the reference does not."
+        if not torch.allclose(g, e, atol=atol, rtol=rtol, equal_nan=True):
+            diff = (g - e).abs().nan_to_num(0.0)
+            idx = np.unravel_index(int(diff.argmax()), tuple(e.shape)) if e.ndim else ()
+            idx_t = tuple(int(i) for i in idx)
+            ratio = ""
+            denom = e.abs().sum()
+            if float(denom) > 0:
+                r = float((g * e).sum() / (e * e).sum())
+                if abs(r - 1) > 1e-3 and torch.allclose(g, r * e, atol=atol * 10, rtol=rtol * 10):
+                    ratio = f" Your values are the reference times {r:.4g}: a missing scale factor?"
+            return (
+                f"{where} values differ: max abs error {float(diff.max()):.3g} at index "
+                f"{idx_t} (got {float(g[idx_t]):.6g}, expected {float(e[idx_t]):.6g}; "
+                f"tolerance atol={atol:g}, rtol={rtol:g}).{ratio}"
+            )
+        return None
+    if isinstance(expected, np.ndarray):
+        return compare_outputs(
+            torch.as_tensor(np.asarray(got)) if not isinstance(got, Tensor) else got,
+            torch.as_tensor(expected),
+            atol,
+            rtol,
+            where,
+        )
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping):
+            return f"{where} should be a dict, but it is {_describe(got)}."
+        if set(got) != set(expected):
+            return f"{where} has keys {sorted(got)}, expected {sorted(expected)}."
+        for k in expected:
+            problem = compare_outputs(got[k], expected[k], atol, rtol, f"{where}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)):
+            return f"{where} should be a {type(expected).__name__}, but it is {_describe(got)}."
+        if len(got) != len(expected):
+            return f"{where} has {len(got)} elements, expected {len(expected)}."
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            problem = compare_outputs(g, e, atol, rtol, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        if isinstance(got, Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float, np.number)) or isinstance(got, bool):
+            return f"{where} should be a number, but it is {_describe(got)}."
+        if not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol):
+            return f"{where} is {got!r}, expected {expected!r}."
+        return None
+    if got != expected:
+        return f"{where} is {got!r}, expected {expected!r}."
+    return None
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def _call(fn: Callable, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return fn(**inputs)
+    if isinstance(inputs, tuple):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def check(
+    student_fn: Callable,
+    reference_fn: Callable,
+    make_inputs: InputMaker,
+    n_trials: int = 5,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    name: str = "exercise",
+    seed: int = 0,
+    verbose: bool = True,
+) -> bool:
+    """Run ``student_fn`` and ``reference_fn`` on random inputs and compare.
+
+    Args:
+        student_fn: the reader's function.
+        reference_fn: the package's implementation.
+        make_inputs: ``generator -> inputs``; a tuple is passed as positional
+            arguments, a dict as keyword arguments, anything else as one argument.
+        n_trials: number of random input sets (trial ``t`` uses seed ``seed + t``).
+        atol, rtol: tolerances for floating-point tensors.
+        name: shown in the feedback.
+        seed: first generator seed.
+        verbose: print the feedback.
+
+    Returns:
+        ``True`` if every trial matches; otherwise prints what went wrong in the
+        first failing trial (shape/dtype mismatch, max abs error, the exception,
+        or an in-place modification of an input) and returns ``False``.
+    """
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, got {n_trials}.")
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(msg)
+
+    for trial in range(n_trials):
+        gen = torch.Generator().manual_seed(seed + trial)
+        inputs = make_inputs(gen)
+        expected = _call(reference_fn, _clone(inputs))
+        student_inputs = _clone(inputs)
+        shown = _describe(inputs)
+        try:
+            got = _call(student_fn, student_inputs)
+        except Exception as err:  # noqa: BLE001 - any error of the student's code is feedback
+            say(
+                f"✗ {name}: trial {trial + 1}/{n_trials} raised "
+                f"{type(err).__name__}: {err}\n  inputs: {shown}"
+            )
+            return False
+        problem = compare_outputs(got, expected, atol=atol, rtol=rtol)
+        if problem is None and compare_outputs(student_inputs, inputs, atol=0, rtol=0):
+            problem = "your function modified its input in place; work on a copy instead."
+        if problem is not None:
+            say(f"✗ {name}: trial {trial + 1}/{n_trials} failed: {problem}\n  inputs: {shown}")
+            return False
+    say(f"✓ {name}: correct on all {n_trials} random trials.")
+    return True
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Exercise:
+    """A registered exercise: a reference function plus its random-input maker."""
+
+    name: str
+    reference_fn: Callable
+    make_inputs: InputMaker
+    description: str = ""
+    hint: str = ""
+    n_trials: int = 5
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+    def check(self, student_fn: Callable, verbose: bool = True) -> bool:
+        """Compare ``student_fn`` with the reference on random inputs (see :func:`check`)."""
+        ok = check(
+            student_fn,
+            self.reference_fn,
+            self.make_inputs,
+            n_trials=self.n_trials,
+            atol=self.atol,
+            rtol=self.rtol,
+            name=self.name,
+            verbose=verbose,
+        )
+        if not ok and self.hint and verbose:
+            print(f"  hint: {self.hint}")
+        return ok
+
+    def solution_source(self) -> str:
+        """The source code of the reference implementation."""
+        return inspect.getsource(self.reference_fn)
+
+    def example_inputs(self, seed: int = 0) -> Any:
+        """One set of random inputs, to try a function by hand."""
+        return self.make_inputs(torch.Generator().manual_seed(seed))
+
+
+_EXERCISES: dict[str, Exercise] = {}
+
+
+def register_exercise(
+    name: str,
+    reference_fn: Callable,
+    make_inputs: InputMaker,
+    description: str = "",
+    hint: str = "",
+    n_trials: int = 5,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> Exercise:
+    """Register an exercise under ``name`` and return it.
+
+    Re-registering the same reference function (a module reloaded in a notebook)
+    replaces the entry; a *different* function under a taken name is an error.
+    """
+    old = _EXERCISES.get(name)
+    if old is not None:
+        same = (old.reference_fn.__module__, old.reference_fn.__qualname__) == (
+            reference_fn.__module__,
+            reference_fn.__qualname__,
+        )
+        if not same:
+            raise ValueError(
+                f"Exercise {name!r} is already registered with "
+                f"{old.reference_fn.__module__}.{old.reference_fn.__qualname__}; pick another name."
+            )
+    ex = Exercise(
+        name=name,
+        reference_fn=reference_fn,
+        make_inputs=make_inputs,
+        description=description or (inspect.getdoc(reference_fn) or "").split("\n\n")[0],
+        hint=hint,
+        n_trials=n_trials,
+        atol=atol,
+        rtol=rtol,
+    )
+    _EXERCISES[name] = ex
+    return ex
+
+
+def list_exercises() -> list[str]:
+    """Names of every registered exercise (method modules are imported first)."""
+    _import_method_exercises()
+    return sorted(_EXERCISES)
+
+
+def _import_method_exercises() -> None:
+    import importlib
+
+    importlib.import_module("fewclip_tutorial.methods")
+
+
+def get_exercise(name: str) -> Exercise:
+    """The exercise registered as ``name``.
+
+    Raises:
+        UnknownExerciseError: with close matches and the list of exercises.
+    """
+    if name not in _EXERCISES:
+        _import_method_exercises()
+    if name not in _EXERCISES:
+        names: Sequence[str] = sorted(_EXERCISES)
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownExerciseError(
+            f"No exercise named {name!r}.{hint} Available: {', '.join(names)}"
+        )
+    return _EXERCISES[name]
+
+
+# --------------------------------------------------------------------------- this chapter
+
+
+def _sizes(gen: torch.Generator, *ranges: tuple[int, int]) -> list[int]:
+    return [int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in ranges]
+
+
+def _prompt_ensemble_inputs(gen: torch.Generator) -> tuple[Tensor]:
+    C, M, D = _sizes(gen, (2, 6), (2, 5), (3, 9))
+    # Unnormalised embeddings with varied norms: forgetting to normalise shows.
+    scale = torch.rand(C, M, 1, generator=gen) * 3 + 0.2
+    return (torch.randn(C, M, D, generator=gen) * scale,)
+
+
+def _zero_shot_logits_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    N, C, D = _sizes(gen, (1, 7), (2, 6), (3, 9))
+    f = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1)
+    W = torch.nn.functional.normalize(torch.randn(C, D, generator=gen), dim=-1)
+    logit_scale = float(torch.empty(1).uniform_(10.0, 100.0, generator=gen))
+    return f, W, logit_scale
+
+
+register_exercise(
+    "prompt_ensemble",
+    prompt_ensemble,
+    _prompt_ensemble_inputs,
+    description=(
+        "Write prompt_ensemble(text_features) taking (C, M, D) embeddings of M prompts per "
+        "class and returning the (C, D) classifier: normalise each prompt embedding, average "
+        "over the M prompts, and normalise the average."
+    ),
+    hint="Two normalisations: one per prompt (dim=-1 of (C, M, D)), one of the mean.",
+)
+
+register_exercise(
+    "zero_shot_logits",
+    zero_shot_logits,
+    _zero_shot_logits_inputs,
+    description=(
+        "Write zero_shot_logits(image_features, classifier, logit_scale) taking (N, D) image "
+        "features and a (C, D) classifier (both L2-normalised) and returning (N, C) logits "
+        "logit_scale * cosine similarity."
+    ),
+    hint="The classifier has one row per class: multiply by its transpose, then scale.",
+    atol=1e-4,
+)

@@ -22,11 +22,11 @@ STD = (0.25, 0.25, 0.25)
 
 
 class MeanBrightness(nn.Module):
-    """Visual encoder of the toy problem: D = 2 feature ``[m, -m]`` with ``m`` the mean pixel."""
+    """Visual encoder of the toy problem: D = 2 feature ``[m, 0.1]``, ``m`` the mean (normalised) pixel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.mean(dim=(1, 2, 3))
-        return torch.stack([m, -m], dim=1)
+        return torch.stack([m, torch.full_like(m, 0.1)], dim=1)
 
 
 def _easy_problem(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +39,7 @@ def _easy_problem(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _classifier() -> NormalizedClassifier:
-    head = torch.tensor([[-1.0, 1.0], [1.0, -1.0]]) / 2**0.5  # class 1 <-> bright
+    head = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])  # class 1 <-> bright
     return NormalizedClassifier(MeanBrightness(), MEAN, STD, head, logit_scale=10.0)
 
 

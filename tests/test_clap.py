@@ -120,7 +120,9 @@ def test_network_shortcut_resamples_when_dims_differ() -> None:
 
 
 def test_render_and_each_augmentation_on_a_worked_example() -> None:
-    p = PromptAttributes("dog", size="large", color="red", image_type="photo", art_style="realistic")
+    p = PromptAttributes(
+        "dog", size="large", color="red", image_type="photo", art_style="realistic"
+    )
     assert p.render() == "a realistic photo of a large red dog"
     assert delete_size(p).render() == "a realistic photo of a red dog"
     assert delete_color(p).render() == "a realistic photo of a large dog"
@@ -132,7 +134,9 @@ def test_render_and_each_augmentation_on_a_worked_example() -> None:
     for fn in AUGMENTATIONS.values():
         everything = fn(everything)
     assert everything.render() == "a dog"
-    q = PromptAttributes("apple", color="orange", image_type="painting", art_style="impressionistic")
+    q = PromptAttributes(
+        "apple", color="orange", image_type="painting", art_style="impressionistic"
+    )
     assert q.render() == "an impressionistic painting of an orange apple"
     assert delete_color(q).render() == "an impressionistic painting of an apple"
     assert PromptAttributes("  ice   cream ").render() == "an ice cream"
@@ -146,8 +150,6 @@ def test_clap_prompts_is_the_full_product() -> None:
     assert len({p.render() for p in prompts}) == 480
     small = clap_prompts("cat", colors=["red"], sizes=[], image_types=["sketch"], art_styles=None)
     assert [p.render() for p in small] == ["a sketch of a red cat"]
-
-
 
 
 def _content_words(text: str) -> list[str]:
@@ -195,7 +197,9 @@ def test_deletions_remove_exactly_their_attribute(name: str, attr: str) -> None:
         if attr == "image_type" and p.art_style is not None and not p.swapped:
             expected.insert(start, "image")
         if q.image_type is None and q.art_style is None:  # no medium left: "a [object]"
-            expected = p.object_phrase().split() if attr in ("image_type", "art_style") else expected
+            expected = (
+                p.object_phrase().split() if attr in ("image_type", "art_style") else expected
+            )
         assert _content_words(text) == expected, (before, text)
 
 
@@ -216,7 +220,9 @@ def test_no_combination_of_augmentations_drops_the_class() -> None:
 
 
 def test_spo_swaps_order() -> None:
-    p = PromptAttributes("car", size="small", color="blue", image_type="sketch", art_style="realistic")
+    p = PromptAttributes(
+        "car", size="small", color="blue", image_type="sketch", art_style="realistic"
+    )
     before, after = p.render(), swap_order(p).render()
     assert before.index("sketch") < before.index("car")
     assert after == "a small blue car in realistic sketch style"
@@ -225,7 +231,9 @@ def test_spo_swaps_order() -> None:
 
 
 def test_augment_prompt_probabilities_and_determinism() -> None:
-    p = PromptAttributes("dog", size="large", color="red", image_type="photo", art_style="realistic")
+    p = PromptAttributes(
+        "dog", size="large", color="red", image_type="photo", art_style="realistic"
+    )
     none = AugmentConfig(osd=0, ocd=0, itd=0, asd=0, spo=0)
     every = AugmentConfig(osd=1, ocd=1, itd=1, asd=1, spo=1)
     assert augment_prompt(p, none, random.Random(0)) == p.render()
@@ -352,7 +360,9 @@ def _toy_prompts() -> list[PromptAttributes]:
     return [
         p
         for c in ["circle", "square", "star"]
-        for p in clap_prompts(c, ["red", "blue"], ["large", "small"], ["photo", "sketch"], ["realistic"])
+        for p in clap_prompts(
+            c, ["red", "blue"], ["large", "small"], ["photo", "sketch"], ["realistic"]
+        )
     ]
 
 
@@ -493,7 +503,9 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
 
     ctx = SimpleNamespace(
         backbone=backbone,
-        dataset=SimpleNamespace(name="toy", classnames=classnames, templates=["a {}.", "a photo of a {}."]),
+        dataset=SimpleNamespace(
+            name="toy", classnames=classnames, templates=["a {}.", "a photo of a {}."]
+        ),
         seed=0,
         features=features,
         report=report,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -484,7 +483,9 @@ def encode_text_with_noise(
         ins = ins.clamp(min=1)
         j = torch.arange(length + n_noise, device=tokens.device).unsqueeze(0)  # (1, L+n)
         ins_ = ins.unsqueeze(1)
-        index = torch.where(j < ins_, j, torch.where(j < ins_ + n_noise, length + j - ins_, j - n_noise))
+        index = torch.where(
+            j < ins_, j, torch.where(j < ins_ + n_noise, length + j - ins_, j - n_noise)
+        )
         new_eot = eot + n_noise
         overflow = new_eot > length - 1
         index = index[:, :length].clone()
@@ -637,7 +638,9 @@ def select_lambda(
     f = val_features.to(device)
     t = text_features.to(device)
     scores = {
-        float(lam): zero_shot_accuracy(refine(f, network, lam), val_labels, refined_classifier(t, network, lam))
+        float(lam): zero_shot_accuracy(
+            refine(f, network, lam), val_labels, refined_classifier(t, network, lam)
+        )
         for lam in grid
     }
     network.train(was_training)
@@ -782,7 +785,9 @@ def _fit(
     return CLAPResult(network=network, history=history, best_step=best_step, best_val=best_val)
 
 
-def _make_network(in_dim: int, out_dim: int | None, hidden: int, seed: int, device: torch.device) -> DisentangleNetwork:
+def _make_network(
+    in_dim: int, out_dim: int | None, hidden: int, seed: int, device: torch.device
+) -> DisentangleNetwork:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DisentangleNetwork(in_dim, out_dim, hidden)
@@ -864,7 +869,9 @@ def train_clap(
     """
     prompts = list(prompts)
     if len(prompts) < 2:
-        raise ValueError(f"train_clap needs at least 2 prompts (got {len(prompts)}); see clap_prompts().")
+        raise ValueError(
+            f"train_clap needs at least 2 prompts (got {len(prompts)}); see clap_prompts()."
+        )
     if batch_size < 2:
         raise ValueError(f"batch_size={batch_size} must be >= 2: InfoNCE needs negatives.")
     aug = AugmentConfig() if aug is None else aug
@@ -1179,14 +1186,20 @@ def _render_shapeworld_prompts(
         n = len(prompts)
         f = sw.sample_factors(n, rng, classes=np.asarray(labels))
 
-        def idx(names: Sequence[str], values: Iterable[str | None], current: np.ndarray) -> np.ndarray:
-            return np.asarray([names.index(v) if v else c for v, c in zip(values, current, strict=True)])
+        def idx(
+            names: Sequence[str], values: Iterable[str | None], current: np.ndarray
+        ) -> np.ndarray:
+            return np.asarray(
+                [names.index(v) if v else c for v, c in zip(values, current, strict=True)]
+            )
 
         f.color = idx(sw.COLORS, (p.color for p in prompts), f.color)
         f.size = idx(sw.SIZES, (p.size for p in prompts), f.size)
         f.image_type = idx(sw.IMAGE_TYPES, (p.image_type for p in prompts), f.image_type)
         f.art_style = idx(sw.ART_STYLES, (p.art_style for p in prompts), f.art_style)
-        f.radius = np.array([sw.SIZE_RADIUS[sw.SIZES[s]] for s in f.size]) * rng.uniform(0.9, 1.1, n)
+        f.radius = np.array([sw.SIZE_RADIUS[sw.SIZES[s]] for s in f.size]) * rng.uniform(
+            0.9, 1.1, n
+        )
         margin = f.radius * 1.05
         f.cx, f.cy = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
         images = [Image.fromarray(a) for a in sw.render(f, image_size)]
@@ -1214,13 +1227,20 @@ def _register_runner() -> None:
     @register_method(
         "clap",
         options={
-            "variant": Option(str, "clap", "clap (augmented prompts) or im-aug (augmented images)", ["clap", "im-aug"]),
+            "variant": Option(
+                str,
+                "clap",
+                "clap (augmented prompts) or im-aug (augmented images)",
+                ["clap", "im-aug"],
+            ),
             "steps": Option(int, 500, "training steps (paper: at most 8000)"),
             "batch_size": Option(int, 128, "prompts (or images) per step"),
             "lr": Option(float, 1e-4, "Adam learning rate"),
             "tau": Option(float, 0.5, "InfoNCE temperature (paper: 0.5 small datasets, else 0.3)"),
             "lambda_c": Option(float, 1.0, "weight of the class-name term (paper: 1 or 1e-4)"),
-            "lam": Option(str, "val", "inference weight: a number, or 'val' = chosen on validation"),
+            "lam": Option(
+                str, "val", "inference weight: a number, or 'val' = chosen on validation"
+            ),
             "ign": Option(bool, False, "insert Gaussian noise tokens into augmented prompts"),
             "hidden": Option(int, 256, "hidden width of the disentangle network"),
             "attack_images": Option(int, 0, "test images attacked with FGSM/PGD-20/CW-20 (0: off)"),
@@ -1263,7 +1283,9 @@ def _parse_lam(lam: str | float) -> float | None:
     try:
         return float(lam)
     except ValueError as err:
-        raise ValueError(f"lam={lam!r}: pass a number such as 0.2, or 'val' to choose it on validation.") from err
+        raise ValueError(
+            f"lam={lam!r}: pass a number such as 0.2, or 'val' to choose it on validation."
+        ) from err
 
 
 def run_clap_experiment(
@@ -1298,9 +1320,9 @@ def run_clap_experiment(
     prompts = [p for c in classnames for p in clap_prompts(c, **factors)]
 
     templates = list(dataset.templates)
-    text_feats = backbone.encode_text(
-        [t.format(c) for t in templates for c in classnames]
-    ).reshape(len(templates), len(classnames), -1)
+    text_feats = backbone.encode_text([t.format(c) for t in templates for c in classnames]).reshape(
+        len(templates), len(classnames), -1
+    )
     val = ctx.features("val")
     val_f, val_y = val.features.to(dev), val.labels
     grid = LAMBDA_GRID if fixed_lam is None else (fixed_lam,)
@@ -1355,7 +1377,9 @@ def run_clap_experiment(
         with torch.no_grad():
             by_prompt[key] = {
                 "clip": zero_shot_accuracy(test_f, test_y, w),
-                "refined": zero_shot_accuracy(refine(test_f, net, best_lam), test_y, refine(w, net, best_lam)),
+                "refined": zero_shot_accuracy(
+                    refine(test_f, net, best_lam), test_y, refine(w, net, best_lam)
+                ),
             }
 
     report.update(

@@ -1,0 +1,49 @@
+# fewclip-tutorial: every target sets up its own .venv first (see scripts/setup.sh).
+# The two commands a new user needs:  make book   and   make test
+PY := .venv/bin/python
+export PYTHONHASHSEED := 0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup:  ## create .venv and install the package with its [book,dev] extras (idempotent)
+	@bash scripts/setup.sh
+
+test: setup  ## the whole suite: lint, pytest, nbval over every notebook, then a book build from the checked notebooks
+	@bash scripts/test.sh
+
+test-fast: setup  ## pytest only
+	$(PY) -m pytest -q
+
+nbval: setup  ## nbval over every notebook in book/
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg book/
+
+book: setup  ## build the book into _build/html, executing every chapter on the embedded default
+	.venv/bin/jupyter-book build . --all
+
+book-from-tests: setup  ## build the book from the committed (nbval-checked) outputs, no execution
+	@bash scripts/build_book_noexec.sh
+
+notebooks: setup  ## re-execute every notebook in place (after changing the package), then commit the outputs
+	$(PY) scripts/execute_notebooks.py book/*.ipynb
+
+lint: setup  ## ruff lint and format check
+	.venv/bin/ruff check fewclip_tutorial tests benchmarks scripts
+	.venv/bin/ruff format --check fewclip_tutorial tests benchmarks scripts
+
+format: setup  ## ruff auto-fix and format
+	.venv/bin/ruff check --fix fewclip_tutorial tests benchmarks scripts
+	.venv/bin/ruff format fewclip_tutorial tests benchmarks scripts
+
+bench: setup  ## speed benchmarks (print ratios measured in one run)
+	$(PY) benchmarks/bench_tip_adapter.py
+
+pretrain: setup  ## re-train shapeworld-tiny from scratch (about an hour on 2 cores) and export it
+	$(PY) -m fewclip_tutorial.pretrain --out runs/pretrain
+	$(PY) -m fewclip_tutorial.pretrain --export runs/pretrain/last.pt
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf _build .pytest_cache

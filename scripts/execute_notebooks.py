@@ -1,0 +1,41 @@
+"""Execute notebooks in place (outputs are committed and checked by nbval in CI).
+
+Usage: python scripts/execute_notebooks.py book/02_tip_adapter.ipynb [...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def execute(path: str, timeout: int = 1800) -> float:
+    nb = nbformat.read(path, as_version=4)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    start = time.time()
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
+    )
+    client.execute()
+    nbformat.write(nb, path)
+    return time.time() - start
+
+
+def main(paths: list[str]) -> int:
+    for p in paths:
+        seconds = execute(p)
+        print(f"executed {p} in {seconds:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

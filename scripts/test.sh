@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: lint, unit tests, nbval over every notebook,
+# then a book build from the notebooks nbval has just checked (no second execution).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MPLBACKEND=Agg PYTHONHASHSEED=0 TQDM_DISABLE=1
+export FEWCLIP_CACHE="${FEWCLIP_CACHE:-$PWD/_build/feature-cache}"
+echo "== ruff"
+.venv/bin/ruff check fewclip_tutorial tests benchmarks scripts
+echo "== pytest + nbval"
+.venv/bin/python -m pytest -q tests book \
+  --nbval --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg \
+  --durations=15
+echo "== book (from the checked notebooks)"
+bash scripts/build_book_noexec.sh

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -468,6 +469,12 @@ def _quiet_random_init_warning() -> Iterator[None]:
         root.removeFilter(flt)
 
 
+@functools.lru_cache(maxsize=16)
+def _tokenizer(arch: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for ``arch`` (stateless, so shared: building it reads the BPE vocab)."""
+    return open_clip.get_tokenizer(arch)
+
+
 def _build(arch: str, **kwargs: Any) -> tuple[torch.nn.Module, Callable]:
     model, _, preprocess = open_clip.create_model_and_transforms(arch, **kwargs)
     return model, preprocess
@@ -496,7 +503,7 @@ def _finalise(
         pretrained=pretrained,
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(arch),
+        tokenizer=_tokenizer(arch),
         device=device,
         image_size=image_size,
         mean=mean,  # type: ignore[arg-type]

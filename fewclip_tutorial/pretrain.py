@@ -166,6 +166,9 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path = ASSETS, metrics: dict | N
         "command": "fewclip pretrain --out runs/pretrain && fewclip pretrain --export runs/pretrain/last.pt",
     }
     (out_dir / f"{MODEL_NAME}.train.json").write_text(json.dumps(record, indent=2) + "\n")
+    log = Path(ckpt_path).parent / "log.jsonl"
+    if log.exists():  # the training curves, shown in the book's appendix
+        (out_dir / f"{MODEL_NAME}.log.jsonl").write_text(log.read_text())
     return weights
 
 

@@ -1,0 +1,100 @@
+"""Pretraining of shapeworld-tiny: the loss, a short run, exact resume, export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewclip_tutorial import pretrain
+
+
+def test_contrastive_loss_matches_clip_loss_when_captions_are_distinct():
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    b = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    tokens = torch.arange(5).view(5, 1)
+    logits = 7.0 * a @ b.T
+    expected = 0.5 * (
+        F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))
+    )
+    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(7.0))
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_identical_captions_are_positives_not_negatives():
+    # two images with the same caption, and text features equal to the image features:
+    # with duplicates as positives the soft target is 1/2 on each copy, by hand.
+    a = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    tokens = torch.tensor([[3, 4], [3, 4], [5, 6]])
+    s = torch.tensor(5.0)
+    logits = s * a @ a.T
+    logp = F.log_softmax(logits, dim=1)
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    by_hand = -(target * logp).sum(1).mean()  # symmetric: logits.T == logits here
+    assert torch.allclose(pretrain.contrastive_loss(a, a, tokens, s), by_hand, atol=1e-6)
+    # the standard loss (duplicates as negatives) is strictly larger on this example
+    standard = F.cross_entropy(logits, torch.arange(3))
+    assert standard > by_hand
+
+
+def test_batches_depend_only_on_seed_and_step():
+    cfg = pretrain.PretrainConfig(batch_size=8)
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    x1, t1, c1 = pretrain.make_batch(cfg, 5, tok)
+    x2, t2, c2 = pretrain.make_batch(cfg, 5, tok)
+    x3, _, _ = pretrain.make_batch(cfg, 6, tok)
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and c1 == c2
+    assert not torch.equal(x1, x3)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    cfg = pretrain.PretrainConfig(
+        steps=6, batch_size=32, lr=2e-3, warmup=2, eval_every=1000, checkpoint_every=3
+    )
+    full = tmp_path_factory.mktemp("full")
+    pretrain.pretrain(cfg, full, progress=False, threads=1)
+    split = tmp_path_factory.mktemp("split")
+    pretrain.pretrain(cfg, split, progress=False, max_steps=3, threads=1)
+    first_half = torch.load(split / "last.pt", weights_only=False)["step"]
+    pretrain.pretrain(cfg, split, progress=False, threads=1)  # resumes from step 3
+    return cfg, full, split, first_half
+
+
+def test_short_run_lowers_the_loss(short_runs):
+    _, full, _, _ = short_runs
+    losses = [json.loads(line)["loss"] for line in (full / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 6
+    assert min(losses[-2:]) < losses[0]
+
+
+def test_resume_reproduces_the_uninterrupted_run(short_runs):
+    _, full, split, first_half = short_runs
+    assert first_half == 3
+    a = torch.load(full / "last.pt", weights_only=False)
+    b = torch.load(split / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_resume_refuses_a_different_configuration(short_runs):
+    cfg, _, split, _ = short_runs
+    other = pretrain.PretrainConfig(**{**cfg.__dict__, "lr": 1e-4})
+    with pytest.raises(ValueError, match="different configuration"):
+        pretrain.pretrain(other, split, progress=False, threads=1)
+
+
+def test_export_writes_fp16_weights_with_their_hash(short_runs, tmp_path):
+    _, full, _, _ = short_runs
+    weights = pretrain.export_checkpoint(full / "last.pt", out_dir=tmp_path)
+    record = json.loads((tmp_path / "shapeworld-tiny.train.json").read_text())
+    assert record["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    state = torch.load(weights, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert (tmp_path / "shapeworld-tiny.log.jsonl").exists()

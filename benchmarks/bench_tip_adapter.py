@@ -61,8 +61,8 @@ def make_problem(
     text = F.normalize(means + 0.8 * torch.randn(num_classes, dim, generator=g) / dim**0.5, dim=-1)
     train_labels = torch.arange(num_classes).repeat_interleave(shots)
     train_views = F.normalize(
-        means[train_labels] + noise * torch.randn(views, len(train_labels), dim, generator=g)
-        / dim**0.5,
+        means[train_labels]
+        + noise * torch.randn(views, len(train_labels), dim, generator=g) / dim**0.5,
         dim=-1,
     )
     val_labels = torch.randint(num_classes, (num_val,), generator=g)
@@ -79,9 +79,9 @@ def make_problem(
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def best_time(fn: Callable[[], SearchResult], repeats: int, device: torch.device) -> tuple[
-    float, SearchResult
-]:
+def best_time(
+    fn: Callable[[], SearchResult], repeats: int, device: torch.device
+) -> tuple[float, SearchResult]:
     """Best wall time of ``repeats`` calls (after the caller's warm-up), and the last result."""
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     search_hparams_loop(*inputs, betas[:2], alphas[:2])
     search_hparams(*inputs, betas[:2], alphas[:2])
 
-    t_loop, r_loop = best_time(lambda: search_hparams_loop(*inputs, betas, alphas), args.repeats,
-                               device)
+    t_loop, r_loop = best_time(
+        lambda: search_hparams_loop(*inputs, betas, alphas), args.repeats, device
+    )
     t_vec, r_vec = best_time(lambda: search_hparams(*inputs, betas, alphas), args.repeats, device)
     same = (
         torch.equal(r_loop.accuracy, r_vec.accuracy)

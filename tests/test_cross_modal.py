@@ -198,6 +198,30 @@ def test_selection_uses_validation_only_and_follows_its_labels() -> None:
     assert [h["iter"] for h in good.history] == [0, 20, 40, 60, 80, 100]
 
 
+def test_vectorised_grid_matches_one_run_per_config() -> None:
+    feats, labels, text, val, val_labels = _shifted_problem()
+    views = torch.stack([feats, feats.flip(-1)])  # a second "view"
+    txt, txt_labels = cm.text_samples(text)
+    W0 = cm.class_prototypes(text)
+    configs = [
+        {"lr": 1e-2, "weight_decay": 0.0, "batch_size": 8},
+        {"lr": 3e-3, "weight_decay": 1e-2, "batch_size": 6},
+        {"lr": 1e-4, "weight_decay": 1e-4, "batch_size": 4},
+    ]
+    kw = {"iters": 60, "warmup": 5, "eval_every": 15, "seed": 3, "device": "cpu"}
+    runs = cm.fit_head_grid(W0, configs, views, labels, txt, txt_labels, val, val_labels, **kw)
+    for cfg, run in zip(configs, runs, strict=True):
+        head = cm.CrossModalHead(W0)
+        best_iter, acc, loss, history = cm.fit_head(
+            head, views, labels, txt, txt_labels, val, val_labels, **cfg, **kw
+        )
+        assert (run.best_iter, run.val_accuracy) == (best_iter, acc)
+        assert run.val_loss == pytest.approx(loss, rel=1e-4, abs=1e-5)
+        assert torch.allclose(run.weight, head.weight.detach(), atol=1e-5)
+        assert [h["iter"] for h in run.history] == [h["iter"] for h in history]
+    assert runs[0].best_iter > 0  # the problem does need training
+
+
 def test_cross_modal_vs_image_only_and_random_init_options() -> None:
     feats, labels, text, val, val_labels = _shifted_problem()
     kw = {"iters": 20, "lrs": [1e-3], "weight_decays": [0.0], "batch_sizes": [8], "progress": False}

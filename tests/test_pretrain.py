@@ -37,9 +37,6 @@ def test_identical_captions_are_positives_not_negatives():
     target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     by_hand = -(target * logp).sum(1).mean()  # symmetric: logits.T == logits here
     assert torch.allclose(pretrain.contrastive_loss(a, a, tokens, s), by_hand, atol=1e-6)
-    # the standard loss (duplicates as negatives) is strictly larger on this example
-    standard = F.cross_entropy(logits, torch.arange(3))
-    assert standard > by_hand
 
 
 def test_batches_depend_only_on_seed_and_step():

@@ -45,8 +45,8 @@ def problem(
     clip_weights = F.normalize(means + means.roll(1, 0), dim=-1)
     train_labels = torch.arange(num_classes).repeat_interleave(shots)
     train_views = F.normalize(
-        means[train_labels] + noise * torch.randn(views, len(train_labels), dim, generator=g)
-        / dim**0.5,
+        means[train_labels]
+        + noise * torch.randn(views, len(train_labels), dim, generator=g) / dim**0.5,
         dim=-1,
     )
     val_labels = torch.arange(num_classes).repeat_interleave(val_per_class)
@@ -286,9 +286,7 @@ def test_selection_uses_validation_only() -> None:
     untrained = tip_logits(data["val"], data["clip_weights"], data["keys"], data["values"], 10, 5)
     corrupted = _train(data, untrained.argmax(1))
     # Training itself is identical (same seed, never sees validation data) ...
-    assert [h["train_loss"] for h in honest.history] == [
-        h["train_loss"] for h in corrupted.history
-    ]
+    assert [h["train_loss"] for h in honest.history] == [h["train_loss"] for h in corrupted.history]
     # ... but the chosen epoch, and so the returned keys, follow the validation labels.
     assert honest.best_epoch != corrupted.best_epoch
     assert not torch.equal(honest.cache_keys, corrupted.cache_keys)

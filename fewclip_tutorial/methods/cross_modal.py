@@ -69,7 +69,9 @@ __all__ = [
     "build_mixed_batch",
     "class_prototypes",
     "encode_split_through",
+    "GridRun",
     "fit_head",
+    "fit_head_grid",
     "mixed_batches",
     "register_exercises",
     "sample_mixed_indices",
@@ -867,52 +869,227 @@ def train_cross_modal(
     val_features, val_labels = _check_val(val_features, val_labels, dim, num_classes)
     configs = _resolve_grid(grid, lrs, weight_decays, batch_sizes, device)
 
-    best: tuple[float, float, int] | None = None
-    chosen: CrossModalResult | None = None
-    grid_log: list[dict[str, Any]] = []
-    for i, cfg in enumerate(configs):
-        if init == "text":
-            head = CrossModalHead(zero_shot, logit_scale=logit_scale)
-        else:
-            gen = torch.Generator().manual_seed(int(seed))
-            head = CrossModalHead.random(num_classes, dim, gen, logit_scale=logit_scale)
-        best_iter, acc, loss, history = fit_head(
-            head,
-            views,
-            img_labels,
-            txt,
-            txt_labels,
-            val_features,
-            val_labels,
-            iters=iters,
-            warmup=warmup,
-            eval_every=eval_every,
-            image_ratio=ratio,
-            seed=seed,
-            patience=patience,
-            device=device,
-            progress=progress,
-            desc=f"{modality} {i + 1}/{len(configs)} lr={cfg['lr']:g} wd={cfg['weight_decay']:g} "
-            f"bs={cfg['batch_size']}",
-            **cfg,
+    if init == "text":
+        init_weight = zero_shot
+    else:
+        gen = torch.Generator().manual_seed(int(seed))
+        init_weight = CrossModalHead.random(num_classes, dim, gen).weight.detach()
+    runs = fit_head_grid(
+        init_weight,
+        configs,
+        views,
+        img_labels,
+        txt,
+        txt_labels,
+        val_features,
+        val_labels,
+        iters=iters,
+        warmup=warmup,
+        eval_every=eval_every,
+        image_ratio=ratio,
+        seed=seed,
+        logit_scale=logit_scale,
+        patience=patience,
+        device=device,
+        progress=progress,
+        desc=f"{modality} x{len(configs)} configs",
+    )
+    grid_log = [
+        {**cfg, "val_accuracy": r.val_accuracy, "val_loss": r.val_loss, "best_iter": r.best_iter}
+        for cfg, r in zip(configs, runs, strict=True)
+    ]
+    best = 0
+    for i, r in enumerate(runs):
+        if _better(r.val_accuracy, r.val_loss, runs[best].val_accuracy, runs[best].val_loss):
+            best = i
+    run = runs[best]
+    return CrossModalResult(
+        head=CrossModalHead(run.weight, logit_scale=logit_scale).eval(),
+        hparams=dict(configs[best]),
+        best_iter=run.best_iter,
+        val_accuracy=run.val_accuracy,
+        history=run.history,
+        grid=grid_log,
+        zero_shot_weight=zero_shot,
+        modality=modality,
+        image_ratio=ratio,
+        extra={"init": init, "iters": iters},
+    )
+
+
+class GridRun(NamedTuple):
+    """One configuration's outcome in :func:`fit_head_grid`."""
+
+    weight: Tensor  # (C, D) best checkpoint
+    best_iter: int
+    val_accuracy: float
+    val_loss: float
+    history: list[dict[str, float]]
+
+
+def fit_head_grid(
+    init_weight: Tensor,
+    configs: Sequence[dict[str, Any]],
+    image_features: Tensor,
+    image_labels: Tensor,
+    text_features: Tensor,
+    text_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    *,
+    iters: int = 1000,
+    warmup: int = 50,
+    eval_every: int = 100,
+    image_ratio: float = 0.5,
+    seed: int = 1,
+    logit_scale: float = LOGIT_SCALE,
+    patience: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "cross-modal grid",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> list[GridRun]:
+    """:func:`fit_head` for a whole hyperparameter grid at once (linear heads only).
+
+    The ``G`` configurations are trained side by side as one ``(G, C, D)`` weight: each
+    step gathers every configuration's own mixed batch (same sampler and seed as
+    :func:`fit_head`, padded to the largest batch size), computes all ``G`` losses with
+    one batched matmul, and applies AdamW (torch's update rule, written out so that each
+    configuration has its own learning rate and weight decay).  The results match
+    running :func:`fit_head` once per configuration, up to float rounding, at roughly
+    the cost of one run.
+
+    Args:
+        init_weight: ``(C, D)`` shared initialisation (text prototypes or random rows).
+        configs: ``[{"lr", "weight_decay", "batch_size"}, ...]``.
+        image_features: ``(V, N, D)``; the other tensors as in :func:`fit_head`.
+
+    Returns:
+        One :class:`GridRun` per configuration, in order.
+    """
+    device = get_device(device)
+    if iters < 0 or warmup < 0 or eval_every < 1:
+        raise ValueError(
+            f"need iters >= 0, warmup >= 0 and eval_every >= 1, got iters={iters}, "
+            f"warmup={warmup}, eval_every={eval_every}."
         )
-        grid_log.append({**cfg, "val_accuracy": acc, "val_loss": loss, "best_iter": best_iter})
-        if best is None or _better(acc, loss, best[0], best[1]):
-            best = (acc, loss, i)
-            chosen = CrossModalResult(
-                head=head,
-                hparams=dict(cfg),
-                best_iter=best_iter,
-                val_accuracy=acc,
-                history=history,
-                grid=grid_log,
-                zero_shot_weight=zero_shot,
-                modality=modality,
-                image_ratio=ratio,
-                extra={"init": init, "iters": iters},
+    if not configs:
+        raise ValueError("the hyperparameter grid is empty; give at least one configuration.")
+    probe = CrossModalHead(init_weight, logit_scale=logit_scale)
+    views = _as_views(image_features)
+    _check_head_compatible(probe, views, image_labels, text_features, text_labels, None)
+    _check_labels(val_labels, probe.num_classes, "validation")
+    G = len(configs)
+    lr = torch.tensor([float(c["lr"]) for c in configs], device=device)
+    wd = torch.tensor([float(c["weight_decay"]) for c in configs], device=device)
+    sizes = [int(c["batch_size"]) for c in configs]
+    for b in sizes:
+        _split_counts(b, image_ratio)
+    b_max = max(sizes)
+    mask = torch.zeros(G, b_max, device=device)
+    for g, b in enumerate(sizes):
+        mask[g, :b] = 1.0
+    counts = mask.sum(1)
+
+    weight = init_weight.detach().float().to(device).expand(G, -1, -1).clone()
+    weight.requires_grad_(True)
+    exp_avg = torch.zeros_like(weight)
+    exp_avg_sq = torch.zeros_like(weight)
+    beta1, beta2 = betas
+    scale = float(logit_scale)
+    views = views.float()
+    text_features = text_features.float()
+    image_labels = torch.as_tensor(image_labels).long()
+    val_x = F.normalize(val_features.to(device).float(), dim=-1)
+    val_y = torch.as_tensor(val_labels).to(device).long()
+    generators = [torch.Generator().manual_seed(int(seed)) for _ in configs]
+    num_views, num_images = views.shape[0], views.shape[1]
+    n_val = len(val_y)
+
+    def evaluate() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            logits = scale * torch.einsum("nd,gcd->gnc", val_x, weight)
+            acc = 100.0 * (logits.argmax(-1) == val_y).double().sum(1) / n_val
+            loss = F.cross_entropy(logits.reshape(G * n_val, -1), val_y.repeat(G), reduction="none")
+            return acc.cpu(), loss.reshape(G, n_val).mean(1).cpu()
+
+    acc0, loss0 = evaluate()
+    histories = [
+        [{"iter": 0, "val_accuracy": float(acc0[g]), "val_loss": float(loss0[g]),
+          "train_loss": float("nan")}]
+        for g in range(G)
+    ]  # fmt: skip
+    best_iter = [0] * G
+    best_acc = [float(a) for a in acc0]
+    best_loss = [float(x) for x in loss0]
+    best_weight = weight.detach().clone()
+    since_best = [0] * G
+    active = [True] * G
+    running = torch.zeros(G)
+    seen = 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, iters + 1), desc=desc, disable=not progress, leave=False)
+    for it in bar:
+        xs = torch.zeros(G, b_max, views.shape[-1])
+        ys = torch.zeros(G, b_max, dtype=torch.long)
+        for g in range(G):
+            v_idx, i_idx, t_idx = sample_mixed_indices(
+                num_images, len(text_labels), sizes[g], generators[g], image_ratio, num_views
             )
-    assert chosen is not None
-    return chosen
+            n_img = len(i_idx)
+            xs[g, :n_img] = views[v_idx, i_idx]
+            ys[g, :n_img] = image_labels[i_idx]
+            xs[g, n_img : sizes[g]] = text_features[t_idx]
+            ys[g, n_img : sizes[g]] = text_labels[t_idx]
+        xs, ys = F.normalize(xs.to(device), dim=-1), ys.to(device)
+        logits = scale * torch.bmm(xs, weight.transpose(1, 2))  # (G, B, C)
+        per_sample = F.cross_entropy(
+            logits.reshape(G * b_max, -1), ys.reshape(-1), reduction="none"
+        ).reshape(G, b_max)
+        losses = (per_sample * mask).sum(1) / counts
+        (grad,) = torch.autograd.grad(losses.sum(), weight)
+        step_lr = (lr * warmup_cosine(it - 1, warmup, iters))[:, None, None]
+        with torch.no_grad():
+            # AdamW (Loshchilov & Hutter), torch.optim.AdamW's update, per-config lr and wd.
+            weight.mul_(1.0 - step_lr * wd[:, None, None])
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            bias1 = 1.0 - beta1**it
+            bias2 = 1.0 - beta2**it
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+            weight.sub_((step_lr / bias1) * exp_avg / denom)
+        running += losses.detach().cpu()
+        seen += 1
+        if it % eval_every == 0 or it == iters:
+            acc, loss = evaluate()
+            for g in range(G):
+                if not active[g]:
+                    continue
+                a, l_ = float(acc[g]), float(loss[g])
+                histories[g].append(
+                    {"iter": it, "val_accuracy": a, "val_loss": l_,
+                     "train_loss": float(running[g]) / seen}
+                )  # fmt: skip
+                if _better(a, l_, best_acc[g], best_loss[g]):
+                    best_iter[g], best_acc[g], best_loss[g] = it, a, l_
+                    best_weight[g] = weight.detach()[g]
+                    since_best[g] = 0
+                else:
+                    since_best[g] += 1
+                    if patience is not None and since_best[g] >= patience:
+                        active[g] = False
+            running.zero_()
+            seen = 0
+            bar.set_postfix(val=f"{max(best_acc):.1f}")
+            if not any(active):
+                break
+    return [
+        GridRun(best_weight[g].cpu(), best_iter[g], best_acc[g], best_loss[g], histories[g])
+        for g in range(G)
+    ]
 
 
 def _check_val(

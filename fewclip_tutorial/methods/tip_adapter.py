@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fewclip_tutorial.experiment import Context, Option, register_method
+
 __all__ = [
     "CLIP_LOGIT_SCALE",
     "SearchResult",
@@ -60,6 +62,8 @@ __all__ = [
     "build_cache_values",
     "default_search_grid",
     "register_exercises",
+    "run_tip_adapter",
+    "run_tip_adapter_f",
     "search_hparams",
     "search_hparams_loop",
     "tip_logits",
@@ -169,8 +173,7 @@ def _check_labels(name: str, labels: Any, length: int, num_classes: int) -> Tens
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TipAdapterError(
-            f"{name} must hold integer class indices, got dtype {labels.dtype}; "
-            f"use labels.long()."
+            f"{name} must hold integer class indices, got dtype {labels.dtype}; use labels.long()."
         )
     if labels.shape[0] != length:
         raise TipAdapterError(
@@ -209,8 +212,7 @@ def build_cache_keys(view_features: Tensor) -> Tensor:
         view_features = view_features.unsqueeze(0)
     if view_features.dim() != 3:
         raise TipAdapterError(
-            f"view_features must be (V, N, D) or (N, D), got shape "
-            f"{tuple(view_features.shape)}."
+            f"view_features must be (V, N, D) or (N, D), got shape {tuple(view_features.shape)}."
         )
     if view_features.shape[0] == 0 or view_features.shape[1] == 0:
         raise TipAdapterError(
@@ -256,7 +258,8 @@ def _affinity_from_similarity(similarity: Tensor, beta: float) -> Tensor:
 
 
 def _clip_logits(f: Tensor, clip_weights: Tensor, logit_scale: float) -> Tensor:
-    return (f @ clip_weights.T) * logit_scale
+    # Same expression (and rounding) as zeroshot.zero_shot_logits and the reference code.
+    return logit_scale * f @ clip_weights.T
 
 
 def _combine(clip_logits: Tensor, cache_logits: Tensor, alpha: float) -> Tensor:
@@ -338,9 +341,7 @@ def default_search_grid(
             raise TipAdapterError(f"{name} must be >= 1, got {steps}.")
     for name, scale in (("beta_scale", beta_scale), ("alpha_scale", alpha_scale)):
         if scale < 0.1:
-            raise TipAdapterError(
-                f"{name} must be >= 0.1 (the grid starts at 0.1), got {scale}."
-            )
+            raise TipAdapterError(f"{name} must be >= 0.1 (the grid starts at 0.1), got {scale}.")
     betas = torch.linspace(0.1, float(beta_scale), int(beta_steps))
     alphas = torch.linspace(0.1, float(alpha_scale), int(alpha_steps))
     return betas, alphas
@@ -690,9 +691,7 @@ def train_tip_adapter_f(
 
     generator = torch.Generator().manual_seed(int(seed))
     model = TipAdapterF(cache_keys, cache_values).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, eps=eps, weight_decay=weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=weight_decay)
     num_views, num_train = views.shape[0], views.shape[1]
     iters_per_epoch = math.ceil(num_train / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -761,140 +760,164 @@ def train_tip_adapter_f(
 # Runner integration (fewclip run tip-adapter / tip-adapter-f)
 # --------------------------------------------------------------------------------------
 
+_SEARCH_OPTIONS: dict[str, Option] = {
+    "views": Option(int, 10, "augmented views per training image averaged into a cache key"),
+    "beta_scale": Option(float, 7.0, "largest beta of the search grid (the grid starts at 0.1)"),
+    "alpha_scale": Option(float, 3.0, "largest alpha of the search grid (starts at 0.1)"),
+    "beta_steps": Option(int, 200, "number of betas in the search grid"),
+    "alpha_steps": Option(int, 20, "number of alphas in the search grid"),
+}
 
-def _register_runners() -> None:
-    try:
-        from fewclip_tutorial.experiment import Context, Option, register_method
-    except ModuleNotFoundError as err:  # the functional core works without the runner
-        if err.name != "fewclip_tutorial.experiment":
-            raise
-        return
 
-    search_options = {
-        "views": Option(int, 10, "augmented views per training image averaged into a key"),
-        "beta_scale": Option(float, 7.0, "largest beta of the search grid (starts at 0.1)"),
-        "alpha_scale": Option(float, 3.0, "largest alpha of the search grid (starts at 0.1)"),
-        "beta_steps": Option(int, 200, "number of betas in the search grid"),
-        "alpha_steps": Option(int, 20, "number of alphas in the search grid"),
-    }
+@dataclass
+class _Episode:
+    """Tensors of one episode on the compute device."""
 
-    def build(ctx: Context, views: int) -> tuple[Tensor, ...]:
-        device = ctx.backbone.device
-        train = ctx.features("train", views=views, augment=True)
-        view_features = train.features.to(device)
-        if view_features.dim() == 2:
-            view_features = view_features.unsqueeze(0)
-        clip_weights = ctx.text_classifier.to(device)
-        keys = build_cache_keys(view_features)
-        values = build_cache_values(train.labels.to(device), clip_weights.shape[0])
-        val = ctx.features("val")
-        return (
-            view_features,
-            train.labels.to(device),
-            val.features.to(device),
-            val.labels.to(device),
-            clip_weights,
-            keys,
-            values,
-        )
+    train_views: Tensor  # (V, N, D)
+    train_labels: Tensor  # (N,)
+    val_features: Tensor  # (M, D)
+    val_labels: Tensor  # (M,)
+    clip_weights: Tensor  # (C, D)
+    cache_keys: Tensor  # (N, D)
+    cache_values: Tensor  # (N, C)
 
-    def predictor(fn: Callable[[Tensor], Tensor], device: torch.device) -> Callable:
-        def predict(f: Tensor) -> Tensor:
-            with torch.no_grad():
-                return fn(f.to(device)).to(f.device)
 
-        return predict
-
-    @register_method(
-        "tip-adapter",
-        options=dict(search_options),
-        help="Training-free Tip-Adapter: cache model + alpha/beta searched on validation.",
+def _episode(ctx: Context, views: int) -> _Episode:
+    if views < 1:
+        raise TipAdapterError(f"views must be >= 1, got {views}.")
+    device = ctx.device
+    train = ctx.features("train", views=views, augment=True)
+    train_views = torch.as_tensor(train.features).to(device)
+    if train_views.dim() == 2:
+        train_views = train_views.unsqueeze(0)
+    train_labels = torch.as_tensor(train.labels).to(device)
+    val = ctx.features("val")
+    val_features = torch.as_tensor(val.features).to(device)
+    if val_features.dim() == 3:
+        val_features = val_features.mean(0)
+    clip_weights = ctx.text_classifier.to(device=device, dtype=train_views.dtype)
+    return _Episode(
+        train_views=train_views,
+        train_labels=train_labels,
+        val_features=val_features,
+        val_labels=torch.as_tensor(val.labels).to(device),
+        clip_weights=clip_weights,
+        cache_keys=build_cache_keys(train_views),
+        cache_values=build_cache_values(train_labels, clip_weights.shape[0]),
     )
-    def run_tip_adapter(
-        ctx: Context,
-        views: int = 10,
-        beta_scale: float = 7.0,
-        alpha_scale: float = 3.0,
-        beta_steps: int = 200,
-        alpha_steps: int = 20,
-    ) -> dict:
-        _, _, val_f, val_y, w, keys, values = build(ctx, views)
-        betas, alphas = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
-        best = search_hparams(val_f, val_y, w, keys, values, betas, alphas)
-        result = ctx.report(
-            predictor(
-                lambda f: tip_logits(f, w, keys, values, best.best_alpha, best.best_beta),
-                val_f.device,
-            )
-        )
-        result.update(
-            alpha=best.best_alpha,
-            beta=best.best_beta,
-            zero_shot_val_accuracy=_accuracy(_clip_logits(val_f, w, CLIP_LOGIT_SCALE), val_y),
-            cache_size=int(keys.shape[0]),
-            views=views,
-            logit_scale=CLIP_LOGIT_SCALE,
-        )
-        return result
 
-    @register_method(
-        "tip-adapter-f",
-        options={
-            **search_options,
-            "epochs": Option(int, 20, "training epochs (paper: 20, 100 for EuroSAT)"),
-            "lr": Option(float, 1e-3, "AdamW learning rate"),
-            "batch_size": Option(int, 256, "mini-batch size"),
-        },
-        help="Tip-Adapter-F: fine-tune the cache keys; epoch and alpha/beta chosen on val.",
+
+def _predictor(fn: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
+    """Wrap ``fn`` so that CPU features from ``ctx.report`` are scored on ``device``."""
+
+    def predict(f: Tensor) -> Tensor:
+        with torch.no_grad():
+            return fn(f.to(device)).to(f.device)
+
+    return predict
+
+
+@register_method(
+    "tip-adapter",
+    options=dict(_SEARCH_OPTIONS),
+    help="Training-free Tip-Adapter: cache model, alpha/beta searched on the few-shot val split.",
+)
+def run_tip_adapter(
+    ctx: Context,
+    views: int = 10,
+    beta_scale: float = 7.0,
+    alpha_scale: float = 3.0,
+    beta_steps: int = 200,
+    alpha_steps: int = 20,
+) -> dict[str, Any]:
+    """Tip-Adapter (Eq. 6) with alpha and beta searched on validation (CLIP branch scale 100)."""
+    ep = _episode(ctx, views)
+    grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
+    best = search_hparams(
+        ep.val_features, ep.val_labels, ep.clip_weights, ep.cache_keys, ep.cache_values, *grid
     )
-    def run_tip_adapter_f(
-        ctx: Context,
-        views: int = 10,
-        beta_scale: float = 7.0,
-        alpha_scale: float = 3.0,
-        beta_steps: int = 200,
-        alpha_steps: int = 20,
-        epochs: int = 20,
-        lr: float = 1e-3,
-        batch_size: int = 256,
-    ) -> dict:
-        view_f, train_y, val_f, val_y, w, keys, values = build(ctx, views)
-        grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
-        # Training starts from the training-free optimum found on validation.
-        init = search_hparams(val_f, val_y, w, keys, values, *grid)
-        trained = train_tip_adapter_f(
-            view_f,
-            train_y,
-            val_f,
-            val_y,
-            w,
-            keys,
-            values,
-            alpha=init.best_alpha,
-            beta=init.best_beta,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            seed=ctx.seed,
-            progress=True,
-            search_grid=grid,
+
+    def logits(f: Tensor) -> Tensor:
+        return tip_logits(
+            f, ep.clip_weights, ep.cache_keys, ep.cache_values, best.best_alpha, best.best_beta
         )
-        result = ctx.report(predictor(lambda f: trained.logits(f, w), val_f.device))
-        result.update(
-            alpha=trained.alpha,
-            beta=trained.beta,
-            best_epoch=trained.best_epoch,
-            train_alpha=trained.train_alpha,
-            train_beta=trained.train_beta,
-            history=trained.history,
-            cache_size=int(keys.shape[0]),
-            views=views,
-            logit_scale=CLIP_LOGIT_SCALE,
-        )
-        return result
+
+    result = ctx.report(_predictor(logits, ctx.device))
+    zero_shot = _clip_logits(ep.val_features, ep.clip_weights, CLIP_LOGIT_SCALE)
+    result.update(
+        alpha=best.best_alpha,
+        beta=best.best_beta,
+        zero_shot_val_accuracy=_accuracy(zero_shot, ep.val_labels),
+        cache_size=int(ep.cache_keys.shape[0]),
+        views=int(ep.train_views.shape[0]),
+        logit_scale=CLIP_LOGIT_SCALE,
+    )
+    return result
 
 
-_register_runners()
+@register_method(
+    "tip-adapter-f",
+    options={
+        **_SEARCH_OPTIONS,
+        "epochs": Option(int, 20, "training epochs (paper: 20; 100 for EuroSAT)"),
+        "lr": Option(float, 1e-3, "AdamW learning rate (eps 1e-4, cosine schedule)"),
+        "batch_size": Option(int, 256, "mini-batch size"),
+    },
+    help="Tip-Adapter-F: fine-tune the cache keys; best epoch and alpha/beta chosen on val.",
+)
+def run_tip_adapter_f(
+    ctx: Context,
+    views: int = 10,
+    beta_scale: float = 7.0,
+    alpha_scale: float = 3.0,
+    beta_steps: int = 200,
+    alpha_steps: int = 20,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tip-Adapter-F: train the keys on cached augmented views, select everything on val.
+
+    Training starts from the alpha/beta of the training-free search on validation
+    (the reference code starts from fixed per-dataset values instead).
+    """
+    ep = _episode(ctx, views)
+    grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
+    init = search_hparams(
+        ep.val_features, ep.val_labels, ep.clip_weights, ep.cache_keys, ep.cache_values, *grid
+    )
+    trained = train_tip_adapter_f(
+        ep.train_views,
+        ep.train_labels,
+        ep.val_features,
+        ep.val_labels,
+        ep.clip_weights,
+        ep.cache_keys,
+        ep.cache_values,
+        alpha=init.best_alpha,
+        beta=init.best_beta,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=ctx.seed,
+        progress=progress,
+        search_grid=grid,
+    )
+    result = ctx.report(_predictor(lambda f: trained.logits(f, ep.clip_weights), ctx.device))
+    result.update(
+        alpha=trained.alpha,
+        beta=trained.beta,
+        best_epoch=trained.best_epoch,
+        train_alpha=trained.train_alpha,
+        train_beta=trained.train_beta,
+        training_free_val_accuracy=init.best_accuracy,
+        history=trained.history,
+        cache_size=int(ep.cache_keys.shape[0]),
+        views=int(ep.train_views.shape[0]),
+        logit_scale=CLIP_LOGIT_SCALE,
+    )
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -902,6 +925,70 @@ _register_runners()
 # --------------------------------------------------------------------------------------
 
 
+def _exercise_sizes(gen: torch.Generator) -> tuple[int, int, int, int]:
+    m, c, k, d = (int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in
+                  ((1, 6), (2, 5), (1, 3), (3, 8)))  # fmt: skip
+    return m, c, k, d
+
+
+def _affinity_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    m, c, k, d = _exercise_sizes(gen)
+    f = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
+    keys = F.normalize(torch.randn(c * k, d, generator=gen), dim=-1)
+    keys[0] = f[0]  # one exact match: its affinity must be 1
+    beta = float(torch.empty(1).uniform_(0.5, 8.0, generator=gen))
+    return f, keys, beta
+
+
+def _tip_logits_inputs(
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
+    m, c, k, d = _exercise_sizes(gen)
+    f = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
+    clip_weights = F.normalize(torch.randn(c, d, generator=gen), dim=-1)
+    keys = F.normalize(torch.randn(c * k, d, generator=gen), dim=-1)
+    labels = torch.arange(c).repeat_interleave(k)[torch.randperm(c * k, generator=gen)]
+    values = F.one_hot(labels, c).float()
+    alpha = float(torch.empty(1).uniform_(0.5, 5.0, generator=gen))
+    beta = float(torch.empty(1).uniform_(0.5, 8.0, generator=gen))
+    return f, clip_weights, keys, values, alpha, beta
+
+
 def register_exercises() -> None:
-    """Register the notebook exercises ``tip_affinity`` and ``tip_cache_logits``."""
-    raise NotImplementedError
+    """Register the notebook exercises ``tip_affinity`` and ``tip_cache_logits``.
+
+    Called by :mod:`fewclip_tutorial.methods` after importing this module; calling it
+    again is harmless (the exercise registry replaces same-function entries).
+    """
+    from fewclip_tutorial.exercises import register_exercise
+
+    register_exercise(
+        "tip_affinity",
+        affinity,
+        _affinity_inputs,
+        description=(
+            "Write affinity(f, cache_keys, beta) taking (M, D) L2-normalised features, "
+            "(N, D) L2-normalised cache keys and a float beta, and returning the (M, N) "
+            "Tip-Adapter affinities exp(-beta * (1 - cosine similarity)) (Eq. 5)."
+        ),
+        hint=(
+            "Cosine similarity of unit vectors is f @ cache_keys.T; an image equal to a key "
+            "must get affinity exactly 1."
+        ),
+    )
+    register_exercise(
+        "tip_cache_logits",
+        tip_logits,
+        _tip_logits_inputs,
+        description=(
+            "Write tip_logits(f, clip_weights, cache_keys, cache_values, alpha, beta) "
+            "returning the (M, C) Tip-Adapter logits 100 * f @ W.T + alpha * A @ L (Eq. 6), "
+            "where A is the (M, N) affinity of the features to the (N, D) cache keys and L "
+            "the (N, C) one-hot cache values."
+        ),
+        hint=(
+            "Only the CLIP branch is multiplied by 100; the cache branch A @ L is scaled by "
+            "alpha alone."
+        ),
+        atol=1e-4,
+    )

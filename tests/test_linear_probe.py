@@ -1,0 +1,141 @@
+"""Tests of fewclip_tutorial.linear_probe and fewclip_tutorial.metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from fewclip_tutorial.linear_probe import DEFAULT_CS, LinearProbe, fit_linear_probe
+from fewclip_tutorial.metrics import accuracy, per_class_accuracy, round_metrics
+
+
+def _blobs(n_per_class: int, centers: np.ndarray, noise: float, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([c + noise * rng.standard_normal((n_per_class, len(c))) for c in centers])
+    y = np.repeat(np.arange(len(centers)), n_per_class)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+CENTERS = np.eye(4, 6) * 3.0
+
+
+def test_default_grid() -> None:
+    assert len(DEFAULT_CS) == 13
+    assert DEFAULT_CS[0] == pytest.approx(1e-3) and DEFAULT_CS[-1] == pytest.approx(1e3)
+
+
+def test_separable_data_is_classified_perfectly() -> None:
+    xtr, ytr = _blobs(4, CENTERS, 0.1, 0)
+    xva, yva = _blobs(2, CENTERS, 0.1, 1)
+    xte, yte = _blobs(20, CENTERS, 0.1, 2)
+    probe = fit_linear_probe(xtr, ytr, xva, yva)
+    assert probe.val_accuracy == 100.0
+    assert accuracy(probe.logits(xte), yte) == 100.0
+    assert probe.logits(xte).shape == (80, 4)
+
+
+def test_chosen_C_is_argmax_of_search_with_ties_to_smaller_C() -> None:
+    xtr, ytr = _blobs(3, CENTERS, 1.5, 3)
+    xva, yva = _blobs(4, CENTERS, 1.5, 4)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[100.0, 0.01, 1.0, 0.1, 10.0])
+    assert [c for c, _ in probe.search] == [0.01, 0.1, 1.0, 10.0, 100.0]  # sorted grid
+    best = max(acc for _, acc in probe.search)
+    assert probe.val_accuracy == best
+    assert probe.C == min(c for c, acc in probe.search if acc == best)
+    # Each recorded accuracy is the probe's accuracy on val at that C.
+    for C, acc in probe.search:
+        clf = LogisticRegression(C=C, max_iter=1000).fit(xtr.numpy(), ytr.numpy())
+        assert acc == pytest.approx(100 * np.mean(clf.predict(xva.numpy()) == yva.numpy()))
+
+
+def test_probe_is_refit_on_train_only_and_matches_sklearn() -> None:
+    xtr, ytr = _blobs(5, CENTERS, 1.0, 5)
+    xva, yva = _blobs(3, CENTERS, 1.0, 6)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[0.3])
+    clf = LogisticRegression(C=0.3, max_iter=1000).fit(xtr.numpy(), ytr.numpy())
+    xte, _ = _blobs(10, CENTERS, 1.0, 7)
+    logits = probe.logits(xte)
+    torch.testing.assert_close(
+        logits, torch.tensor(clf.decision_function(xte.numpy()), dtype=torch.float32),
+        atol=1e-4, rtol=1e-4,
+    )
+    assert probe(xte).shape == logits.shape  # callable like a predict function
+
+
+def test_binary_problem_matches_sklearn_probabilities() -> None:
+    xtr, ytr = _blobs(6, CENTERS[:2], 1.0, 8)
+    xva, yva = _blobs(3, CENTERS[:2], 1.0, 9)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[1.0])
+    clf = LogisticRegression(C=1.0, max_iter=1000).fit(xtr.numpy(), ytr.numpy())
+    probs = probe.logits(xva).softmax(1).numpy()
+    np.testing.assert_allclose(probs, clf.predict_proba(xva.numpy()), atol=1e-5)
+
+
+def test_classes_absent_from_training_are_never_predicted() -> None:
+    xtr, ytr = _blobs(3, CENTERS[:3], 0.2, 10)
+    xva, yva = _blobs(2, CENTERS[:3], 0.2, 11)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, num_classes=5)
+    assert isinstance(probe, LinearProbe) and probe.num_classes == 5
+    assert set(probe.logits(torch.randn(100, 6) * 5).argmax(1).tolist()) <= {0, 1, 2}
+
+
+def test_bad_shapes_are_rejected() -> None:
+    xtr, ytr = _blobs(3, CENTERS, 0.2, 12)
+    xva, yva = _blobs(2, CENTERS, 0.2, 13)
+    with pytest.raises(ValueError, match="train_y"):
+        fit_linear_probe(xtr, ytr[:-1], xva, yva)
+    with pytest.raises(ValueError, match="D=6"):
+        fit_linear_probe(xtr, ytr, xva[:, :5], yva)
+    with pytest.raises(ValueError, match=r"mean\(0\)"):
+        fit_linear_probe(xtr.unsqueeze(0), ytr, xva, yva)
+    with pytest.raises(ValueError, match="positive"):
+        fit_linear_probe(xtr, ytr, xva, yva, Cs=[0.0, 1.0])
+    with pytest.raises(ValueError, match="single class"):
+        fit_linear_probe(xtr[:3], ytr[:3], xva, yva)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[1.0])
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        probe.logits(torch.randn(2, 5))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_accuracy_from_logits_and_predictions() -> None:
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert accuracy(logits, labels) == 75.0
+    assert accuracy(np.array([0, 1, 0, 0]), labels) == 50.0
+    with pytest.raises(ValueError, match="one label per example"):
+        accuracy(logits, labels[:3])
+
+
+def test_per_class_accuracy() -> None:
+    preds = np.array([0, 0, 1, 2, 2, 2])
+    labels = np.array([0, 1, 1, 2, 2, 0])
+    out = per_class_accuracy(preds, labels, num_classes=4)
+    np.testing.assert_allclose(out[:3], [50.0, 50.0, 100.0])
+    assert math.isnan(out[3])
+
+
+def test_round_metrics_rounds_accuracies_only() -> None:
+    result = {
+        "test_accuracy": 61.2345,
+        "ood_accuracy": {"sketch": np.float32(33.333)},
+        "C": 0.00123456,
+        "alpha": 1.1712,
+        "C_search": [[0.001, 25.0]],
+        "shots": np.int64(4),
+        "probs": torch.tensor([0.123456]),
+        "name": "x",
+    }
+    out = round_metrics(result)
+    assert out["test_accuracy"] == 61.2
+    assert out["ood_accuracy"] == {"sketch": 33.3}
+    assert out["C"] == 0.001235 and out["alpha"] == 1.171
+    assert out["shots"] == 4 and type(out["shots"]) is int
+    assert out["probs"] == [0.1235]
+    assert out["name"] == "x"

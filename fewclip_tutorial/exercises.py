@@ -64,7 +64,9 @@ def _describe(x: Any) -> str:
         return f"{type(x).__name__}[{', '.join(_describe(v) for v in x)}]"
     if isinstance(x, Mapping):
         return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in x.items()) + "}"
-    return f"{type(x).__name__}({x!r})" if isinstance(x, (int, float, bool, str)) else type(x).__name__
+    return (
+        f"{type(x).__name__}({x!r})" if isinstance(x, (int, float, bool, str)) else type(x).__name__
+    )
 
 
 def compare_outputs(

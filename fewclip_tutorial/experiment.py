@@ -183,9 +183,7 @@ class Context:
         names = ["val", "test"] + [f"ood:{d}" for d in self.splits.ood_test]
         unknown = set(given) - set(names)
         if unknown:
-            raise KeyError(
-                f"features_by_split has unknown splits {sorted(unknown)}; use {names}."
-            )
+            raise KeyError(f"features_by_split has unknown splits {sorted(unknown)}; use {names}.")
         accs: dict[str, float] = {}
         for name in names:
             feats, labels = _unpack(given[name]) if name in given else _unpack(self.features(name))
@@ -274,7 +272,12 @@ def _cached_dataset(name: str, root: str | os.PathLike | None, kwargs: dict) -> 
 def _cached_classifier(backbone: Backbone, dataset: DatasetSpec, progress: bool) -> Tensor:
     from fewclip_tutorial.zeroshot import text_classifier
 
-    key = (backbone.identifier, str(backbone.device), tuple(dataset.classnames), tuple(dataset.templates))
+    key = (
+        backbone.identifier,
+        str(backbone.device),
+        tuple(dataset.classnames),
+        tuple(dataset.templates),
+    )
     with _lock:
         if key not in _classifiers:
             _classifiers[key] = text_classifier(
@@ -385,9 +388,7 @@ class Option:
             if self.type is int and isinstance(value, float) and value != converted:
                 raise ValueError(f"Option {name!r} expects an integer, got {value!r}.")
         if self.choices is not None and converted not in self.choices:
-            raise ValueError(
-                f"Option {name!r} must be one of {self.choices}, got {value!r}."
-            )
+            raise ValueError(f"Option {name!r} must be one of {self.choices}, got {value!r}.")
         return converted
 
 

@@ -16,9 +16,10 @@ class, never the test set).  Ties go to the smaller ``C`` (stronger
 regularisation), the safer choice with few shots.
 
 After the search the probe is **refit on the training shots only** with the
-chosen ``C`` (as in CoOp's protocol, which keeps the validation images for
-selection); merging train and val would give the probe a few more images but
-would make the reported validation accuracy meaningless.
+chosen ``C``.  (CLIP's appendix describes merging the validation split back
+into training for its final fit.)  We keep them apart on purpose: a K-shot
+result then uses exactly K labelled images per class for training, and the
+reported validation accuracy stays the accuracy that chose ``C``.
 """
 
 from __future__ import annotations

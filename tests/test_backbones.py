@@ -375,7 +375,9 @@ def test_shipped_checkpoint_hash_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "fewclip pretrain" in msg and "Reinstall" in msg
 
 
-def test_shipped_checkpoint_missing_metadata(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_shipped_checkpoint_missing_metadata(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     ckpt = tmp_path / "c.pt"
     ckpt.write_bytes(b"x")
     monkeypatch.setattr(bbmod, "_EMBEDDED_TRAIN_INFO", tmp_path / "missing.json")

@@ -521,6 +521,27 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
         clap.run_clap_experiment(ctx, steps=1, lam="best", progress=False)
 
 
+def test_pixel_space_classifier_matches_backbone_features(backbone) -> None:
+    """Attacks see [0, 1] pixels; NormalizedClassifier must reproduce the backbone's logits."""
+    from PIL import Image
+
+    from fewclip_tutorial.attacks import NormalizedClassifier
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    pixels = torch.stack([clap._pixel_transform(backbone.preprocess)(im) for im in imgs])
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    head = F.normalize(torch.randn(4, backbone.embed_dim), dim=-1)
+    net = _random_network(backbone.embed_dim)
+    clf = NormalizedClassifier(
+        backbone.model.visual, backbone.mean, backbone.std, head, lambda f: refine(f, net, 0.3)
+    )
+    feats = backbone.encode_images(torch.stack([backbone.preprocess(im) for im in imgs]))
+    expected = 100.0 * refine(feats, net, 0.3) @ head.T
+    with torch.no_grad():
+        torch.testing.assert_close(clf(pixels), expected, atol=1e-3, rtol=1e-4)
+
+
 def test_exercises_are_registered() -> None:
     from fewclip_tutorial.exercises import get_exercise
 

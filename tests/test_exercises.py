@@ -157,7 +157,9 @@ def test_register_exercise_conflicts() -> None:
         return x * 3
 
     try:
-        ex = register_exercise("_test_double", _ref_for_test, lambda g: (torch.randn(2, generator=g),))
+        ex = register_exercise(
+            "_test_double", _ref_for_test, lambda g: (torch.randn(2, generator=g),)
+        )
         assert get_exercise("_test_double") is ex
         # Re-registering the same function (a notebook reload) is fine.
         register_exercise("_test_double", _ref_for_test, lambda g: (torch.randn(3, generator=g),))

@@ -60,8 +60,10 @@ def test_probe_is_refit_on_train_only_and_matches_sklearn() -> None:
     xte, _ = _blobs(10, CENTERS, 1.0, 7)
     logits = probe.logits(xte)
     torch.testing.assert_close(
-        logits, torch.tensor(clf.decision_function(xte.numpy()), dtype=torch.float32),
-        atol=1e-4, rtol=1e-4,
+        logits,
+        torch.tensor(clf.decision_function(xte.numpy()), dtype=torch.float32),
+        atol=1e-4,
+        rtol=1e-4,
     )
     assert probe(xte).shape == logits.shape  # callable like a predict function
 

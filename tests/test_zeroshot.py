@@ -94,9 +94,7 @@ def test_text_classifier_validates_templates(tiny: Backbone) -> None:
 def test_zero_shot_logits_hand_example() -> None:
     f = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [math.sqrt(0.5), math.sqrt(0.5)]])
-    expected = 100 * torch.tensor(
-        [[1.0, 0.0, math.sqrt(0.5)], [0.6, 0.8, 1.4 * math.sqrt(0.5)]]
-    )
+    expected = 100 * torch.tensor([[1.0, 0.0, math.sqrt(0.5)], [0.6, 0.8, 1.4 * math.sqrt(0.5)]])
     torch.testing.assert_close(zero_shot_logits(f, W), expected)
     torch.testing.assert_close(zero_shot_logits(f, W, logit_scale=1.0), expected / 100)
 

@@ -833,7 +833,8 @@ def train_cross_modal(
     """Cross-modal (or image-only) linear probe with a validation grid search.
 
     For every ``(lr, weight_decay, batch_size)`` of the grid, a head initialised from the
-    text prototypes is trained by :func:`fit_head` on mixed batches; the configuration
+    text prototypes is trained on mixed batches (all configurations side by side by
+    :func:`fit_head_grid`, equivalent to one :func:`fit_head` run each); the configuration
     and iteration with the best validation accuracy (ties: lower validation loss, then
     the earlier grid entry) are returned.  No test data enters this function.
 

@@ -108,9 +108,7 @@ DEFAULT_LOGIT_SCALE: float = 100.0
 
 def _check_text_features(text_features: Tensor) -> None:
     if not isinstance(text_features, Tensor) or text_features.ndim != 3:
-        shape = (
-            tuple(text_features.shape) if isinstance(text_features, Tensor) else None
-        )
+        shape = tuple(text_features.shape) if isinstance(text_features, Tensor) else None
         raise ValueError(
             f"text_features must be a (C, M, D) tensor (classes x templates x dim), got shape "
             f"{shape}; encode every template for every class and reshape to (C, M, D), "
@@ -123,9 +121,7 @@ def _check_text_features(text_features: Tensor) -> None:
         )
 
 
-def class_prototypes(
-    text_features: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE
-) -> Tensor:
+def class_prototypes(text_features: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE) -> Tensor:
     """Class prototypes ``t_c`` of FD-Align (the paper's class-prototype equation).
 
     Per class, the mean over the ``M`` templates of the L2-normalised text features,
@@ -145,9 +141,7 @@ def class_prototypes(
     return logit_scale * F.normalize(t.mean(dim=1), dim=-1)
 
 
-def spurious_prototypes(
-    text_features: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE
-) -> Tensor:
+def spurious_prototypes(text_features: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE) -> Tensor:
     """Spurious prototypes ``mu_m`` of FD-Align (the paper's spurious-prototype equation).
 
     Per template, the mean over the ``C`` classes of the L2-normalised text features,
@@ -224,9 +218,7 @@ def classification_logits(image_features: Tensor, class_protos: Tensor) -> Tenso
     return F.normalize(image_features.float(), dim=-1) @ class_protos.float().T
 
 
-def classification_loss(
-    image_features: Tensor, class_protos: Tensor, labels: Tensor
-) -> Tensor:
+def classification_loss(image_features: Tensor, class_protos: Tensor, labels: Tensor) -> Tensor:
     """FD-Align's ``L_class``: cross-entropy of prototype logits (mean over the batch).
 
     Args:
@@ -237,9 +229,7 @@ def classification_loss(
     return F.cross_entropy(classification_logits(image_features, class_protos), labels)
 
 
-def _spurious_log_distribution(
-    image_features: Tensor, spurious_protos: Tensor
-) -> Tensor:
+def _spurious_log_distribution(image_features: Tensor, spurious_protos: Tensor) -> Tensor:
     if image_features.ndim != 2 or spurious_protos.ndim != 2:
         raise ValueError(
             f"expected image features (B, D) and spurious_protos (S, D), got "
@@ -389,9 +379,7 @@ def fd_align_loss(
             f"beta={beta} needs frozen_features and spurious_protos; pass them, or set beta=0 "
             "for plain fine-tuning."
         )
-    l_spur = spurious_kl(
-        finetuned_features, frozen_features, spurious_protos, direction, reduction
-    )
+    l_spur = spurious_kl(finetuned_features, frozen_features, spurious_protos, direction, reduction)
     return FDAlignLoss(alpha * l_class + beta * l_spur, l_class, l_spur)
 
 
@@ -424,9 +412,7 @@ class SPCResult:
 
 
 def _resolve_keep(keep: float, m: int) -> int:
-    if isinstance(keep, bool) or not isinstance(
-        keep, (int, float, np.integer, np.floating)
-    ):
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
         raise TypeError(
             f"keep={keep!r} must be a number: a fraction in (0, 1] or a count of templates."
         )
@@ -546,9 +532,7 @@ def trainable_parameter_names(visual: nn.Module, blocks: int | None) -> list[str
             f"blocks={blocks} but the image encoder has only {n_blocks} transformer blocks; "
             f"pass 0..{n_blocks}, or blocks=None for the whole encoder."
         )
-    prefixes = [
-        f"transformer.resblocks.{i}." for i in range(n_blocks - blocks, n_blocks)
-    ]
+    prefixes = [f"transformer.resblocks.{i}." for i in range(n_blocks - blocks, n_blocks)]
     prefixes += ["ln_post.", "proj"]
     return [n for n in names if any(n == p or n.startswith(p) for p in prefixes)]
 
@@ -570,9 +554,7 @@ class _TransformedSplit(Dataset):
         return self.transform(image), int(label)
 
 
-def train_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable:
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """FD-Align's augmentation: random resized crop (scale 0.08-1), no flip, CLIP normalisation."""
     from torchvision import transforms as T
 
@@ -611,9 +593,7 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
-def encode_pair(
-    trainable: nn.Module, frozen: nn.Module, images: Tensor
-) -> tuple[Tensor, Tensor]:
+def encode_pair(trainable: nn.Module, frozen: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     """Encode the same ``(B, 3, H, W)`` batch with the trained and the frozen encoder.
 
     Returns raw ``(B, D)`` features ``(f(x), f_0(x))``; the frozen pass runs under
@@ -655,9 +635,7 @@ def encode_split(
     visual.eval()
     feats, labels = [], []
     try:
-        for images, y in tqdm(
-            loader, desc=f"encode {split.name}", disable=not progress
-        ):
+        for images, y in tqdm(loader, desc=f"encode {split.name}", disable=not progress):
             with autocast(device):
                 feats.append(_encode(visual, images.to(device)).cpu())
             labels.append(y)
@@ -818,9 +796,7 @@ def finetune_fd_align(
     total_steps = int(epochs) * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda step: (
-            0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        ),
+        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)),
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
@@ -835,17 +811,14 @@ def finetune_fd_align(
             batch_size=max(int(batch_size), 64),
         )
         pred = classification_logits(feats.to(device), class_protos).argmax(dim=1).cpu()
-        return 100.0 * float((pred == labels).float().mean())
+        return 100.0 * int((pred == labels).sum()) / len(labels)
 
     initial = validate()
     history: dict[str, list[float]] = {
-        k: []
-        for k in ("loss", "classification_loss", "spurious_loss", "val_accuracy", "lr")
+        k: [] for k in ("loss", "classification_loss", "spurious_loss", "val_accuracy", "lr")
     }
     best_epoch, best_acc, best_state = 0, -math.inf, None
-    bar = tqdm(
-        range(1, int(epochs) + 1), desc=f"FD-Align (beta={beta})", disable=not progress
-    )
+    bar = tqdm(range(1, int(epochs) + 1), desc=f"FD-Align (beta={beta})", disable=not progress)
     for epoch in bar:
         trainable.train()
         sums = torch.zeros(3, dtype=torch.float64)
@@ -892,9 +865,7 @@ def finetune_fd_align(
         bar.set_postfix(loss=f"{means[0]:.3f}", kl=f"{means[2]:.4f}", val=f"{acc:.1f}")
         if acc > best_acc:
             best_epoch, best_acc = epoch, acc
-            best_state = {
-                k: v.detach().clone() for k, v in trainable.state_dict().items()
-            }
+            best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
 
     assert best_state is not None
     trainable.load_state_dict(best_state)
@@ -985,42 +956,30 @@ def spurious_templates(
 
             return list(TEMPLATES)
         return list(IMAGENET_TEMPLATES)
-    raise ValueError(
-        f"templates={which!r} is unknown; use 'auto', 'dataset' or 'imagenet'."
-    )
+    raise ValueError(f"templates={which!r} is unknown; use 'auto', 'dataset' or 'imagenet'.")
 
 
 @register_method(
     "fd-align",
     options={
         "alpha": Option(float, 1.0, "weight of the classification loss (paper: 1)"),
-        "beta": Option(
-            float, 20.0, "weight of the spurious KL (paper: 20; 0 = plain fine-tuning)"
-        ),
-        "spc": Option(
-            bool, True, "Spurious Prototype Correction (Isolation Forest + k-means)"
-        ),
+        "beta": Option(float, 20.0, "weight of the spurious KL (paper: 20; 0 = plain fine-tuning)"),
+        "spc": Option(bool, True, "Spurious Prototype Correction (Isolation Forest + k-means)"),
         "keep": Option(
             float,
             0.75,
             "SPC: templates kept, a fraction <= 1 or a count > 1 (paper: 60 of 80)",
         ),
-        "n_clusters": Option(
-            int, 20, "SPC: k-means clusters = spurious prototypes (paper: 20)"
-        ),
+        "n_clusters": Option(int, 20, "SPC: k-means clusters = spurious prototypes (paper: 20)"),
         "blocks": Option(
             int,
             2,
             "trainable part: -1 = whole image encoder (paper), 0 = ln_post + proj, "
             "n = last n transformer blocks + ln_post + proj",
         ),
-        "epochs": Option(
-            int, 5, "fine-tuning epochs; best one chosen on validation (paper: 60)"
-        ),
+        "epochs": Option(int, 5, "fine-tuning epochs; best one chosen on validation (paper: 60)"),
         "lr": Option(float, 1e-3, "peak learning rate, cosine decay per step"),
-        "optimizer": Option(
-            str, "sgd", "SGD (Nesterov 0.9, wd 5e-4) or AdamW", ["sgd", "adamw"]
-        ),
+        "optimizer": Option(str, "sgd", "SGD (Nesterov 0.9, wd 5e-4) or AdamW", ["sgd", "adamw"]),
         "kl_direction": Option(
             str,
             "paper",
@@ -1042,6 +1001,9 @@ def spurious_templates(
             ["auto", "dataset", "imagenet"],
         ),
         "augment": Option(bool, True, "random resized crop (scale 0.08-1, no flip)"),
+        "tip_adapter": Option(
+            bool, False, "also run Tip-Adapter on the fine-tuned encoder (result key 'tip_adapter')"
+        ),
     },
     help="FD-Align (Song et al., NeurIPS 2023): fine-tune the image encoder while keeping its "
     "distribution over spurious (style) prototypes close to the frozen model's.",
@@ -1063,6 +1025,7 @@ def run_fd_align(
     batch_size: int = 32,
     templates: str = "auto",
     augment: bool = True,
+    tip_adapter: bool = False,
 ) -> dict:
     """FD-Align on one few-shot episode; ``beta=0`` is plain fine-tuning, like for like.
 
@@ -1143,6 +1106,19 @@ def run_fd_align(
         batch_size=batch_size,
         logit_scale=CLIP_LOGIT_SCALE,
     )
+    if tip_adapter:
+        # The fine-tuned encoder as a drop-in image encoder: Tip-Adapter on its features,
+        # with the same episode (same shots, same validation split, same text classifier).
+        from fewclip_tutorial.experiment import run_method
+
+        tuned = finetuned_backbone(backbone, result.visual)
+        tuned_ctx = dataclasses.replace(ctx, backbone=tuned, cache_dir=None, _memo={})
+        tip = run_method("tip-adapter", context=tuned_ctx, progress=False)
+        out["tip_adapter"] = {
+            k: tip[k]
+            for k in ("val_accuracy", "test_accuracy", "ood_accuracy", "alpha", "beta")
+            if k in tip
+        }
     return out
 
 
@@ -1151,8 +1127,7 @@ def run_fd_align(
 
 def _exercise_spurious_prototypes_inputs(gen: torch.Generator) -> tuple[Tensor, float]:
     c, m, d = (
-        int(torch.randint(lo, hi + 1, (1,), generator=gen))
-        for lo, hi in ((2, 6), (2, 7), (3, 9))
+        int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in ((2, 6), (2, 7), (3, 9))
     )
     # varied norms per prompt, so a missing normalisation shows
     scale = torch.rand(c, m, 1, generator=gen) * 3 + 0.2
@@ -1162,8 +1137,7 @@ def _exercise_spurious_prototypes_inputs(gen: torch.Generator) -> tuple[Tensor, 
 
 def _exercise_spurious_kl_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     b, s, d = (
-        int(torch.randint(lo, hi + 1, (1,), generator=gen))
-        for lo, hi in ((2, 6), (2, 6), (3, 9))
+        int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in ((2, 6), (2, 6), (3, 9))
     )
     frozen = torch.randn(b, d, generator=gen)
     finetuned = frozen + 0.5 * torch.randn(b, d, generator=gen)

@@ -355,7 +355,8 @@ class SearchResult:
         best_alpha: chosen residual ratio.
         best_beta: chosen sharpness.
         best_accuracy: validation accuracy (percent) at the chosen pair.
-        accuracy: ``(len(betas), len(alphas))`` validation accuracy grid in percent (CPU).
+        accuracy: ``(len(betas), len(alphas))`` validation accuracy grid in percent (CPU,
+            float64).
         betas: ``(B,)`` searched betas (CPU, float32).
         alphas: ``(A,)`` searched alphas (CPU, float32).
     """
@@ -413,7 +414,7 @@ def _result(
         best_alpha=float(alphas[a]),
         best_beta=float(betas[b]),
         best_accuracy=float(accuracy[b, a]),
-        accuracy=accuracy.float(),
+        accuracy=accuracy,
         betas=betas.float().cpu(),
         alphas=alphas.float().cpu(),
     )
@@ -847,6 +848,7 @@ def run_tip_adapter(
     result.update(
         alpha=best.best_alpha,
         beta=best.best_beta,
+        selection_val_accuracy=best.best_accuracy,
         zero_shot_val_accuracy=_accuracy(zero_shot, ep.val_labels),
         cache_size=int(ep.cache_keys.shape[0]),
         views=int(ep.train_views.shape[0]),
@@ -909,6 +911,7 @@ def run_tip_adapter_f(
         alpha=trained.alpha,
         beta=trained.beta,
         best_epoch=trained.best_epoch,
+        selection_val_accuracy=trained.search.best_accuracy,
         train_alpha=trained.train_alpha,
         train_beta=trained.train_beta,
         training_free_val_accuracy=init.best_accuracy,

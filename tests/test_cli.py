@@ -1,0 +1,211 @@
+"""Tests of the `fewclip` command line (in-process, with a fake runner)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from fewclip_tutorial import cli
+from fewclip_tutorial.backbones import UnknownBackboneError
+from fewclip_tutorial.data.splits import NotEnoughExamplesError
+from fewclip_tutorial.experiment import METHODS, Option, register_method
+
+
+@pytest.fixture
+def cli_method() -> Iterator[str]:
+    """A registered method with one option of each type, removed afterwards."""
+
+    @register_method(
+        "_cli-test",
+        options={
+            "beta_scale": Option(float, 7.0, "a float"),
+            "views": Option(int, 10, "an int"),
+            "variant": Option(str, "a", "a choice", choices=["a", "b"]),
+            "flip": Option(bool, True, "a flag"),
+        },
+        help="test method",
+    )
+    def _run(ctx: object, **kw: object) -> dict:  # pragma: no cover - runner is faked
+        return {}
+
+    yield "_cli-test"
+    METHODS.pop("_cli-test", None)
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch) -> dict:
+    calls: dict = {}
+
+    def run(method: str, **kwargs: object) -> dict:
+        calls["method"] = method
+        calls["kwargs"] = kwargs
+        print("noise a method prints")  # must not corrupt --json output
+        return {
+            "method": method,
+            "dataset": kwargs["dataset"],
+            "backbone": kwargs["backbone"],
+            "shots": kwargs["shots"],
+            "seed": kwargs["seed"],
+            "val_accuracy": 81.26,
+            "test_accuracy": 79.94,
+            "ood_accuracy": {"sketch": 40.04, "painting": 55.55},
+            "C": 0.001,
+            "history": list(range(20)),
+        }
+
+    monkeypatch.setattr(cli, "run_method", run)
+    return calls
+
+
+def test_run_json_has_exactly_one_rounded_object(
+    cli_method: str, fake_run: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "run",
+            cli_method,
+            "--dataset",
+            "eurosat",
+            "--shots",
+            "4",
+            "--seed",
+            "2",
+            "--json",
+            "--beta-scale",
+            "5",
+            "--views",
+            "3",
+            "--variant",
+            "b",
+            "--no-flip",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)  # the whole of stdout is one JSON object
+    assert payload["method"] == cli_method
+    assert payload["dataset"] == "eurosat" and payload["backbone"] == "shapeworld-tiny"
+    assert payload["shots"] == 4 and payload["seed"] == 2
+    assert payload["val_accuracy"] == 81.3 and payload["test_accuracy"] == 79.9
+    assert payload["ood_accuracy"] == {"sketch": 40.0, "painting": 55.5}
+    assert payload["C"] == 0.001  # hyperparameters are not rounded to one decimal
+    assert "noise a method prints" in captured.err
+    kwargs = fake_run["kwargs"]
+    assert kwargs["beta_scale"] == 5.0 and isinstance(kwargs["beta_scale"], float)
+    assert kwargs["views"] == 3 and kwargs["variant"] == "b" and kwargs["flip"] is False
+    assert kwargs["progress"] is False and kwargs["pretrained"] == "default"
+
+
+def test_unset_options_fall_back_to_method_defaults(
+    cli_method: str, fake_run: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", cli_method, "--pretrained", "none", "--cache-dir", "none"]) == 0
+    kwargs = fake_run["kwargs"]
+    assert not {"beta_scale", "views", "variant", "flip"} & set(kwargs)
+    assert kwargs["pretrained"] is None and kwargs["cache_dir"] is None
+    assert kwargs["shots"] == 16 and kwargs["seed"] == 1 and kwargs["dataset"] == "shapeworld"
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert lines["test_accuracy"].split()[-1] == "79.9"
+    assert lines["sketch"].split()[-1] == "40.0"
+    assert "[20 values]" in lines["history"]
+
+
+def test_option_with_underscore_spelling_and_bad_choice(
+    cli_method: str, fake_run: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", cli_method, "--beta_scale", "2.5", "--json"]) == 0
+    assert fake_run["kwargs"]["beta_scale"] == 2.5
+    capsys.readouterr()
+    assert cli.main(["run", cli_method, "--variant", "z"]) == 2
+    assert "invalid choice: 'z'" in capsys.readouterr().err
+    assert cli.main(["run", cli_method, "--views", "many"]) == 2
+
+
+def test_unknown_method_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "zero-shoot"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'zero-shoot'" in err and "linear-probe" in err
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (UnknownBackboneError("Unknown backbone 'ViT-Q'. Known names: ..."), "Unknown backbone"),
+        (NotEnoughExamplesError("class 3 ('star') has only 2 images"), "only 2 images"),
+        (KeyError("Unknown dataset 'imgnet'"), "Unknown dataset 'imgnet'"),
+    ],
+)
+def test_bad_input_prints_message_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    text: str,
+) -> None:
+    def raise_(*a: object, **k: object) -> dict:
+        raise error
+
+    monkeypatch.setattr(cli, "run_method", raise_)
+    assert cli.main(["run", "zero-shot", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("fewclip: error: ")
+    assert text in captured.err and "Traceback" not in captured.err
+    assert not captured.out.strip()
+
+
+def test_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def raise_(*a: object, **k: object) -> dict:
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(cli, "run_method", raise_)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["run", "zero-shot"])
+
+
+def test_debug_env_reraises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def raise_(*a: object, **k: object) -> dict:
+        raise ValueError("bad")
+
+    monkeypatch.setattr(cli, "run_method", raise_)
+    monkeypatch.setenv("FEWCLIP_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad"):
+        cli.main(["run", "zero-shot"])
+
+
+def test_info(capsys: pytest.CaptureFixture[str]) -> None:
+    import open_clip
+    import torch
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch            {torch.__version__}" in out
+    assert "shapeworld-tiny" in out and "open_clip architectures" in out
+    assert "shapeworld" in out.split("datasets")[1].splitlines()[0]
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n_archs = len([m for m in open_clip.list_models() if m != "shapeworld-tiny"])
+    assert info["backbones"]["open_clip_architectures"] == n_archs
+    assert "zero-shot" in info["methods"] and "shapeworld" in info["datasets"]
+    assert info["feature_cache"]
+
+
+def test_pretrain_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list = []
+    fake = types.ModuleType("fewclip_tutorial.pretrain")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fewclip_tutorial.pretrain", fake)
+    assert cli.main(["pretrain", "--steps", "3", "--help"]) == 0
+    assert seen == [["--steps", "3", "--help"]]
+
+
+def test_help_and_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "run" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    assert cli.main(["run", "zero-shot", "--help"]) == 0
+    assert "--by-prompt" in capsys.readouterr().out

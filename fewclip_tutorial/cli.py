@@ -69,6 +69,9 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
         default="default",
         help="weights: 'default', an open_clip tag, a file, or 'none' for random init",
     )
+    g.add_argument(
+        "--arch", default=None, help="open_clip architecture of a --backbone checkpoint file"
+    )
     g.add_argument("--shots", type=int, default=16, help="K images per class (default: 16)")
     g.add_argument("--seed", type=int, default=1, help="episode seed (default: 1)")
     g.add_argument("--root", default=None, help="data folder of downloadable datasets")
@@ -200,6 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             shots=args.shots,
             seed=args.seed,
             pretrained=pretrained,
+            arch=args.arch,
             root=args.root,
             progress=not args.no_progress,
             cache_dir=cache_dir,

@@ -246,11 +246,14 @@ def clear_caches() -> None:
         _classifiers.clear()
 
 
-def _cached_backbone(name: str, pretrained: str | None, device: torch.device) -> Backbone:
-    key = (name, pretrained, str(device))
+def _cached_backbone(
+    name: str, pretrained: str | None, device: torch.device, arch: str | None = None
+) -> Backbone:
+    key = (name, pretrained, str(device), arch)
     with _lock:
         if key not in _backbones:
-            _backbones[key] = load_backbone(name, pretrained=pretrained, device=device)
+            kwargs = {"arch": arch} if arch is not None else {}
+            _backbones[key] = load_backbone(name, pretrained=pretrained, device=device, **kwargs)
         return _backbones[key]
 
 
@@ -293,6 +296,7 @@ def build_context(
     seed: int = 1,
     *,
     pretrained: str | None = "default",
+    arch: str | None = None,
     root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike | None = "default",
@@ -309,6 +313,7 @@ def build_context(
         shots: ``K`` training images per class.
         seed: the episode seed (few-shot draw; methods seed their training with it).
         pretrained: the backbone's weights (``"default"``, a tag, a file, ``None``).
+        arch: the open_clip architecture when ``backbone`` is a checkpoint file.
         root: data folder of downloadable datasets.
         device: compute device (default :func:`~fewclip_tutorial.device.get_device`).
         cache_dir: feature cache (``"default"``, a folder, or ``None`` for none).
@@ -330,7 +335,7 @@ def build_context(
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
-        bb = _cached_backbone(backbone, pretrained, dev)
+        bb = _cached_backbone(backbone, pretrained, dev, arch)
     if isinstance(dataset, DatasetSpec):
         spec = dataset
     else:
@@ -501,6 +506,7 @@ def run_method(
     context: Context | None = None,
     *,
     pretrained: str | None = "default",
+    arch: str | None = None,
     root: str | os.PathLike | None = None,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = "default",
@@ -513,7 +519,7 @@ def run_method(
         method: a name from :func:`list_methods` (``"zero-shot"``, ``"tip-adapter"``, ...).
         dataset, backbone, shots, seed: the episode (ignored when ``context`` is given).
         context: a ready :class:`Context` (notebooks build one and reuse it).
-        pretrained, root, cache_dir, progress, device: see :func:`build_context`.
+        pretrained, arch, root, cache_dir, progress, device: see :func:`build_context`.
         **options: the method's options (see ``METHODS[method].options``).
 
     Returns:
@@ -533,6 +539,7 @@ def run_method(
             shots,
             seed,
             pretrained=pretrained,
+            arch=arch,
             root=root,
             device=device,
             cache_dir=cache_dir,

@@ -51,7 +51,9 @@ def accuracy_vs_shots(
     return ax
 
 
-def image_grid(split, classnames: Sequence[str], per_class: int = 1, max_classes: int = 12, ax=None):
+def image_grid(
+    split, classnames: Sequence[str], per_class: int = 1, max_classes: int = 12, ax=None
+):
     """Show the first ``per_class`` images of each class of a ``LabeledSplit``.
 
     Returns:

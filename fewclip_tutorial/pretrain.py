@@ -42,7 +42,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PretrainConfig:
     """Everything that determines a pretraining run."""
 
-    steps: int = 1800
+    steps: int = 2200
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -74,7 +74,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def make_batch(cfg: PretrainConfig, step: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def make_batch(
+    cfg: PretrainConfig, step: int, tokenizer
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The batch of ``step``: images ``(B, 3, H, W)``, tokens ``(B, L)`` and captions."""
     rng = np.random.default_rng([cfg.seed, step, 7])
     domains = list(cfg.domain_probs)
@@ -87,7 +89,10 @@ def make_batch(cfg: PretrainConfig, step: int, tokenizer) -> tuple[torch.Tensor,
 
 
 def contrastive_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, tokens: torch.Tensor, logit_scale: torch.Tensor
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    tokens: torch.Tensor,
+    logit_scale: torch.Tensor,
 ) -> torch.Tensor:
     """Symmetric CLIP loss with identical captions as positives.
 
@@ -117,7 +122,9 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate_zero_shot(model, tokenizer, cfg: PretrainConfig, templates: list[str] | None = None) -> dict[str, float]:
+def evaluate_zero_shot(
+    model, tokenizer, cfg: PretrainConfig, templates: list[str] | None = None
+) -> dict[str, float]:
     """Zero-shot accuracy (%) per domain on a fixed evaluation set (seed 12345)."""
     model.eval()
     templates = templates or sw.DEFAULT_TEMPLATES
@@ -212,12 +219,17 @@ def pretrain(
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    opt_emb = torch.optim.SparseAdam([model.token_embedding.weight], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt_emb = torch.optim.SparseAdam(
+        [model.token_embedding.weight], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     dense_params = decay + no_decay
     start = 0
     last = out_dir / "last.pt"
@@ -237,7 +249,9 @@ def pretrain(
     model.train()
     record: dict = {}
     log = open(out_dir / "log.jsonl", "a")
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="pretrain")
+    bar = tqdm(
+        range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="pretrain"
+    )
     t0 = time.time()
     for step in bar:
         for g in opt.param_groups + opt_emb.param_groups:
@@ -279,18 +293,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=PretrainConfig.lr)
     p.add_argument("--seed", type=int, default=PretrainConfig.seed)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps (resume later)"
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start from scratch even if a checkpoint exists"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--export", metavar="CKPT", help="export CKPT as the shipped fp16 weights and exit")
+    p.add_argument(
+        "--export", metavar="CKPT", help="export CKPT as the shipped fp16 weights and exit"
+    )
     a = p.parse_args(argv)
     if a.export:
         w = export_checkpoint(Path(a.export))
         print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB)")
         return 0
     cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    rec = pretrain(cfg, a.out, resume=not a.no_resume, progress=not a.no_progress, max_steps=a.max_steps, threads=a.threads)
+    rec = pretrain(
+        cfg,
+        a.out,
+        resume=not a.no_resume,
+        progress=not a.no_progress,
+        max_steps=a.max_steps,
+        threads=a.threads,
+    )
     print(json.dumps(rec))
     return 0
 

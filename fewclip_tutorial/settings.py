@@ -41,7 +41,11 @@ PRESETS: dict[str, Setup] = {
         "colab", "eurosat", "ViT-B-32", pretrained="openai", dataset_kwargs={"download": True}
     ),
     "colab-pets": Setup(
-        "colab-pets", "oxford_pets", "ViT-B-16", pretrained="openai", dataset_kwargs={"download": True}
+        "colab-pets",
+        "oxford_pets",
+        "ViT-B-16",
+        pretrained="openai",
+        dataset_kwargs={"download": True},
     ),
     "colab-shapeworld": Setup(
         "colab-shapeworld",

@@ -99,6 +99,7 @@ def test_run_json_has_exactly_one_rounded_object(
     assert kwargs["beta_scale"] == 5.0 and isinstance(kwargs["beta_scale"], float)
     assert kwargs["views"] == 3 and kwargs["variant"] == "b" and kwargs["flip"] is False
     assert kwargs["progress"] is False and kwargs["pretrained"] == "default"
+    assert kwargs["arch"] is None
 
 
 def test_unset_options_fall_back_to_method_defaults(
@@ -119,8 +120,9 @@ def test_unset_options_fall_back_to_method_defaults(
 def test_option_with_underscore_spelling_and_bad_choice(
     cli_method: str, fake_run: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["run", cli_method, "--beta_scale", "2.5", "--json"]) == 0
+    assert cli.main(["run", cli_method, "--beta_scale", "2.5", "--json", "--arch", "RN50"]) == 0
     assert fake_run["kwargs"]["beta_scale"] == 2.5
+    assert fake_run["kwargs"]["arch"] == "RN50"
     capsys.readouterr()
     assert cli.main(["run", cli_method, "--variant", "z"]) == 2
     assert "invalid choice: 'z'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -255,3 +256,21 @@ def test_method_modules_are_imported_and_missing_ones_skipped(
     monkeypatch.setattr(methods_pkg, "METHOD_MODULES", ("_broken",))
     with pytest.raises(ModuleNotFoundError, match="some_dependency"):
         methods_pkg._import_methods()
+
+
+def test_build_context_from_a_local_checkpoint(
+    tiny: Backbone, spec: DatasetSpec, tmp_path: Path
+) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), path)
+    exp.clear_caches()
+    try:
+        ctx = build_context(
+            spec, str(path), shots=1, seed=1, arch=TINY, device="cpu", cache_dir=None
+        )
+        assert ctx.backbone.identifier.startswith(f"{TINY}:file:")
+        torch.testing.assert_close(
+            ctx.text_classifier, text_classifier(tiny, CLASSNAMES, TEMPLATES)
+        )
+    finally:
+        exp.clear_caches()

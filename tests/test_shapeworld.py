@@ -35,7 +35,9 @@ def test_domains_as_specified(world):
     assert set(world.ood_test) == {"painting", "cartoon", "sketch"}
     for d, split in world.ood_test.items():
         assert set(split.domains) == {d}
-    two = sw.load_shapeworld(train_domains=("photo", "cartoon"), train_per_class=4, test_per_class=2)
+    two = sw.load_shapeworld(
+        train_domains=("photo", "cartoon"), train_per_class=4, test_per_class=2
+    )
     assert set(two.train.domains) <= {"photo", "cartoon"}
     assert set(two.ood_test) == {"painting", "sketch"}
 
@@ -47,7 +49,9 @@ def test_factor_lists_match_clap_prompt_slots():
 
 
 def test_spurious_colour_in_train_only():
-    spur = sw.load_shapeworld(spurious_color=1.0, train_per_class=6, val_per_class=4, test_per_class=20)
+    spur = sw.load_shapeworld(
+        spurious_color=1.0, train_per_class=6, val_per_class=4, test_per_class=20
+    )
     f = spur.train.factors
     assert np.array_equal(f.color, f.shape % len(sw.COLORS))
     t = spur.test.factors

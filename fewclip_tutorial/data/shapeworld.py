@@ -92,7 +92,11 @@ TEMPLATES: list[str] = (
     [f"a {t} of a {{}}." for t in IMAGE_TYPES]
     + [f"a {c} {{}}." for c in COLORS]
     + [f"a {s} {{}}." for s in SIZES]
-    + [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {t} of a {{}}." for a in ART_STYLES for t in IMAGE_TYPES]
+    + [
+        f"{'an' if a[0] in 'aeiou' else 'a'} {a} {t} of a {{}}."
+        for a in ART_STYLES
+        for t in IMAGE_TYPES
+    ]
     + [f"a {{}} {BACKGROUND_PHRASES[b]}." for b in BACKGROUNDS]
     + ["a {}.", "a picture of a {}.", "a drawing of a {}.", "a {} shape."]
 )
@@ -350,9 +354,13 @@ def _render_domain(
     multi = f.color == COLORS.index("multicolored")
     if multi.any():
         fill = fill.copy()
-        hue = (u[multi] * 0.25 + v[multi] * 0.25 + rng.uniform(0, 1, multi.sum())[:, None, None]) % 1.0
+        hue = (
+            u[multi] * 0.25 + v[multi] * 0.25 + rng.uniform(0, 1, multi.sum())[:, None, None]
+        ) % 1.0
         fill[multi] = _hsv_to_rgb(hue)
-    bg = np.array([BACKGROUND_RGB[BACKGROUNDS[i]] for i in f.background], dtype=f32)[:, None, None, :]
+    bg = np.array([BACKGROUND_RGB[BACKGROUNDS[i]] for i in f.background], dtype=f32)[
+        :, None, None, :
+    ]
     impress = (f.art_style == ART_STYLES.index("impressionistic"))[:, None, None, None]
     light = rng.uniform(0, 2 * np.pi, b)[:, None, None]
     edge, outline_w, noise_std = 0.6, 0.0, 0.01
@@ -462,6 +470,8 @@ def caption(f: Factors, i: int, rng: np.random.Generator) -> str:
         text = f"{np_}"
     else:
         text = f"my {tword} of {art} {np_} {bgp}"
+    if rng.random() < 0.4:  # alt-text sometimes ends with a full stop, as prompts do
+        text += "."
     return text
 
 
@@ -526,13 +536,15 @@ def load_shapeworld(
     train_domains = list(train_domains)
     _index(IMAGE_TYPES, train_domains, "image type")
     if not train_domains:
-        raise ValueError("train_domains is empty; pass at least one of " f"{IMAGE_TYPES}.")
+        raise ValueError(f"train_domains is empty; pass at least one of {IMAGE_TYPES}.")
     if not 0.0 <= spurious_color <= 1.0:
         raise ValueError(f"spurious_color={spurious_color} must be a probability in [0, 1].")
     ss = np.random.SeedSequence([seed, 20231])
     r_train, r_val, r_test, r_ood = (np.random.default_rng(x) for x in ss.spawn(4))
 
-    def make(rng: np.random.Generator, n: int, domains: Sequence[str], spur: float, name: str) -> ShapeWorldSplit:
+    def make(
+        rng: np.random.Generator, n: int, domains: Sequence[str], spur: float, name: str
+    ) -> ShapeWorldSplit:
         f = sample_factors(
             n * len(CLASSNAMES),
             rng,

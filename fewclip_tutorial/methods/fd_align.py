@@ -505,36 +505,61 @@ def spurious_prototype_correction(
 # --------------------------------------------------------------------------- trainer
 
 
+def _resnet_blocks(visual: nn.Module) -> list[str] | None:
+    """Prefixes of the residual blocks of an open_clip ``ModifiedResNet``, in order."""
+    if not all(hasattr(visual, f"layer{i}") for i in range(1, 5)) or not hasattr(visual, "attnpool"):
+        return None
+    return [f"layer{i}.{j}." for i in range(1, 5) for j in range(len(getattr(visual, f"layer{i}")))]
+
+
 def trainable_parameter_names(visual: nn.Module, blocks: int | None) -> list[str]:
     """Names of the parameters of ``visual`` that fine-tuning updates.
 
     Convention for ``blocks``:
 
     * ``None`` or negative: the whole image encoder (the paper's setting).
-    * ``0``: only the final ``ln_post`` and ``proj``.
-    * ``n > 0``: the last ``n`` transformer blocks plus ``ln_post`` and ``proj``.
+    * ``0``: only the output head of the encoder (ViT: ``ln_post`` and ``proj``;
+      ResNet: the attention pool ``attnpool``).
+    * ``n > 0``: the last ``n`` blocks (ViT: transformer blocks; ResNet: bottleneck
+      blocks of ``layer1..layer4``) plus that output head.
 
-    Partial fine-tuning needs an open_clip ``VisionTransformer`` (``transformer.resblocks``).
+    Partial fine-tuning needs an open_clip ``VisionTransformer`` or ``ModifiedResNet``.
     """
     names = [n for n, _ in visual.named_parameters()]
     if blocks is None or blocks < 0:
         return names
     resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if resblocks is None or not hasattr(visual, "ln_post"):
+    if resblocks is not None and hasattr(visual, "ln_post"):
+        all_blocks = [f"transformer.resblocks.{i}." for i in range(len(resblocks))]
+        head = ["ln_post.", "proj"]
+    elif (rn := _resnet_blocks(visual)) is not None:
+        all_blocks, head = rn, ["attnpool."]
+    else:
         raise ValueError(
-            f"blocks={blocks} needs an open_clip VisionTransformer (with transformer.resblocks "
-            f"and ln_post), but the image encoder is a {type(visual).__name__}; pass blocks=None "
-            "to fine-tune the whole encoder."
+            f"blocks={blocks} needs an open_clip VisionTransformer or ModifiedResNet, but the "
+            f"image encoder is a {type(visual).__name__}; pass blocks=None to fine-tune the "
+            "whole encoder."
         )
-    n_blocks = len(resblocks)
+    n_blocks = len(all_blocks)
     if blocks > n_blocks:
         raise ValueError(
-            f"blocks={blocks} but the image encoder has only {n_blocks} transformer blocks; "
+            f"blocks={blocks} but the image encoder has only {n_blocks} blocks; "
             f"pass 0..{n_blocks}, or blocks=None for the whole encoder."
         )
-    prefixes = [f"transformer.resblocks.{i}." for i in range(n_blocks - blocks, n_blocks)]
-    prefixes += ["ln_post.", "proj"]
+    prefixes = all_blocks[n_blocks - blocks :] + head
     return [n for n in names if any(n == p or n.startswith(p) for p in prefixes)]
+
+
+def _train_mode(module: nn.Module) -> None:
+    """``module.train()``, but batch-norm layers keep their pretrained statistics (eval).
+
+    With a few dozen images per batch, updating BN running statistics would move the
+    features of every layer, frozen ones included.
+    """
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 class _TransformedSplit(Dataset):
@@ -771,7 +796,7 @@ def finetune_fd_align(
     params = [named[n] for n in names]
     for p in params:
         p.requires_grad_(True)
-    trainable.train()
+    _train_mode(trainable)
 
     transform = (
         train_transform(backbone.image_size, backbone.mean, backbone.std)
@@ -820,7 +845,7 @@ def finetune_fd_align(
     best_epoch, best_acc, best_state = 0, -math.inf, None
     bar = tqdm(range(1, int(epochs) + 1), desc=f"FD-Align (beta={beta})", disable=not progress)
     for epoch in bar:
-        trainable.train()
+        _train_mode(trainable)
         sums = torch.zeros(3, dtype=torch.float64)
         n_seen = 0
         for images, labels in loader:

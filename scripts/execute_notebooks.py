@@ -15,7 +15,6 @@ from nbclient import NotebookClient
 
 def execute(path: str, timeout: int = 1800) -> float:
     nb = nbformat.read(path, as_version=4)
-    os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("PYTHONHASHSEED", "0")
     start = time.time()

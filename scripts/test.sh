@@ -3,7 +3,7 @@
 # then a book build from the notebooks nbval has just checked (no second execution).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MPLBACKEND=Agg PYTHONHASHSEED=0 TQDM_DISABLE=1
+export PYTHONHASHSEED=0 TQDM_DISABLE=1
 export FEWCLIP_CACHE="${FEWCLIP_CACHE:-$PWD/_build/feature-cache}"
 echo "== ruff"
 .venv/bin/ruff check fewclip_tutorial tests benchmarks scripts

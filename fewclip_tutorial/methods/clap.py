@@ -1429,8 +1429,9 @@ def run_clap_experiment(
         with torch.no_grad():
             train_r = refine(train.features.to(dev), net, best_lam).cpu()
             val_r = refine(val_f, net, best_lam).cpu()
-        lp = fit_linear_probe(train_r, train.labels, val_r, val_y, seed=ctx.seed,
-                              num_classes=len(classnames))
+        lp = fit_linear_probe(
+            train_r, train.labels, val_r, val_y, seed=ctx.seed, num_classes=len(classnames)
+        )
 
         def predict_probe(f: Tensor) -> Tensor:
             with torch.no_grad():

@@ -507,7 +507,9 @@ def spurious_prototype_correction(
 
 def _resnet_blocks(visual: nn.Module) -> list[str] | None:
     """Prefixes of the residual blocks of an open_clip ``ModifiedResNet``, in order."""
-    if not all(hasattr(visual, f"layer{i}") for i in range(1, 5)) or not hasattr(visual, "attnpool"):
+    if not all(hasattr(visual, f"layer{i}") for i in range(1, 5)) or not hasattr(
+        visual, "attnpool"
+    ):
         return None
     return [f"layer{i}.{j}." for i in range(1, 5) for j in range(len(getattr(visual, f"layer{i}")))]
 

@@ -40,7 +40,7 @@ from fewclip_tutorial.methods.tip_adapter import (  # noqa: E402
 
 #: Problem sizes per device: (val images M, classes C, shots K, feature dim D).
 DEFAULT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "cpu": (400, 20, 16, 256),
+    "cpu": (200, 10, 16, 256),
     "cuda": (1000, 100, 16, 512),
 }
 

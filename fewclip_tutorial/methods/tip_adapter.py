@@ -7,17 +7,17 @@ an exponential affinity and the result is added to the zero-shot CLIP logits:
 
 .. math::
 
-    A = \\exp(-\\beta (1 - f F_{train}^\\top))                         \\quad (5)
+    A = \\exp(-\\beta (1 - f F_{train}^\\top))                \\quad \\text{[affinity]}
 
-    \\mathrm{logits} = 100 \\, f W^\\top + \\alpha \\, A L_{train}       \\quad (6)
+    \\mathrm{logits} = 100 \\, f W^\\top + \\alpha \\, A L_{train}   \\quad \\text{[Tip logits]}
 
 where ``F_train`` are the cache keys ``(N, D)``, ``L_train`` the cache values
 ``(N, C)`` and ``W`` the zero-shot text classifier ``(C, D)``.  Only the CLIP
 branch is scaled by 100 (the fixed CLIP temperature of the paper; we use 100 rather
 than a backbone's learned ``logit_scale`` so that alpha keeps the paper's meaning).
-Equation numbers follow the ECCV paper.
+The docstrings below refer to these two equations as *[affinity]* and *[Tip logits]*.
 
-Tip-Adapter-F (Sec. 3.3) makes the keys a trainable linear layer initialised
+Tip-Adapter-F makes the keys a trainable linear layer initialised
 from the cache and fine-tunes only them for a few epochs; the values and the
 text classifier stay frozen.
 
@@ -70,7 +70,7 @@ __all__ = [
     "train_tip_adapter_f",
 ]
 
-#: The fixed CLIP temperature of the paper's zero-shot branch (Eq. 6).
+#: The fixed CLIP temperature of the paper's zero-shot branch ([Tip logits]).
 CLIP_LOGIT_SCALE: float = 100.0
 
 # Upper bound on the number of floats of one (M, alphas, C) block in the vectorised search.
@@ -194,7 +194,7 @@ def _check_labels(name: str, labels: Any, length: int, num_classes: int) -> Tens
 
 
 def build_cache_keys(view_features: Tensor) -> Tensor:
-    """Cache keys ``F_train`` (Sec. 3.1): one L2-normalised key per training image.
+    """Cache keys ``F_train``: one L2-normalised key per training image.
 
     Each view is L2-normalised, the ``V`` augmented views of an image are averaged,
     and the average is normalised again (the paper encodes every image 10 times
@@ -226,7 +226,7 @@ def build_cache_keys(view_features: Tensor) -> Tensor:
 def build_cache_values(
     labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Cache values ``L_train`` (Sec. 3.1): one-hot labels.
+    """Cache values ``L_train``: one-hot labels.
 
     Args:
         labels: ``(N,)`` integer class indices of the cached images.
@@ -253,7 +253,7 @@ def _similarity(f: Tensor, cache_keys: Tensor) -> Tensor:
 
 
 def _affinity_from_similarity(similarity: Tensor, beta: float) -> Tensor:
-    # Eq. (5).  Kept as one function so every code path rounds identically.
+    # [affinity].  Kept as one function so every code path rounds identically.
     return torch.exp((1.0 - similarity) * -beta)
 
 
@@ -263,13 +263,13 @@ def _clip_logits(f: Tensor, clip_weights: Tensor, logit_scale: float) -> Tensor:
 
 
 def _combine(clip_logits: Tensor, cache_logits: Tensor, alpha: float) -> Tensor:
-    # Eq. (6): the residual blend.  Multiplication then addition, never a fused op,
+    # [Tip logits]: the residual blend.  Multiplication then addition, never a fused op,
     # so the vectorised search reproduces the loop bit for bit.
     return clip_logits + cache_logits * alpha
 
 
 def affinity(f: Tensor, cache_keys: Tensor, beta: float) -> Tensor:
-    """Eq. (5): ``A = exp(-beta * (1 - f @ cache_keys.T))``.
+    """[affinity]: ``A = exp(-beta * (1 - f @ cache_keys.T))``.
 
     Args:
         f: ``(M, D)`` L2-normalised query features.
@@ -294,7 +294,7 @@ def tip_logits(
     beta: float,
     logit_scale: float = CLIP_LOGIT_SCALE,
 ) -> Tensor:
-    """Eq. (6): ``logit_scale * f @ W.T + alpha * A @ L``.
+    """[Tip logits]: ``logit_scale * f @ W.T + alpha * A @ L``.
 
     Args:
         f: ``(M, D)`` L2-normalised image features (any encoder, fine-tuned or not).
@@ -420,6 +420,7 @@ def _result(
     )
 
 
+@torch.no_grad()
 def search_hparams_loop(
     val_features: Tensor,
     val_labels: Tensor,
@@ -430,7 +431,7 @@ def search_hparams_loop(
     alphas: Sequence[float] | Tensor | None = None,
     logit_scale: float = CLIP_LOGIT_SCALE,
 ) -> SearchResult:
-    """Reference search: a plain nested loop, recomputing Eq. (6) for every pair.
+    """Reference search: a plain nested loop, recomputing [Tip logits] for every pair.
 
     This mirrors the reference implementation (beta outer, alpha inner, strict
     ``>`` so the first best pair wins).  It exists to test and benchmark
@@ -476,7 +477,7 @@ def search_hparams(
     logit_scale: float = CLIP_LOGIT_SCALE,
     progress: bool = False,
 ) -> SearchResult:
-    """Vectorised grid search of ``(beta, alpha)`` for Eq. (6) on validation data.
+    """Vectorised grid search of ``(beta, alpha)`` for [Tip logits] on validation data.
 
     The CLIP logits and the similarity ``f @ keys.T`` do not depend on the
     hyperparameters and are computed once.  For each beta, one affinity matrix
@@ -526,7 +527,7 @@ def search_hparams(
 
 
 class TipAdapterF(nn.Module):
-    """Tip-Adapter-F (Sec. 3.3): the cache keys become a trainable linear layer.
+    """Tip-Adapter-F: the cache keys become a trainable linear layer.
 
     ``self.cache_keys`` is ``nn.Linear(D, N, bias=False)`` whose weight ``(N, D)``
     starts as the cache keys, so ``self.cache_keys(f) == f @ keys.T`` and the
@@ -559,7 +560,7 @@ class TipAdapterF(nn.Module):
         beta: float,
         logit_scale: float = CLIP_LOGIT_SCALE,
     ) -> Tensor:
-        """Eq. (6) with trainable keys: ``(M, D) -> (M, C)`` logits."""
+        """[Tip logits] with trainable keys: ``(M, D) -> (M, C)`` logits."""
         _check_features_and_keys(f, self.cache_keys.weight)
         _check_clip_weights(clip_weights, f.shape[1])
         if clip_weights.shape[0] != self.cache_values.shape[1]:
@@ -634,11 +635,11 @@ def train_tip_adapter_f(
     search_grid: tuple[Tensor, Tensor] | None = None,
     weight_decay: float = 0.01,
 ) -> TipAdapterFResult:
-    """Fine-tune the cache keys (Tip-Adapter-F, Sec. 3.3) on cached augmented features.
+    """Fine-tune the cache keys (Tip-Adapter-F) on cached augmented features.
 
     Each epoch visits every training image once in random order, each time
     through one randomly chosen augmented view of its cached features (so no
-    image is re-encoded).  Loss: cross-entropy of Eq. (6).  Optimiser: AdamW
+    image is re-encoded).  Loss: cross-entropy of [Tip logits].  Optimiser: AdamW
     (``lr``, ``eps``), cosine schedule stepped per iteration over
     ``epochs * iterations_per_epoch``.  After each epoch the adapter is evaluated
     on the *validation* split only; the best epoch's keys are kept (first best
@@ -831,7 +832,7 @@ def run_tip_adapter(
     beta_steps: int = 200,
     alpha_steps: int = 20,
 ) -> dict[str, Any]:
-    """Tip-Adapter (Eq. 6) with alpha and beta searched on validation (CLIP branch scale 100)."""
+    """Tip-Adapter ([Tip logits]) with alpha and beta searched on validation (CLIP branch scale 100)."""
     ep = _episode(ctx, views)
     grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
     best = search_hparams(
@@ -972,7 +973,7 @@ def register_exercises() -> None:
         description=(
             "Write affinity(f, cache_keys, beta) taking (M, D) L2-normalised features, "
             "(N, D) L2-normalised cache keys and a float beta, and returning the (M, N) "
-            "Tip-Adapter affinities exp(-beta * (1 - cosine similarity)) (Eq. 5)."
+            "Tip-Adapter affinities exp(-beta * (1 - cosine similarity))."
         ),
         hint=(
             "Cosine similarity of unit vectors is f @ cache_keys.T; an image equal to a key "
@@ -985,7 +986,7 @@ def register_exercises() -> None:
         _tip_logits_inputs,
         description=(
             "Write tip_logits(f, clip_weights, cache_keys, cache_values, alpha, beta) "
-            "returning the (M, C) Tip-Adapter logits 100 * f @ W.T + alpha * A @ L (Eq. 6), "
+            "returning the (M, C) Tip-Adapter logits 100 * f @ W.T + alpha * A @ L, "
             "where A is the (M, N) affinity of the features to the (N, D) cache keys and L "
             "the (N, C) one-hot cache values."
         ),

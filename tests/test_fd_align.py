@@ -325,7 +325,7 @@ def test_trainable_parameter_names(backbone: Backbone) -> None:
     last = trainable_parameter_names(visual, 1)
     assert any(n.startswith("transformer.resblocks.1.") for n in last)
     assert not any(n.startswith("transformer.resblocks.0.") for n in last)
-    with pytest.raises(ValueError, match="only 2 transformer blocks"):
+    with pytest.raises(ValueError, match="only 2 blocks"):
         trainable_parameter_names(visual, 3)
 
 

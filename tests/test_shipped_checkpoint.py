@@ -34,7 +34,9 @@ def test_shipped_checkpoint_reaches_the_zero_shot_floor():
     classes = np.repeat(np.arange(len(sw.CLASSNAMES)), 15)
     for domain in sw.IMAGE_TYPES:
         f = sw.sample_factors(len(classes), rng, classes=classes, image_types=[domain])
-        images = torch.stack([bb.preprocess(Image.fromarray(a)) for a in sw.render(f, bb.image_size)])
+        images = torch.stack(
+            [bb.preprocess(Image.fromarray(a)) for a in sw.render(f, bb.image_size)]
+        )
         feats = bb.encode_images(images).cpu()
         acc = float(((feats @ W.T).argmax(1).numpy() == classes).mean() * 100)
         floor = ZERO_SHOT_FLOOR["photo"] if domain == "photo" else ZERO_SHOT_FLOOR["other"]

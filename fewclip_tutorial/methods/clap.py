@@ -716,6 +716,22 @@ class TextFeatureCache:
         return torch.stack([self._store[t] for t in texts])
 
 
+#: Text-feature caches shared by every training run of the same frozen backbone (keyed by
+#: its identifier and the device): the text encoder never changes, so a string's feature
+#: is the same in every run, and sweeps over shots and seeds encode each string once.
+_TEXT_CACHES: dict[tuple[str, str], TextFeatureCache] = {}
+
+
+def _text_cache_for(text_encoder: Any, device: torch.device) -> TextFeatureCache:
+    ident = getattr(text_encoder, "identifier", None)
+    if not isinstance(ident, str):
+        return TextFeatureCache(_text_encode_fn(text_encoder), device)
+    key = (ident, str(device))
+    if key not in _TEXT_CACHES:
+        _TEXT_CACHES[key] = TextFeatureCache(_text_encode_fn(text_encoder), device)
+    return _TEXT_CACHES[key]
+
+
 def _text_encode_fn(text_encoder: Any) -> Callable[[list[str]], Tensor]:
     if hasattr(text_encoder, "encode_text") and hasattr(text_encoder, "tokenizer"):
         return lambda texts: text_encoder.encode_text(texts)
@@ -882,7 +898,7 @@ def train_clap(
         raise ValueError(f"batch_size={batch_size} must be >= 2: InfoNCE needs negatives.")
     aug = AugmentConfig() if aug is None else aug
     dev = _device(device if device is not None else getattr(text_encoder, "device", None))
-    cache = TextFeatureCache(_text_encode_fn(text_encoder), dev)
+    cache = _text_cache_for(text_encoder, dev)
     if ign and not (hasattr(text_encoder, "model") and hasattr(text_encoder, "tokenizer")):
         raise ValueError(
             "ign=True needs the open_clip model: pass the Backbone (with .model and "
@@ -1273,6 +1289,7 @@ def _register_runner() -> None:
         hidden: int = 256,
         attack_images: int = 0,
         probe: bool = False,
+        progress: bool = True,
     ) -> dict:
         return run_clap_experiment(
             ctx,
@@ -1287,6 +1304,7 @@ def _register_runner() -> None:
             hidden=hidden,
             attack_images=attack_images,
             probe=probe,
+            progress=progress,
         )
 
 

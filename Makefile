@@ -40,6 +40,7 @@ format: setup  ## ruff auto-fix and format
 
 bench: setup  ## speed benchmarks (print ratios measured in one run)
 	$(PY) benchmarks/bench_tip_adapter.py
+	$(PY) benchmarks/bench_shapeworld.py
 
 pretrain: setup  ## re-train shapeworld-tiny from scratch (about an hour on 2 cores) and export it
 	$(PY) -m fewclip_tutorial.pretrain --out runs/pretrain

@@ -2,7 +2,6 @@
 # The two commands a new user needs:  make book   and   make test
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
-export OMP_NUM_THREADS ?= 2
 
 .PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean
 

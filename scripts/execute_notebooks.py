@@ -16,6 +16,10 @@ from nbclient import NotebookClient
 def execute(path: str, timeout: int = 1800) -> float:
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # same thread count as `make test` (nbval): CPU training is bit-reproducible only at a
+    # fixed number of threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
     os.environ.setdefault("PYTHONHASHSEED", "0")
     start = time.time()
     client = NotebookClient(

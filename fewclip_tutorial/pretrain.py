@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fewclip_tutorial.data import shapeworld as sw
+from fewclip_tutorial.zeroshot import prompt_ensemble
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_NAME = "shapeworld-tiny"
@@ -128,11 +129,9 @@ def evaluate_zero_shot(
     """Zero-shot accuracy (%) per domain on a fixed evaluation set (seed 12345)."""
     model.eval()
     templates = templates or sw.DEFAULT_TEMPLATES
-    txt = []
-    for c in sw.CLASSNAMES:
-        t = F.normalize(model.encode_text(tokenizer([tp.format(c) for tp in templates])), dim=-1)
-        txt.append(F.normalize(t.mean(0), dim=-1))
-    W = torch.stack(txt)
+    prompts = [tp.format(c) for c in sw.CLASSNAMES for tp in templates]
+    text = model.encode_text(tokenizer(prompts)).view(len(sw.CLASSNAMES), len(templates), -1)
+    W = prompt_ensemble(text)  # (C, D)
     out = {}
     rng = np.random.default_rng(12345)
     for d in sw.IMAGE_TYPES:

@@ -122,7 +122,7 @@ class Factors:
     cy: np.ndarray
     rotation: np.ndarray  # radians
     radius: np.ndarray  # fraction of the image width
-    seed: np.ndarray  # per-image noise seed
+    seed: np.ndarray  # noise seed; a render chunk seeds its noise from its first image
 
     def __len__(self) -> int:
         return int(len(self.shape))
@@ -304,9 +304,9 @@ def render(factors: Factors, image_size: int = 32) -> np.ndarray:
 def _render_chunk(f: Factors, s: int) -> np.ndarray:
     b = len(f)
     rng = np.random.default_rng(int(f.seed[0]) if b else 0)
-    # each image's own generator would be slow; derive per-chunk noise from the first seed,
-    # and mix per-image seeds in through random phases below, so images stay deterministic
-    # given their factors and the chunking (which is fixed by the image size).
+    # One generator per image would be slow: the chunk's noise is seeded from its first image,
+    # so a batch renders deterministically given its factors and the chunking (which depends
+    # only on the image size), not image by image.
     px = ((np.arange(s) + 0.5) / s).astype(np.float32)
     X = np.broadcast_to(px[None, None, :], (b, s, s))
     Y = np.broadcast_to(px[None, :, None], (b, s, s))

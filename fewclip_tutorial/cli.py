@@ -258,8 +258,23 @@ def _info() -> dict[str, Any]:
             "open_clip_architectures": len(archs),
         },
         "datasets": datasets,
+        "shapeworld_tasks": _shapeworld_tasks(),
         "methods": list_methods(),
         "feature_cache": cache,
+    }
+
+
+def _shapeworld_tasks() -> dict[str, dict[str, Any]]:
+    from fewclip_tutorial.data.shapeworld import TASKS
+
+    return {
+        name: {
+            "classes": list(t.classnames),
+            "domain": ", ".join(t.train_domains),
+            "ood": list(t.ood_domains),
+            "regime": t.regime,
+        }
+        for name, t in TASKS.items()
     }
 
 
@@ -279,7 +294,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"datasets         {', '.join(info['datasets'])}",
         f"methods          {', '.join(info['methods'])}",
         f"feature cache    {info['feature_cache']}",
+        "ShapeWorld benchmarks (the embedded suite):",
     ]
+    for name, t in info["shapeworld_tasks"].items():
+        ood = ", ".join(t["ood"]) or "none"
+        lines.append(f"  {name:<21} {len(t['classes'])} classes on {t['domain']}; OOD: {ood}")
+        lines.append(f"  {'':<21} {t['regime']}")
     print("\n".join(lines))
     return 0
 

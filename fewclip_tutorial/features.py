@@ -55,8 +55,20 @@ logger = logging.getLogger(__name__)
 FEATURE_FORMAT_VERSION = 1
 #: Environment variable that overrides the default cache folder.
 CACHE_ENV_VAR = "FEWCLIP_CACHE"
-#: Scale range of the random resized crop used for augmented views.
+#: Scale range (area fraction) of the random resized crop used for augmented views at
+#: CLIP's resolutions, as in Tip-Adapter's code (224 px: the crop keeps objects whole).
 AUGMENT_SCALE = (0.5, 1.0)
+#: The same for small images (below :data:`SMALL_IMAGE_SIZE` px): a 0.5-area crop of a 32 px
+#: image cuts up to 9 px off a side, as much as a ShapeWorld object's radius, and destroys
+#: the shape; 0.8 cuts at most 3.4 px.
+SMALL_AUGMENT_SCALE = (0.8, 1.0)
+SMALL_IMAGE_SIZE = 96
+
+
+def augment_scale(image_size: int) -> tuple[float, float]:
+    """The random-resized-crop scale range for ``image_size`` px inputs (see above)."""
+    return SMALL_AUGMENT_SCALE if image_size < SMALL_IMAGE_SIZE else AUGMENT_SCALE
+
 
 _MAGIC = b"FEWCLIPFEAT\x00"
 _LEN = struct.Struct("<Q")
@@ -104,16 +116,20 @@ def default_cache_dir() -> Path:
 def augment_transform(
     image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> Any:
-    """The training-view augmentation: random resized crop (scale 0.5-1, bicubic) + h-flip.
+    """The training-view augmentation: random resized crop (bicubic) + h-flip.
 
-    PIL image -> ``(3, image_size, image_size)`` normalised tensor.
+    The crop's scale range follows the resolution (:func:`augment_scale`): 0.5-1 at CLIP's
+    224 px, as in Tip-Adapter's code, and 0.8-1 below 96 px, where a half-area crop cuts
+    the object.  PIL image -> ``(3, image_size, image_size)`` normalised tensor.
     """
     from torchvision import transforms as T
 
     return T.Compose(
         [
             T.RandomResizedCrop(
-                image_size, scale=AUGMENT_SCALE, interpolation=T.InterpolationMode.BICUBIC
+                image_size,
+                scale=augment_scale(image_size),
+                interpolation=T.InterpolationMode.BICUBIC,
             ),
             T.RandomHorizontalFlip(p=0.5),
             T.ToTensor(),
@@ -127,7 +143,7 @@ def _describe_transform(backbone: Any, augment: bool) -> str:
     size, mean, std = backbone.image_size, tuple(backbone.mean), tuple(backbone.std)
     if augment:
         return (
-            f"augment:RandomResizedCrop({size},scale={AUGMENT_SCALE},bicubic)"
+            f"augment:RandomResizedCrop({size},scale={augment_scale(size)},bicubic)"
             f"+RandomHorizontalFlip(0.5)+ToTensor+Normalize({mean},{std})"
         )
     # repr of a torchvision Compose lists its steps and parameters; drop memory addresses.
@@ -310,7 +326,7 @@ def extract_features(
         views: number of views ``V``.  With ``augment=True`` each view is a new
             random augmentation (Tip-Adapter uses 10); without augmentation the
             views are identical copies of the single eval-transform pass.
-        augment: random resized crop (scale 0.5-1) + horizontal flip instead of
+        augment: random resized crop (:func:`augment_scale`) + horizontal flip instead of
             the backbone's eval preprocessing.
         batch_size: images per forward pass (default 1024 on CUDA, 256 otherwise).
         seed: seeds the augmentations; the same seed gives the same features.

@@ -24,6 +24,7 @@ class Setup:
         shots: the K values of the accuracy-against-shots figures.
         seeds: few-shot seeds averaged in every figure.
         dataset_kwargs: passed to the dataset loader (e.g. ``download=True`` on Colab).
+        suite: the datasets of the comparison chapter's method x task table.
     """
 
     name: str
@@ -33,12 +34,27 @@ class Setup:
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     dataset_kwargs: dict = field(default_factory=dict)
+    suite: tuple[str, ...] = ()
 
+
+#: The embedded benchmarks, main target first (see ``fewclip_tutorial.data.shapeworld.TASKS``).
+SHAPEWORLD_SUITE: tuple[str, ...] = (
+    "shapeworld",
+    "shapeworld-everyday",
+    "shapeworld-polygons",
+    "shapeworld-patterns",
+    "shapeworld-blueprint",
+)
 
 PRESETS: dict[str, Setup] = {
-    "embedded": Setup("embedded", "shapeworld", "shapeworld-tiny"),
+    "embedded": Setup("embedded", "shapeworld", "shapeworld-tiny", suite=SHAPEWORLD_SUITE),
     "colab": Setup(
-        "colab", "eurosat", "ViT-B-32", pretrained="openai", dataset_kwargs={"download": True}
+        "colab",
+        "eurosat",
+        "ViT-B-32",
+        pretrained="openai",
+        dataset_kwargs={"download": True},
+        suite=("eurosat", "dtd", "oxford_pets"),
     ),
     "colab-pets": Setup(
         "colab-pets",
@@ -53,6 +69,7 @@ PRESETS: dict[str, Setup] = {
         "ViT-B-32",
         pretrained="openai",
         dataset_kwargs={"image_size": 224},
+        suite=SHAPEWORLD_SUITE,
     ),
 }
 

@@ -86,9 +86,9 @@ def run_sweep(
                 res = run_method(name, context=ctx, progress=progress, **opts)
                 res["label"] = label
                 raw.append(res)
-                rows.append(flatten_result(res))
+                rows.append({"dataset": str(dataset), **flatten_result(res)})
     frame = pd.DataFrame(rows)
-    first = ["label", "method", "shots", "seed", "val_accuracy", "test_accuracy"]
+    first = ["label", "method", "dataset", "shots", "seed", "val_accuracy", "test_accuracy"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     return (frame, raw) if keep_results else frame
 
@@ -101,3 +101,22 @@ def summarise(frame, metric: str = "test_accuracy", ndigits: int = 1):
     out = mean.round(ndigits).astype(str) + " ± " + std.round(ndigits).astype(str)
     out.columns = [f"K={k}" for k in out.columns]
     return out
+
+
+def task_table(frame, metric: str = "test_accuracy", ndigits: int = 1):
+    """Method x task table: rows are datasets plus an ``"average"`` row, columns are labels.
+
+    Each cell is the mean of ``metric`` over the seeds (and shots) in ``frame``; the average
+    row is the plain mean over the datasets, as CoOp's and Tip-Adapter's tables report.
+    ``frame`` is one or more :func:`run_sweep` frames concatenated.
+    """
+    import pandas as pd
+
+    labels = list(dict.fromkeys(frame["label"]))
+    datasets = list(dict.fromkeys(frame["dataset"]))
+    table = frame.groupby(["dataset", "label"], sort=False)[metric].mean().unstack("label")
+    table = table.loc[datasets, labels]
+    table.loc["average"] = table.mean(axis=0)
+    table.columns.name = None
+    table.index.name = None
+    return pd.DataFrame(table).round(ndigits)

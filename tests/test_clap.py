@@ -552,3 +552,37 @@ def test_exercises_are_registered() -> None:
     nce = get_exercise("info_nce")
     assert nce.check(lambda a, b, tau: info_nce(a, b, tau), verbose=False)
     assert not nce.check(lambda a, b, tau: info_nce(a, b, 1.0), verbose=False)
+
+
+@pytest.mark.parametrize("task", ["shapeworld", "shapeworld-patterns"])
+def test_imaug_renders_each_prompt_with_its_class_and_style(task):
+    from fewclip_tutorial.data import shapeworld as sw
+    from fewclip_tutorial.methods.clap import PromptAttributes, _render_shapeworld_prompts
+
+    t = sw.TASKS[task]
+    prompts = [
+        PromptAttributes(name, color="red", image_type="cartoon", size="large")
+        for name in t.classnames
+    ]
+    split = _render_shapeworld_prompts(prompts, 32, seed=0, task=task)
+    assert list(split.labels) == list(range(len(t.classnames)))
+    assert all(np.asarray(split.load_image(i)).shape == (32, 32, 3) for i in range(len(split)))
+    # the rendered factors follow the prompts: the same prompts with another colour differ
+    blue = [PromptAttributes(p.classname, color="blue", image_type="cartoon") for p in prompts]
+    other = _render_shapeworld_prompts(blue, 32, seed=0, task=task)
+    assert not np.array_equal(np.asarray(split.load_image(0)), np.asarray(other.load_image(0)))
+
+
+def test_prompt_form_classifiers_are_the_papers_prompts(backbone):
+    from fewclip_tutorial.methods.clap import prompt_form_classifier
+
+    names = ["circle", "plus sign", "moon"]
+    pc = prompt_form_classifier(backbone, names, "PC")
+    assert torch.allclose(pc, backbone.encode_text([f"a photo of a {c}" for c in names]))
+    c = prompt_form_classifier(backbone, names, "C")
+    nc1 = prompt_form_classifier(backbone, names, "NC", seed=3)
+    nc2 = prompt_form_classifier(backbone, names, "NC", seed=3)
+    assert torch.equal(nc1, nc2) and not torch.allclose(nc1, c, atol=1e-3)
+    assert torch.allclose(nc1.norm(dim=-1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown prompt form 'XC'"):
+        prompt_form_classifier(backbone, names, "XC")

@@ -1,6 +1,9 @@
 """One entry point for every dataset: ``load_dataset(name, root=None, **kwargs)``.
 
-Names: ``"shapeworld"`` (the embedded, generated default world), the
+Names: ``"shapeworld"`` (the embedded, generated default world's main target) and the
+other ShapeWorld benchmarks (``"shapeworld-everyday"``, ``"shapeworld-polygons"``,
+``"shapeworld-patterns"``, ``"shapeworld-blueprint"``; see
+:data:`fewclip_tutorial.data.shapeworld.TASKS`), the
 torchvision datasets (``"eurosat"``, ``"oxford_pets"``, ``"dtd"``,
 ``"flowers102"``, ``"caltech101"``, ``"food101"``, ``"cifar10"``,
 ``"cifar100"``; downloads off unless ``download=True``) and
@@ -36,9 +39,15 @@ class UnknownDatasetError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def _shapeworld_tasks() -> list[str]:
+    from fewclip_tutorial.data.shapeworld import list_tasks
+
+    return list_tasks()
+
+
 def list_datasets() -> list[str]:
     """Registered dataset names (``"imagefolder:<path>"`` is listed as its prefix form)."""
-    return ["shapeworld", *_TORCHVISION_NAMES, f"{IMAGEFOLDER_PREFIX}<path>"]
+    return [*_shapeworld_tasks(), *_TORCHVISION_NAMES, f"{IMAGEFOLDER_PREFIX}<path>"]
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> DatasetSpec:
@@ -67,10 +76,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
             )
         return load_imagefolder(path, **kwargs)
     key = key.lower()
-    if key == "shapeworld":
+    if key in _shapeworld_tasks():
         from fewclip_tutorial.data.shapeworld import load_shapeworld
 
-        return load_shapeworld(**kwargs)
+        if "task" in kwargs and kwargs["task"] != key:
+            raise ValueError(
+                f"load_dataset({name!r}, task={kwargs['task']!r}) names two ShapeWorld tasks; "
+                f"pass the task as the dataset name, e.g. load_dataset({kwargs['task']!r})."
+            )
+        kwargs.pop("task", None)
+        return load_shapeworld(task=key, **kwargs)
     if key in _TORCHVISION_NAMES:
         from fewclip_tutorial.data.torchvision_datasets import TORCHVISION_LOADERS
 

@@ -75,6 +75,7 @@ __all__ = [
     "refined_classifier",
     "register_exercises",
     "run_clap_experiment",
+    "prompt_form_classifier",
     "select_lambda",
     "swap_order",
     "train_clap",
@@ -611,6 +612,30 @@ def zero_shot_accuracy(image_features: Tensor, labels: Tensor, classifier: Tenso
         raise ValueError("zero_shot_accuracy got no samples.")
     pred = (image_features.float() @ classifier.float().to(image_features.device).T).argmax(-1)
     return float((pred.cpu() == labels.cpu()).float().mean() * 100.0)
+
+
+@torch.no_grad()
+def prompt_form_classifier(
+    backbone: Any, classnames: Sequence[str], form: str, seed: int = 1
+) -> Tensor:
+    """CLIP's ``(C, D)`` zero-shot classifier for one of the paper's prompt forms.
+
+    ``form`` is a key of :data:`ZERO_SHOT_PROMPTS`: ``"C"`` (the bare class name), ``"PC"``
+    (``"a photo of a [class]"``), ``"CP"`` (``"a [class] in a photo"``) or ``"NC"`` (the class
+    name after 4 Gaussian noise token embeddings, std 0.02, drawn with ``seed``; the
+    paper's noisy-context probe).  Rows are L2-normalised.
+    """
+    if form not in ZERO_SHOT_PROMPTS:
+        raise ValueError(f"Unknown prompt form {form!r}; use one of {list(ZERO_SHOT_PROMPTS)}.")
+    texts = [ZERO_SHOT_PROMPTS[form].format(c) for c in classnames]
+    if form != "NC":
+        return backbone.encode_text(texts).float()
+    dev = torch.device(backbone.device)
+    tokens = backbone.tokenizer(texts).to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    with _autocast(dev):
+        w = encode_text_with_noise(backbone.model, tokens, 4, 0.02, "front", gen)
+    return F.normalize(w.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -1173,7 +1198,7 @@ def register_exercises() -> None:
 
 def _dataset_factors(dataset: Any) -> dict[str, Sequence[str]]:
     """Prompt factor lists: ShapeWorld's own for the embedded world, else the paper's."""
-    if getattr(dataset, "name", "") == "shapeworld":
+    if str(getattr(dataset, "name", "")).startswith("shapeworld"):
         from fewclip_tutorial.data import shapeworld as sw
 
         return {
@@ -1195,40 +1220,42 @@ dataset_factors = _dataset_factors
 
 
 def _render_shapeworld_prompts(
-    prompts: Sequence[PromptAttributes], image_size: int, seed: int
+    prompts: Sequence[PromptAttributes],
+    image_size: int,
+    seed: int,
+    classnames: Sequence[str] | None = None,
+    task: str = "shapeworld",
 ) -> Any:
-    """One rendered ShapeWorld image per prompt, as a ListSplit (Im.Aug's synthetic images)."""
+    """One rendered image per prompt of a ShapeWorld task, as a ListSplit (Im.Aug's images).
+
+    ``classnames`` are the task's class names (default: the task's own); each prompt's
+    class, colour, size, image type and art style set the rendered factors.
+    """
     from PIL import Image
 
     from fewclip_tutorial.data import shapeworld as sw
     from fewclip_tutorial.data.base import ListSplit
 
-    renderer = getattr(sw, "render_prompt_images", None)
-    labels = [sw.CLASSNAMES.index(p.classname) for p in prompts]
-    if renderer is not None:
-        images = renderer(prompts, image_size=image_size, seed=seed)
-    else:
-        rng = np.random.default_rng(seed)
-        n = len(prompts)
-        f = sw.sample_factors(n, rng, classes=np.asarray(labels))
+    t = sw.get_task(task)
+    names = list(classnames) if classnames is not None else list(t.classnames)
+    labels = [names.index(p.classname) for p in prompts]
+    rng = np.random.default_rng(seed)
+    n = len(prompts)
+    f = sw.task_factors(t, np.asarray(labels), rng, t.train_domains)
 
-        def idx(
-            names: Sequence[str], values: Iterable[str | None], current: np.ndarray
-        ) -> np.ndarray:
-            return np.asarray(
-                [names.index(v) if v else c for v, c in zip(values, current, strict=True)]
-            )
-
-        f.color = idx(sw.COLORS, (p.color for p in prompts), f.color)
-        f.size = idx(sw.SIZES, (p.size for p in prompts), f.size)
-        f.image_type = idx(sw.IMAGE_TYPES, (p.image_type for p in prompts), f.image_type)
-        f.art_style = idx(sw.ART_STYLES, (p.art_style for p in prompts), f.art_style)
-        f.radius = np.array([sw.SIZE_RADIUS[sw.SIZES[s]] for s in f.size]) * rng.uniform(
-            0.9, 1.1, n
+    def idx(names: Sequence[str], values: Iterable[str | None], current: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            [names.index(v) if v else c for v, c in zip(values, current, strict=True)]
         )
-        margin = f.radius * 1.05
-        f.cx, f.cy = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
-        images = [Image.fromarray(a) for a in sw.render(f, image_size)]
+
+    f.color = idx(sw.COLORS, (p.color for p in prompts), f.color)
+    f.size = idx(sw.SIZES, (p.size for p in prompts), f.size)
+    f.image_type = idx(sw.IMAGE_TYPES, (p.image_type for p in prompts), f.image_type)
+    f.art_style = idx(sw.ART_STYLES, (p.art_style for p in prompts), f.art_style)
+    f.radius = np.array([sw.SIZE_RADIUS[sw.SIZES[s]] for s in f.size]) * rng.uniform(0.9, 1.1, n)
+    margin = f.radius * 1.05
+    f.cx, f.cy = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
+    images = [Image.fromarray(a) for a in sw.render(f, image_size)]
     return ListSplit(images, labels, name="clap-imaug-rendered")
 
 
@@ -1379,7 +1406,7 @@ def run_clap_experiment(
     if variant == "clap":
         result = train_clap(backbone, prompts, ign=ign, **common)
     else:
-        if dataset.name == "shapeworld":
+        if str(dataset.name).startswith("shapeworld"):
             # one rendered image per prompt, for a seeded subset of the prompts of each class
             pick = random.Random(ctx.seed)
             per_class = len(prompts) // len(classnames)
@@ -1390,7 +1417,9 @@ def run_clap_experiment(
                     pick.sample(range(per_class), min(IMAUG_PROMPTS_PER_CLASS, per_class))
                 )
             ]
-            images = _render_shapeworld_prompts(subset, backbone.image_size, ctx.seed)
+            images = _render_shapeworld_prompts(
+                subset, backbone.image_size, ctx.seed, classnames, dataset.name
+            )
         else:
             images = ctx.splits.train
         result = train_clap_image(backbone, images, classnames=classnames, **common)
@@ -1408,16 +1437,8 @@ def run_clap_experiment(
     test = ctx.features("test")
     test_f, test_y = test.features.to(dev), test.labels
     by_prompt: dict[str, dict[str, float]] = {}
-    for key, template in ZERO_SHOT_PROMPTS.items():
-        texts = [template.format(c) for c in classnames]
-        if key == "NC":
-            tokens = backbone.tokenizer(texts).to(dev)
-            gen = torch.Generator().manual_seed(ctx.seed)
-            with torch.no_grad(), _autocast(dev):
-                w = encode_text_with_noise(backbone.model, tokens, 4, 0.02, "front", gen)
-            w = F.normalize(w.float(), dim=-1)
-        else:
-            w = backbone.encode_text(texts)
+    for key in ZERO_SHOT_PROMPTS:
+        w = prompt_form_classifier(backbone, classnames, key, seed=ctx.seed).to(dev)
         with torch.no_grad():
             by_prompt[key] = {
                 "clip": zero_shot_accuracy(test_f, test_y, w),

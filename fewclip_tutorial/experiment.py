@@ -132,7 +132,9 @@ class Context:
         Args:
             split: ``"train"``, ``"val"``, ``"test"`` or ``"ood:<domain>"``.
             views: number of views ``V`` (Tip-Adapter averages 10 augmented ones).
-            augment: random resized crop + flip instead of the eval transform.
+            augment: a crop scaled to the resolution, plus a horizontal flip where the
+                dataset's classes are mirror-invariant (``dataset.info["hflip_invariant"]``,
+                default ``True``), instead of the eval transform.
             seed: augmentation seed (default: the episode seed).
 
         Returns:
@@ -152,6 +154,7 @@ class Context:
                 seed=seed if augment else 0,
                 cache_dir=self.cache_dir,
                 progress=self.progress,
+                flip=bool(self.dataset.info.get("hflip_invariant", True)),
             )
         return self._memo[key]
 

@@ -43,7 +43,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PretrainConfig:
     """Everything that determines a pretraining run."""
 
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -53,11 +53,11 @@ class PretrainConfig:
     domain_probs: dict[str, float] = field(
         # photos dominate, as on the web; the shifted domains are rarer, blueprints almost absent
         default_factory=lambda: {
-            "photo": 0.69,
-            "painting": 0.12,
-            "cartoon": 0.10,
-            "sketch": 0.08,
-            "blueprint": 0.01,
+            "photo": 0.905,
+            "painting": 0.04,
+            "cartoon": 0.03,
+            "sketch": 0.02,
+            "blueprint": 0.005,
         }
     )
     eval_every: int = 200

@@ -79,6 +79,7 @@ def test_cache_key_changes_with_every_setting(split, backbone, tmp_path):
         dict(backbone=backbone, split=split, views=3, augment=True),
         dict(backbone=backbone, split=split, views=2, augment=True, seed=1),
         dict(backbone=backbone, split=split, augment=True),
+        dict(backbone=backbone, split=split, views=2, augment=True, flip=False),
         dict(backbone=backbone, split=other_split),
         dict(backbone=FakeBackbone(identifier="fake-linear-v2"), split=split),
     ]
@@ -202,3 +203,37 @@ def test_bad_arguments(split, backbone):
     empty = split.subset([], name="empty")
     with pytest.raises(ValueError, match="empty"):
         extract_features(backbone, empty, cache_dir=None, progress=False)
+
+
+def test_small_image_views_are_translations_of_at_most_two_pixels():
+    from PIL import Image
+
+    from fewclip_tutorial.features import crop_transform
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    tf = crop_transform(32)
+    torch.manual_seed(0)
+    shifts = set()
+    for _ in range(40):
+        out = np.asarray(tf(Image.fromarray(img)))
+        assert out.shape == img.shape
+        # the interior of the view equals the image moved by (dy, dx), |dy|, |dx| <= 2
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(out[4:-4, 4:-4], img[4 - dy : 28 - dy, 4 - dx : 28 - dx])
+        ]
+        assert len(found) == 1
+        shifts.add(found[0])
+    assert len(shifts) > 5  # the shift is random
+
+
+def test_large_image_views_are_tip_adapters_resized_crops():
+    from torchvision import transforms as T
+
+    from fewclip_tutorial.features import AUGMENT_SCALE, crop_transform
+
+    tf = crop_transform(224)
+    assert isinstance(tf, T.RandomResizedCrop) and tf.scale == AUGMENT_SCALE == (0.5, 1.0)

@@ -71,7 +71,7 @@ def test_suite_spans_prior_regimes_by_construction():
     main, everyday = sw.TASKS["shapeworld"], sw.TASKS["shapeworld-everyday"]
     assert main.values == everyday.values  # the same images, named two ways
     renamed = [v for v, a, b in zip(main.values, main.classnames, everyday.classnames) if a != b]
-    assert renamed == ["ellipse", "star", "cross", "crescent"]
+    assert renamed == ["ellipse", "star", "cross", "heart", "crescent"]
     assert "blueprint" not in sw.TASKS["shapeworld"].ood_domains
     assert sw.TASKS["shapeworld-blueprint"].train_domains == ("blueprint",)
 
@@ -83,7 +83,7 @@ def _words(caption: str) -> str:
 def test_formal_names_never_captioned_everyday_and_task_names_sometimes(caption_sample):
     _, caps = caption_sample
     text = [_words(c) for c in caps]
-    for formal in ("ellipse", "pentagram", "cross", "crescent"):
+    for formal in ("ellipse", "pentagram", "cross", "cardioid", "crescent"):
         assert not any(f" {formal} " in t for t in text), formal
     # every class name a task asks about appears in some captions ("every factor is captioned")
     for task in ("shapeworld-everyday", "shapeworld-polygons", "shapeworld-patterns"):
@@ -161,8 +161,8 @@ def _object_std(pattern: str) -> float:
     c = [
         img[
             i,
-            int(f.cy[i] * 32) - 3 : int(f.cy[i] * 32) + 3,
-            int(f.cx[i] * 32) - 3 : int(f.cx[i] * 32) + 3,
+            int(f.cy[i] * 32) - 5 : int(f.cy[i] * 32) + 5,
+            int(f.cx[i] * 32) - 5 : int(f.cx[i] * 32) + 5,
         ]
         for i in range(8)
     ]

@@ -582,25 +582,24 @@ class _TransformedSplit(Dataset):
 
 
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """FD-Align's augmentation: random resized crop, no flip, CLIP normalisation.
+    """FD-Align's augmentation: a random crop, no flip, CLIP normalisation.
 
-    The crop's scale is the authors' 0.08-1 at CLIP's resolutions and
-    :data:`~fewclip_tutorial.features.SMALL_AUGMENT_SCALE` below
-    :data:`~fewclip_tutorial.features.SMALL_IMAGE_SIZE` px, where an 8%-area crop of a 32 px
-    image (9 px wide) holds a fragment of the object at best.
+    The authors' ``RandomResizedCrop`` with scale 0.08-1 at CLIP's resolutions; below
+    :data:`~fewclip_tutorial.features.SMALL_IMAGE_SIZE` px the small translation of
+    :func:`~fewclip_tutorial.features.crop_transform`, since an 8%-area crop of a 32 px image
+    (9 px wide) holds a fragment of the object at best.
     """
     from torchvision import transforms as T
 
-    from fewclip_tutorial.features import SMALL_AUGMENT_SCALE, SMALL_IMAGE_SIZE
+    from fewclip_tutorial.features import SMALL_IMAGE_SIZE, crop_transform
 
-    scale = (0.08, 1.0) if image_size >= SMALL_IMAGE_SIZE else SMALL_AUGMENT_SCALE
-    return T.Compose(
-        [
-            T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    if image_size >= SMALL_IMAGE_SIZE:
+        crop = T.RandomResizedCrop(
+            image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC
+        )
+    else:
+        crop = crop_transform(image_size)
+    return T.Compose([crop, T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _encode(visual: nn.Module, images: Tensor) -> Tensor:

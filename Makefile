@@ -41,7 +41,7 @@ bench: setup  ## speed benchmarks (print ratios measured in one run)
 	$(PY) benchmarks/bench_tip_adapter.py
 	$(PY) benchmarks/bench_shapeworld.py
 
-pretrain: setup  ## re-train shapeworld-tiny from scratch (about an hour on 2 cores) and export it
+pretrain: setup  ## re-train shapeworld-tiny from scratch (about 15 minutes on 2 cores) and export it
 	$(PY) -m fewclip_tutorial.pretrain --out runs/pretrain
 	$(PY) -m fewclip_tutorial.pretrain --export runs/pretrain/last.pt
 

@@ -13,13 +13,13 @@ The world also writes the captions ``shapeworld-tiny`` was pretrained on: genera
 from the factors with varied templates and realistic noise (attributes dropped,
 order changed, some captions not naming the object).  Captions speak an *everyday*
 vocabulary ("oval", "moon", "plus sign", "star", "heart") that is not always the vocabulary
-a benchmark uses ("ellipse", "crescent", "cross", "pentagram", "cardioid"), almost always name the
+a benchmark uses ("ellipse", "crescent", "cross", "pentagram", "cardioid"), always name the
 rendering style ("a photo of ...", "a sketch of ..."), and mention fill patterns only
 rarely and with synonyms.  Photos dominate pretraining (90%); paintings, cartoons and
 sketches are rare (2-4% each) and blueprints almost absent (0.5%).  This is the regime real CLIP lives in: image
 features that know more than the class names tell the text prior, and shifted domains
 that are rarer than the training one.  :data:`TASKS` turns the one world into a suite of
-few-shot benchmarks that span that regime (see :func:`load_task`).
+few-shot benchmarks that span that regime (see :func:`load_shapeworld`).
 """
 
 from __future__ import annotations
@@ -304,8 +304,11 @@ def render(factors: Factors, image_size: int = 32) -> np.ndarray:
 
     * ``photo``: shaded fill under a directional light, textured background, sensor noise;
     * ``painting``: blotchy colour, soft edges and brush-stroke texture;
-    * ``cartoon``: flat saturated fill with a thick dark outline on a flat background;
-    * ``sketch``: pencil outline and hatching on paper, colour only as a faint tint.
+    * ``cartoon``: flat saturated fill with a thin outline in a darker tone, on a two-tone
+      comic-panel background;
+    * ``sketch``: a wobbly, broken graphite line and light hatching on paper, colour only
+      as a faint tint;
+    * ``blueprint``: a white line on blue paper with a grid.
 
     ``impressionistic`` art style wobbles the outline and adds colour blotches.
     """
@@ -454,7 +457,13 @@ def _render_domain(
         edge = 1.6
     elif domain == "cartoon":
         fill_img = np.clip((fill - 0.5) * 1.25 + 0.5, 0, 1)
-        bg_img = np.broadcast_to(0.6 * bg + 0.4, (b, s, s, 3))
+        # a comic-panel background: two flat tones split by a random wavy line, whose edge
+        # competes with the object's
+        phase = rng.uniform(0, 2 * np.pi, b)[:, None, None]
+        tilt = rng.uniform(-0.6, 0.6, b)[:, None, None]
+        split = (Y - 0.5 - tilt * (X - 0.5) - 0.12 * np.sin(X * 9 + phase)) > 0
+        tone = np.where(split[..., None], 0.6 * bg + 0.4, 0.85 * (0.6 * bg + 0.4))
+        bg_img = np.broadcast_to(tone, (b, s, s, 3))
         # a thin outline in a darker tone of the fill: no high-contrast black edge for free
         outline_w, line_col = 0.6, 0.55 * fill_img
     elif domain == "blueprint":
@@ -465,10 +474,18 @@ def _render_domain(
         outline_w, line_col, noise_std = 0.6, np.float32(0.92), 0.02
     else:  # sketch
         paper = np.array([0.95, 0.94, 0.90], dtype=f32)
-        bg_img = np.broadcast_to(0.92 * paper + 0.08 * bg, (b, s, s, 3))
-        hatch = (np.sin((X + Y)[..., None] * s * 2.2) > 0.3).astype(f32)
-        fill_img = bg_img * (1 - 0.35 * hatch) + 0.35 * hatch * (0.55 * fill + 0.45 * 0.3)
-        outline_w, line_col, noise_std = 0.7, 0.35 * fill + 0.15, 0.015
+        grain = 0.05 * _smooth_noise(rng, b, s, 8)[..., None]
+        bg_img = np.broadcast_to(0.92 * paper + 0.08 * bg, (b, s, s, 3)) + grain
+        # hatching in a random direction per drawing, light, as a pencil shades
+        angle = rng.uniform(0, np.pi, b)[:, None, None]
+        hatch = np.sin((X * np.cos(angle) + Y * np.sin(angle))[..., None] * s * 2.2) > 0.4
+        fill_img = bg_img * (1 - 0.25 * hatch) + 0.25 * hatch * (0.3 * fill + 0.7 * 0.45)
+        # a hand-drawn line: it wobbles by about a pixel, breaks off in places, and is
+        # graphite grey with only a trace of the object's colour
+        d_px = d_px + 1.2 * _smooth_noise(rng, b, s, 3)
+        strokes = np.clip(2.5 * _smooth_noise(rng, b, s, 5) + 0.9, 0, 1)[..., None]
+        outline_w, noise_std = 0.55, 0.02
+        line_col = 0.85 * np.float32(0.4) + 0.15 * fill
     if impress.any():
         blotch = 0.1 * _smooth_noise(rng, b, s, 8)[..., None]
         fill_img = np.where(impress, np.clip(fill_img + blotch, 0, 1), fill_img)
@@ -476,6 +493,8 @@ def _render_domain(
     img = alpha * fill_img + (1 - alpha) * bg_img
     if outline_w > 0:
         line = np.clip(outline_w + 0.5 - np.abs(d_px), 0, 1)[..., None]
+        if domain == "sketch":
+            line = line * strokes
         img = line * line_col + (1 - line) * img
     img = img + noise_std * rng.standard_normal((b, s, s, 3), dtype=f32)
     return img.astype(f32)
@@ -517,8 +536,9 @@ PATTERN_NAME_RATE: dict[str, float] = {
     "dotted": 0.3,
     "checkered": 0.3,
 }
-#: Probability that a caption names the rendering style ("a photo of ...").
-STYLE_NAME_RATE: float = 0.9
+#: Probability that a caption names the rendering style ("a photo of ..."): always, so a
+#: bare class name is a prompt unlike any caption (the prompt sensitivity CLAP addresses).
+STYLE_NAME_RATE: float = 1.0
 _TYPE_WORDS: dict[str, list[str]] = {
     "photo": ["photo", "photo", "photograph", "picture"],
     "painting": ["painting", "painting", "oil painting", "artwork"],
@@ -544,7 +564,7 @@ def caption(f: Factors, i: int, rng: np.random.Generator) -> str:
 
     The object is named with an everyday word (:data:`CAPTION_NAMES`) or, in one caption
     in ten, not at all; size, colour and pattern adjectives are dropped at random and
-    their order changes; the rendering style is named in nine captions out of ten.
+    their order changes; the rendering style is always named, in one of seven phrasings.
     """
     shape = SHAPES[f.shape[i]]
     color = COLORS[f.color[i]]

@@ -1,7 +1,8 @@
 """ShapeWorld: a generated image world with known content and style factors.
 
-Content is the class (a shape).  Style is a set of named factors (colour, size,
-image type / rendering domain, art style, background, position, rotation), so
+Content is a shape (or, for one benchmark, a fill pattern).  Style is a set of named
+factors (colour, size, image type / rendering domain, art style, background, position,
+rotation), so
 prompts can be built from them: the factor names deliberately match CLAP's prompt
 attributes ``"a [art style] [image type] of a [object size] [object color] [class]"``.
 
@@ -15,11 +16,12 @@ order changed, some captions not naming the object).  Captions speak an *everyda
 vocabulary ("oval", "moon", "plus sign", "star", "heart") that is not always the vocabulary
 a benchmark uses ("ellipse", "crescent", "cross", "pentagram", "cardioid"), always name the
 rendering style ("a photo of ...", "a sketch of ..."), and mention fill patterns only
-rarely and with synonyms.  Photos dominate pretraining (90%); paintings, cartoons and
-sketches are rare (2-4% each) and blueprints almost absent (0.5%).  This is the regime real CLIP lives in: image
-features that know more than the class names tell the text prior, and shifted domains
-that are rarer than the training one.  :data:`TASKS` turns the one world into a suite of
-few-shot benchmarks that span that regime (see :func:`load_shapeworld`).
+rarely and with synonyms.  Photos dominate pretraining (90.5%); paintings, cartoons and
+sketches are rare (2-4% each) and blueprints almost absent (0.5%).  This is the regime
+real CLIP lives in: image features that know more than the class names tell the text
+prior, and shifted domains that are rarer than the training one.  :data:`TASKS` turns the
+one world into a suite of few-shot benchmarks that span that regime (see
+:func:`load_shapeworld`).
 """
 
 from __future__ import annotations

@@ -196,6 +196,20 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["feature_cache"]
 
 
+def test_info_lists_the_shapeworld_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    from fewclip_tutorial.data.shapeworld import TASKS
+
+    assert cli.main(["info", "--json"]) == 0
+    tasks = json.loads(capsys.readouterr().out)["shapeworld_tasks"]
+    assert list(tasks) == list(TASKS) and len(tasks) >= 5
+    assert tasks["shapeworld"]["classes"][1] == "ellipse" and tasks["shapeworld"]["regime"]
+    assert tasks["shapeworld-blueprint"]["domain"] == "blueprint"
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in TASKS:  # every task and its regime line is printed
+        assert f"  {name} " in out
+
+
 def test_pretrain_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list = []
     fake = types.ModuleType("fewclip_tutorial.pretrain")

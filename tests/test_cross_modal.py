@@ -388,3 +388,21 @@ def test_exercises_registered_and_reference_passes() -> None:
 
     assert batch.check(mine, verbose=False)
     assert not batch.check(wrong_order, verbose=False)
+
+
+def test_flipped_views_follow_the_datasets_mirror_invariance() -> None:
+    from fixtures_data import make_spec
+
+    from fewclip_tutorial.backbones import load_backbone
+    from fewclip_tutorial.experiment import build_context, run_method
+
+    bb = load_backbone("shapeworld-tiny", pretrained=None, device="cpu")
+    kw = {"iters": 5, "grid": "small", "progress": False}
+    spec = make_spec([5, 5, 5])
+    ctx = build_context(spec, bb, shots=2, seed=1, cache_dir=None, progress=False, device="cpu")
+    assert run_method("cross-modal", context=ctx, **kw)["flip"] is True  # the paper's default
+    spec.info["hflip_invariant"] = False  # as ShapeWorld declares
+    ctx = build_context(spec, bb, shots=2, seed=1, cache_dir=None, progress=False, device="cpu")
+    no_flip = run_method("cross-modal", context=ctx, **kw)
+    assert no_flip["flip"] is False
+    assert run_method("cross-modal", context=ctx, flip=True, **kw)["flip"] is True  # explicit wins

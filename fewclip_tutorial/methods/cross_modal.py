@@ -38,7 +38,8 @@ Choices made here (see the chapter):
   default grid is one configuration (lr 1e-4, wd 0, batch 32) because every
   configuration trains a transformer block; pass ``lrs=...`` etc. for more;
 * WiSE-FT (``variant="wise-ft"`` in the runner) averages the linear head only;
-* image views are the centre crop plus its horizontal flip, as in the paper.
+* image views are the centre crop plus its horizontal flip, as in the paper (only the
+  centre crop for datasets whose classes are not mirror-invariant, such as ShapeWorld).
 """
 
 from __future__ import annotations
@@ -1498,7 +1499,12 @@ def _train_views(ctx: Context, flip: bool, progress: bool) -> Tensor:
         "iters": Option(int, 1000, "training iterations per configuration (paper: 12800)"),
         "wise_weight": Option(float, 0.5, "WiSE-FT weight of the learned head, in [0, 1]"),
         "templates": Option(int, 0, "text samples per class: the first N templates (0: all)"),
-        "flip": Option(bool, True, "add the horizontally flipped view of each training image"),
+        "flip": Option(
+            bool,
+            None,
+            "add the horizontally flipped view of each training image (default: the paper's "
+            "yes, unless the dataset's classes are not mirror-invariant, as ShapeWorld's)",
+        ),
         "init": Option(str, "text", "head initialisation", choices=["text", "random"]),
         "grid": Option(
             str,
@@ -1517,7 +1523,7 @@ def run_cross_modal(
     iters: int = 1000,
     wise_weight: float = 0.5,
     templates: int = 0,
-    flip: bool = True,
+    flip: bool | None = None,
     init: str = "text",
     grid: str = "auto",
     progress: bool = True,
@@ -1525,7 +1531,9 @@ def run_cross_modal(
     """Cross-modal linear probe / WiSE-FT / partial fine-tuning on one few-shot episode.
 
     Text samples are the dataset's templates filled with each class name (``(C, M, D)``);
-    image samples are the K-shot centre-crop features plus their flipped view.  Selection
+    image samples are the K-shot centre-crop features plus their flipped view (``flip=None``:
+    unless ``dataset.info["hflip_invariant"]`` is ``False``, as for ShapeWorld, whose
+    mirrored arrows and crescents point where no image of the world does).  Selection
     (hyperparameters and iteration) uses the few-shot validation split only.
     ``variant="partial"`` re-encodes images through the fine-tuned end of the encoder,
     so its val/test/OOD features are recomputed here.
@@ -1538,6 +1546,8 @@ def run_cross_modal(
         raise ValueError(f"variant must be 'linear', 'wise-ft' or 'partial', got {variant!r}.")
     if variant == "wise-ft" and not 0.0 <= wise_weight <= 1.0:
         raise ValueError(f"wise_weight must be in [0, 1], got {wise_weight}.")
+    if flip is None:
+        flip = bool(ctx.dataset.info.get("hflip_invariant", True))
     backbone = ctx.backbone
     all_templates = list(ctx.dataset.templates)
     if templates < 0:
@@ -1547,7 +1557,12 @@ def run_cross_modal(
     used = all_templates[:templates] if templates else all_templates
     text = prompt_text_features(backbone, ctx.dataset.classnames, used).cpu()
     device = backbone.device
-    out: dict[str, Any] = {"variant": variant, "modality": modality, "templates": len(used)}
+    out: dict[str, Any] = {
+        "variant": variant,
+        "modality": modality,
+        "templates": len(used),
+        "flip": flip,
+    }
 
     if variant == "partial":
         if init != "text":

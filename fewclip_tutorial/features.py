@@ -67,11 +67,11 @@ def small_image_padding(image_size: int) -> int:
     return max(1, image_size // 16)
 
 
-def crop_transform(image_size: int) -> Any:
+def crop_transform(image_size: int, scale: tuple[float, float] = AUGMENT_SCALE) -> Any:
     """The random crop of augmented views, scaled to the resolution.
 
-    * At CLIP's resolutions (``image_size >= 96``): ``RandomResizedCrop`` with scale
-      :data:`AUGMENT_SCALE`, bicubic, as Tip-Adapter's code does at 224 px.
+    * At CLIP's resolutions (``image_size >= 96``): ``RandomResizedCrop`` with ``scale``
+      (default :data:`AUGMENT_SCALE`, as Tip-Adapter's code does at 224 px), bicubic.
     * Below: a translation by at most :func:`small_image_padding` px (edge padding, then a
       random crop at the same size), as is usual for 32 px images.  A half-area resized crop
       of a 32 px ShapeWorld image cuts up to 9 px off a side, as much as an object's radius,
@@ -82,7 +82,7 @@ def crop_transform(image_size: int) -> Any:
 
     if image_size >= SMALL_IMAGE_SIZE:
         return T.RandomResizedCrop(
-            image_size, scale=AUGMENT_SCALE, interpolation=T.InterpolationMode.BICUBIC
+            image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC
         )
     pad = small_image_padding(image_size)
     return T.Compose(

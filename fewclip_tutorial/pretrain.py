@@ -130,13 +130,17 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 @torch.inference_mode()
-def _task_accuracy(model, tokenizer, task: sw.Task, domain: str, n: int, image_size: int, rng):
-    templates = list(task.templates)
-    prompts = [tp.format(c) for c in task.classnames for tp in templates]
-    C = len(task.classnames)
-    text = model.encode_text(tokenizer(prompts)).view(C, len(templates), -1)
-    W = prompt_ensemble(text)  # (C, D)
-    labels = np.repeat(np.arange(C), n)
+def _task_classifier(model, tokenizer, task: sw.Task) -> torch.Tensor:
+    """``(C, D)`` prompt-ensemble classifier of ``task`` (its class names and templates)."""
+    prompts = [tp.format(c) for c in task.classnames for tp in task.templates]
+    text = model.encode_text(tokenizer(prompts)).view(len(task.classnames), len(task.templates), -1)
+    return prompt_ensemble(text)
+
+
+@torch.inference_mode()
+def _task_accuracy(model, W, task: sw.Task, domain: str, n: int, image_size: int, rng) -> float:
+    """Zero-shot accuracy (%) of classifier ``W`` on ``n`` fresh images per class in ``domain``."""
+    labels = np.repeat(np.arange(len(task.classnames)), n)
     f = sw.task_factors(task, labels, rng, [domain])
     feats = F.normalize(model.encode_image(to_tensor(sw.render(f, image_size))), dim=-1)
     pred = (feats @ W.T).argmax(1).numpy()
@@ -151,15 +155,15 @@ def evaluate_zero_shot(model, tokenizer, cfg: PretrainConfig) -> dict:
     every benchmark of :data:`~fewclip_tutorial.data.shapeworld.TASKS` on its own domain.
     """
     model.eval()
-    out: dict = {}
     rng = np.random.default_rng(12345)
+    W = {name: _task_classifier(model, tokenizer, t) for name, t in sw.TASKS.items()}
     main = sw.TASKS["shapeworld"]
-    for d in sw.IMAGE_TYPES:
-        out[d] = _task_accuracy(model, tokenizer, main, d, cfg.eval_per_class, cfg.image_size, rng)
+    n, size = cfg.eval_per_class, cfg.image_size
+    out: dict = {
+        d: _task_accuracy(model, W["shapeworld"], main, d, n, size, rng) for d in sw.IMAGE_TYPES
+    }
     out["tasks"] = {
-        name: _task_accuracy(
-            model, tokenizer, t, t.train_domains[0], cfg.eval_per_class, cfg.image_size, rng
-        )
+        name: _task_accuracy(model, W[name], t, t.train_domains[0], n, size, rng)
         for name, t in sw.TASKS.items()
     }
     model.train()

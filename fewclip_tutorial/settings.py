@@ -12,6 +12,8 @@ import difflib
 import os
 from dataclasses import dataclass, field, replace
 
+from fewclip_tutorial.data.shapeworld import TASKS
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -37,14 +39,8 @@ class Setup:
     suite: tuple[str, ...] = ()
 
 
-#: The embedded benchmarks, main target first (see ``fewclip_tutorial.data.shapeworld.TASKS``).
-SHAPEWORLD_SUITE: tuple[str, ...] = (
-    "shapeworld",
-    "shapeworld-everyday",
-    "shapeworld-polygons",
-    "shapeworld-patterns",
-    "shapeworld-blueprint",
-)
+#: The embedded benchmarks, main target first (``fewclip_tutorial.data.shapeworld.TASKS``).
+SHAPEWORLD_SUITE: tuple[str, ...] = tuple(TASKS)
 
 PRESETS: dict[str, Setup] = {
     "embedded": Setup("embedded", "shapeworld", "shapeworld-tiny", suite=SHAPEWORLD_SUITE),

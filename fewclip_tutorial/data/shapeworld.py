@@ -162,7 +162,6 @@ def sample_factors(
     image_types: Sequence[str] | None = None,
     image_type_probs: Sequence[float] | None = None,
     spurious_color: float = 0.0,
-    shapes: np.ndarray | None = None,
     patterns: np.ndarray | None = None,
 ) -> Factors:
     """Draw ``n`` factor tuples.
@@ -174,14 +173,9 @@ def sample_factors(
         image_type_probs: their probabilities (default: uniform).
         spurious_color: probability that an image's colour is its shape's
             "spurious" colour ``COLORS[shape % 10]`` instead of a uniform draw.
-        shapes: alias of ``classes``.
         patterns: ``(n,)`` pattern indices into :data:`PATTERNS`; drawn with
             :data:`PATTERN_PROBS` when ``None``.
     """
-    if classes is not None and shapes is not None:
-        raise ValueError("pass the shape indices as classes= or shapes=, not both.")
-    if shapes is not None:
-        classes = shapes
     if classes is None:
         classes = rng.integers(0, len(SHAPES), n)
     classes = np.asarray(classes, dtype=np.int64)
@@ -550,6 +544,18 @@ _TYPE_WORDS: dict[str, list[str]] = {
 }
 
 
+#: The seven phrasings of a caption that names the rendering style (``tword``).
+_STYLED_FORMS: tuple[str, ...] = (
+    "a {tword} of {art} {np}",
+    "{sart} {style} {tword} of {art} {np}",
+    "{art} {np}, {tword}",
+    "{tword}: {np} {bgp}",
+    "my {tword} of {art} {np} {bgp}",
+    "{tword} of {art} {np}",
+    "{art} {np} in a {style} style, {tword}",
+)
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -592,21 +598,8 @@ def caption(f: Factors, i: int, rng: np.random.Generator) -> str:
     art = _article(np_)
     sart = _article(style)
     if rng.random() < STYLE_NAME_RATE:
-        form = rng.integers(0, 7)
-        if form == 0:
-            text = f"a {tword} of {art} {np_}"
-        elif form == 1:
-            text = f"{sart} {style} {tword} of {art} {np_}"
-        elif form == 2:
-            text = f"{art} {np_}, {tword}"
-        elif form == 3:
-            text = f"{tword}: {np_} {bgp}"
-        elif form == 4:
-            text = f"my {tword} of {art} {np_} {bgp}"
-        elif form == 5:
-            text = f"{tword} of {art} {np_}"
-        else:
-            text = f"{art} {np_} in a {style} style, {tword}"
+        form = _STYLED_FORMS[rng.integers(0, len(_STYLED_FORMS))]
+        text = form.format(tword=tword, art=art, np=np_, sart=sart, style=style, bgp=bgp)
     else:
         text = f"{art} {np_} {bgp}" if rng.random() < 0.5 else f"{art} {np_}"
     if rng.random() < 0.4:  # alt-text sometimes ends with a full stop, as prompts do
@@ -794,8 +787,6 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-#: Kept for code that predates the task suite: the main target's class names.
-CLASSNAMES: list[str] = list(TASKS["shapeworld"].classnames)
 #: Zero-shot prompt templates for ShapeWorld.  They carry style words (rendering
 #: domain, colour, size, ...), so FD-Align's spurious prototypes (one per template)
 #: correspond to the world's known style factors.
@@ -811,8 +802,6 @@ TEMPLATES: list[str] = (
     + [f"a {{}} {BACKGROUND_PHRASES[b]}." for b in BACKGROUNDS]
     + ["a {}.", "a picture of a {}.", "a drawing of a {}.", "a {} shape."]
 )
-#: The main target's default zero-shot ensemble.
-DEFAULT_TEMPLATES: list[str] = list(TASKS["shapeworld"].templates)
 
 
 def task_factors(

@@ -584,21 +584,16 @@ class _TransformedSplit(Dataset):
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """FD-Align's augmentation: a random crop, no flip, CLIP normalisation.
 
-    The authors' ``RandomResizedCrop`` with scale 0.08-1 at CLIP's resolutions; below
-    :data:`~fewclip_tutorial.features.SMALL_IMAGE_SIZE` px the small translation of
-    :func:`~fewclip_tutorial.features.crop_transform`, since an 8%-area crop of a 32 px image
-    (9 px wide) holds a fragment of the object at best.
+    :func:`~fewclip_tutorial.features.crop_transform` with the authors' scale 0.08-1: their
+    ``RandomResizedCrop`` at CLIP's resolutions, a small translation below
+    :data:`~fewclip_tutorial.features.SMALL_IMAGE_SIZE` px, since an 8%-area crop of a 32 px
+    image (9 px wide) holds a fragment of the object at best.
     """
     from torchvision import transforms as T
 
-    from fewclip_tutorial.features import SMALL_IMAGE_SIZE, crop_transform
+    from fewclip_tutorial.features import crop_transform
 
-    if image_size >= SMALL_IMAGE_SIZE:
-        crop = T.RandomResizedCrop(
-            image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC
-        )
-    else:
-        crop = crop_transform(image_size)
+    crop = crop_transform(image_size, scale=(0.08, 1.0))
     return T.Compose([crop, T.ToTensor(), T.Normalize(mean, std)])
 
 

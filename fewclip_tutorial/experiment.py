@@ -36,6 +36,7 @@ from fewclip_tutorial.backbones import EMBEDDED_BACKBONE, Backbone, load_backbon
 from fewclip_tutorial.data.base import DatasetSpec, LabeledSplit
 from fewclip_tutorial.device import get_device, seed_everything
 from fewclip_tutorial.metrics import accuracy
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE
 
 __all__ = [
     "METHODS",
@@ -50,8 +51,6 @@ __all__ = [
     "run_method",
 ]
 
-#: Logit scale of CLIP-style scores ``100 * f @ W.T`` used by every method.
-CLIP_LOGIT_SCALE = 100.0
 _PREDICT_CHUNK = 8192
 
 

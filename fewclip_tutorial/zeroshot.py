@@ -33,7 +33,12 @@ from fewclip_tutorial.device import autocast
 if TYPE_CHECKING:
     from fewclip_tutorial.backbones import Backbone
 
+#: The logit scale of every CLIP-style score in the package: CLIP's learned temperature
+#: exp(logit_scale), clipped at 100 during its training, and the value the four papers use.
+CLIP_LOGIT_SCALE: float = 100.0
+
 __all__ = [
+    "CLIP_LOGIT_SCALE",
     "prompt_ensemble",
     "prompt_text_features",
     "text_classifier",
@@ -131,7 +136,7 @@ def prompt_ensemble(text_features: Tensor) -> Tensor:
 
 
 def zero_shot_logits(
-    image_features: Tensor, classifier: Tensor, logit_scale: float = 100.0
+    image_features: Tensor, classifier: Tensor, logit_scale: float = CLIP_LOGIT_SCALE
 ) -> Tensor:
     """CLIP's zero-shot logits ``logit_scale * f @ W.T``.
 

@@ -26,7 +26,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -568,9 +567,3 @@ def run_method(
     }
     return {**header, **{k: v for k, v in result.items() if k not in header}}
 
-
-def _default_cache_location() -> Path:
-    """Where features are cached by default (for ``fewclip info``)."""
-    from fewclip_tutorial.features import default_cache_dir
-
-    return default_cache_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def accuracy_vs_shots(
@@ -78,3 +79,29 @@ def image_grid(
                 a.set_title(classnames[c], fontsize=7)
     fig.tight_layout()
     return axes
+
+
+def repository_root() -> Path | None:
+    """The repository checkout this package runs from, or ``None`` for an installed copy.
+
+    A checkout is recognised by ``pyproject.toml`` and ``book/`` beside the package; on
+    Colab (package installed from git into site-packages) there is none.
+    """
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "book").is_dir() else None
+
+
+def save_readme_figure(fig, name: str = "readme_result.png", dpi: int = 110) -> Path | None:
+    """Save ``fig`` as the README's figure, ``book/figures/<name>``, only inside a checkout.
+
+    Returns the path written, or ``None`` when the package is not a repository checkout
+    (Colab, a pip install): nothing is written then, so no chapter depends on the
+    working directory.
+    """
+    root = repository_root()
+    if root is None:
+        return None
+    path = root / "book" / "figures" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

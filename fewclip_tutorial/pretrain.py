@@ -35,6 +35,9 @@ from fewclip_tutorial.zeroshot import prompt_ensemble
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_NAME = "shapeworld-tiny"
 MODEL_CONFIG = ASSETS / f"{MODEL_NAME}.json"
+#: Logs and configs of the earlier pretraining attempts the appendix compares (shipped in the
+#: package so the appendix runs anywhere, Colab included): ``<stem>.log.jsonl`` and ``<stem>.config.json``.
+ATTEMPTS = ASSETS / "pretrain_attempts"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

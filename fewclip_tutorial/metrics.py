@@ -6,9 +6,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
-__all__ = ["accuracy", "per_class_accuracy", "predictions", "round_metrics"]
+__all__ = [
+    "accuracy",
+    "mean_std_over_seeds",
+    "per_class_accuracy",
+    "predictions",
+    "register_exercises",
+    "round_metrics",
+    "select_on_validation",
+]
 
 
 def _to_numpy(x: Tensor | np.ndarray | list) -> np.ndarray:
@@ -120,3 +129,113 @@ def round_metrics(
             return round(value, ndigits)
         return value if significant is None else float(f"{value:.{significant}g}")
     return d
+
+
+# --------------------------------------------------------------------------- over seeds and methods
+
+
+def _check_results_table(acc: Tensor, what: str) -> None:
+    if not isinstance(acc, Tensor) or acc.ndim != 2 or 0 in acc.shape:
+        shape = tuple(acc.shape) if isinstance(acc, Tensor) else type(acc).__name__
+        raise ValueError(
+            f"{what} must be an (S, M) tensor: one row per seed, one column per method; got "
+            f"{shape}. Stack the per-seed results with torch.stack(rows) first."
+        )
+    if not acc.is_floating_point():
+        raise ValueError(f"{what} must hold floating-point accuracies; got dtype {acc.dtype}.")
+
+
+def mean_std_over_seeds(acc: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation over seeds of a results table, as the book's tables print them.
+
+    Args:
+        acc: ``(S, M)`` accuracies (%) of ``M`` methods (columns) over ``S`` seeds (rows).
+
+    Returns:
+        ``(mean, std)``, each ``(M,)``: the mean over the seeds and the *population*
+        standard deviation (``ddof=0``, dividing by ``S``), the convention of
+        :func:`fewclip_tutorial.sweep.summarise`.
+    """
+    _check_results_table(acc, "acc")
+    mean = acc.mean(dim=0)
+    std = acc.std(dim=0, correction=0)
+    return mean, std
+
+
+def select_on_validation(val_acc: Tensor, tol: float = 1e-6) -> int:
+    """Index of the method with the best mean validation accuracy over seeds.
+
+    With a few validation images per class, accuracies move in coarse steps (one image in
+    40 is 2.5 points) and ties are common.  The rule: methods whose mean is within ``tol``
+    points of the best tie, and a tie goes to the method listed *first*.  The book lists
+    methods from the simplest (zero-shot, linear probe) to the most trained, so a tie keeps
+    the simpler one.  Test accuracies never enter the choice.
+
+    Args:
+        val_acc: ``(S, M)`` validation accuracies (%) of ``M`` methods over ``S`` seeds.
+        tol: tie tolerance, in points.
+
+    Returns:
+        the column index (a Python ``int``) of the chosen method.
+    """
+    _check_results_table(val_acc, "val_acc")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}.")
+    mean = val_acc.mean(dim=0)
+    return int(torch.nonzero(mean >= mean.max() - tol)[0, 0])
+
+
+def _results_table_inputs(gen: torch.Generator) -> tuple[Tensor]:
+    seeds = int(torch.randint(2, 6, (1,), generator=gen))
+    methods = int(torch.randint(2, 7, (1,), generator=gen))
+    return (torch.rand(seeds, methods, generator=gen, dtype=torch.float64) * 60 + 40,)
+
+
+def _validation_table_inputs(gen: torch.Generator) -> tuple[Tensor]:
+    """Validation accuracies on 40 images (multiples of 2.5 points) with a planted tie: a
+    later column holds the best column's values in another seed order (the same mean)."""
+    seeds = int(torch.randint(1, 5, (1,), generator=gen))
+    methods = int(torch.randint(3, 7, (1,), generator=gen))
+    val = torch.randint(16, 41, (seeds, methods), generator=gen).double() * 2.5
+    best = int(val.mean(0).argmax())
+    other = int(torch.randint(0, methods - 1, (1,), generator=gen))
+    other += other >= best  # any column but the best
+    val[:, other] = val[torch.randperm(seeds, generator=gen), best]
+    return (val,)
+
+
+def register_exercises() -> None:
+    """Register the comparison chapter's exercises ``seed_mean_std`` and
+    ``select_on_validation`` (calling it again is harmless)."""
+    from fewclip_tutorial.exercises import register_exercise
+
+    register_exercise(
+        "seed_mean_std",
+        mean_std_over_seeds,
+        _results_table_inputs,
+        description=(
+            "Write mean_std_over_seeds(acc) taking an (S, M) table of accuracies (one row per "
+            "seed, one column per method) and returning a tuple (mean, std) of (M,) tensors: "
+            "the mean over the seeds and the population standard deviation (divide by S), "
+            "as the book's 'mean ± std' tables print them."
+        ),
+        hint=(
+            "Reduce over dim=0 (the seeds). torch.std divides by S - 1 unless you pass "
+            "correction=0; the book's tables divide by S."
+        ),
+    )
+    register_exercise(
+        "select_on_validation",
+        select_on_validation,
+        _validation_table_inputs,
+        description=(
+            "Write select_on_validation(val_acc) taking an (S, M) table of validation "
+            "accuracies (seeds x methods, methods listed from the simplest) and returning the "
+            "int index of the method with the highest mean over the seeds; methods whose means "
+            "are equal (within 1e-6 points) tie, and a tie goes to the method listed first."
+        ),
+        hint=(
+            "Average over dim=0 first, then take the first index that reaches the maximum: "
+            "every input has a planted tie between two methods."
+        ),
+    )

@@ -99,6 +99,24 @@ def make_batch(
     return to_tensor(images), tokenizer(caps), caps
 
 
+def caption_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """Soft targets of the contrastive loss, with identical captions as positives.
+
+    Args:
+        tokens: ``(B, L)`` caption token ids; two equal rows are the same caption.
+
+    Returns:
+        ``(B, B)`` float ``P[i, j] = 1[c_i == c_j] / #{k : c_k == c_i}``: each row sums to 1,
+        ``P`` is symmetric, and it is the identity when all captions differ.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must be (B, L) token ids, one row per caption; got shape {tuple(tokens.shape)}."
+        )
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
+    return same / same.sum(1, keepdim=True)
+
+
 def contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -118,8 +136,7 @@ def contrastive_loss(
         ``P[i, j] = 1[c_i == c_j] / #{k : c_k == c_i}``.
     """
     logits = logit_scale * image_features @ text_features.T
-    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
-    targets = same / same.sum(1, keepdim=True)
+    targets = caption_targets(tokens)
     loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
     loss_t = torch.sum(-targets * F.log_softmax(logits.T, dim=1), dim=1).mean()
     return 0.5 * (loss_i + loss_t)
@@ -310,6 +327,79 @@ def pretrain(
             save_checkpoint(last, model, (opt, opt_emb), done, cfg)
     log.close()
     return record
+
+
+# --------------------------------------------------------------------------- exercises
+
+
+def _exercise_tokens(gen: torch.Generator, batch: int) -> torch.Tensor:
+    """``(B, L)`` token ids shaped like open_clip's (start token, words, end token, padding),
+    drawn from fewer distinct captions than ``B``, so at least one caption repeats."""
+    n_words = int(torch.randint(1, 4, (1,), generator=gen))
+    n_unique = int(torch.randint(1, batch, (1,), generator=gen))
+    words = torch.randint(100, 120, (n_unique, n_words), generator=gen)
+    sot = torch.full((n_unique, 1), 49406)
+    eot = torch.full((n_unique, 1), 49407)
+    pad = torch.zeros(n_unique, 2, dtype=torch.long)
+    captions = torch.cat([sot, words, eot, pad], dim=1)
+    return captions[torch.randint(0, n_unique, (batch,), generator=gen)]
+
+
+def _caption_targets_inputs(gen: torch.Generator) -> tuple[torch.Tensor]:
+    batch = int(torch.randint(3, 9, (1,), generator=gen))
+    return (_exercise_tokens(gen, batch),)
+
+
+def _contrastive_loss_inputs(
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = int(torch.randint(3, 9, (1,), generator=gen))
+    dim = int(torch.randint(4, 11, (1,), generator=gen))
+    image_features = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
+    text_features = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
+    logit_scale = torch.empty(()).uniform_(1.0, 100.0, generator=gen)
+    return image_features, text_features, _exercise_tokens(gen, batch), logit_scale
+
+
+def register_exercises() -> None:
+    """Register the appendix's exercises ``pretrain_caption_targets`` and
+    ``pretrain_contrastive_loss`` (calling it again is harmless)."""
+    from fewclip_tutorial.exercises import register_exercise
+
+    register_exercise(
+        "pretrain_caption_targets",
+        caption_targets,
+        _caption_targets_inputs,
+        description=(
+            "Write caption_targets(tokens) taking (B, L) caption token ids and returning the "
+            "(B, B) float targets P[i, j] = 1[c_i == c_j] / #{k : c_k == c_i}: caption i's "
+            "probability mass spread evenly over every caption of the batch equal to it."
+        ),
+        hint=(
+            "Two captions are equal when all L of their tokens are: compare (B, 1, L) with "
+            "(1, B, L) and reduce over the last dimension; then divide each row by its sum."
+        ),
+    )
+    register_exercise(
+        "pretrain_contrastive_loss",
+        contrastive_loss,
+        _contrastive_loss_inputs,
+        description=(
+            "Write contrastive_loss(image_features, text_features, tokens, logit_scale) taking "
+            "(B, D) L2-normalised image and text features, (B, L) caption tokens and a scalar "
+            "tensor logit_scale, and returning the scalar loss 0.5 * (CE(P, softmax of the rows "
+            "of s F T^T) + CE(P, softmax of the rows of s T F^T)), each cross-entropy averaged "
+            "over the B rows, with the soft targets P of pretrain_caption_targets."
+        ),
+        hint=(
+            "The text-to-image direction uses the transposed logits; with soft targets the "
+            "cross-entropy of a row is -sum_j P[i, j] * log_softmax(logits)[i, j]. Repeated "
+            "captions are positives: F.cross_entropy with arange(B) labels ignores them."
+        ),
+    )
+
+
+register_exercises()  # importing this module (the appendix does) makes its exercises available
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import open_clip
 import pytest
@@ -109,3 +110,70 @@ def test_export_writes_fp16_weights_with_their_hash(short_runs, tmp_path):
     state = torch.load(weights, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     assert (tmp_path / "shapeworld-tiny.log.jsonl").exists()
+
+
+def test_caption_targets_by_hand():
+    # captions 0 and 2 are equal, 1 and 3 differ only in their last token
+    tokens = torch.tensor([[49406, 5, 49407], [49406, 6, 7], [49406, 5, 49407], [49406, 6, 8]])
+    expected = torch.tensor(
+        [
+            [0.5, 0.0, 0.5, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.5, 0.0, 0.5, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    assert torch.equal(pretrain.caption_targets(tokens), expected)
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        pretrain.caption_targets(tokens[0])
+
+
+def test_contrastive_loss_against_a_loop_over_pairs():
+    # the soft-target cross-entropy written out term by term, with repeated captions
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    b = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    captions = [1, 2, 1, 3, 1]
+    tokens = torch.tensor(captions).view(5, 1)
+    s = 12.5
+    total = 0.0
+    for i in range(5):
+        positives = [j for j in range(5) if captions[j] == captions[i]]
+        row_i = [math.exp(s * float(a[i] @ b[j])) for j in range(5)]
+        row_t = [math.exp(s * float(b[i] @ a[j])) for j in range(5)]
+        for j in positives:
+            total -= math.log(row_i[j] / sum(row_i)) / len(positives)
+            total -= math.log(row_t[j] / sum(row_t)) / len(positives)
+    by_hand = total / (2 * 5)
+    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(s))
+    assert float(got) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_appendix_exercises_accept_rewrites_and_reject_the_plain_clip_loss(capsys):
+    from fewclip_tutorial.exercises import get_exercise
+
+    def student_targets(tokens):
+        n = tokens.shape[0]
+        same = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(n):
+                same[i, j] = float(torch.equal(tokens[i], tokens[j]))
+        return same / same.sum(1, keepdim=True)
+
+    def plain_clip_loss(image_features, text_features, tokens, logit_scale):
+        logits = logit_scale * image_features @ text_features.T
+        labels = torch.arange(len(logits))
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    def first_token_only(tokens):
+        same = (tokens[:, None, 0] == tokens[None, :, 0]).float()
+        return same / same.sum(1, keepdim=True)
+
+    targets = get_exercise("pretrain_caption_targets")
+    loss = get_exercise("pretrain_contrastive_loss")
+    assert targets.check(pretrain.caption_targets, verbose=False)
+    assert targets.check(student_targets, verbose=False)
+    assert loss.check(pretrain.contrastive_loss, verbose=False)
+    assert not targets.check(first_token_only, verbose=False)
+    assert not loss.check(plain_clip_loss)
+    assert "values differ" in capsys.readouterr().out

@@ -13,6 +13,11 @@ import nbformat
 from nbclient import NotebookClient
 
 
+def drop_widget_state(nb) -> None:
+    """Remove the saved widget state: it is stale on the static page (tests/test_book_static.py)."""
+    nb.metadata.pop("widgets", None)
+
+
 def execute(path: str, timeout: int = 1800) -> float:
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -29,6 +34,7 @@ def execute(path: str, timeout: int = 1800) -> float:
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
     )
     client.execute()
+    drop_widget_state(nb)
     nbformat.write(nb, path)
     return time.time() - start
 

@@ -43,3 +43,45 @@ def test_readme_figure_is_written_only_inside_a_checkout(tmp_path, monkeypatch):
     written = plots.save_readme_figure(fig, name="x.png")
     assert written == tmp_path / "book" / "figures" / "x.png" and written.stat().st_size > 0
     plt.close(fig)
+
+
+#: A few widget-view outputs (a reference of about 300 bytes each) are fine; a notebook that
+#: stores progress bars or widget models in its outputs is not.
+WIDGET_OUTPUT_BYTES = 4096
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="06_comparison still carries 165 stale progress-bar widget states until "
+                "it is re-executed with scripts/execute_notebooks.py, which now drops them",
+            ),
+        )
+        if p.name.startswith("06_")
+        else p
+        for p in NOTEBOOKS
+    ],
+    ids=lambda p: p.name,
+)
+def test_no_widget_state(path):
+    # saved widget state is stale on the static page: the page shows a frozen control that
+    # does nothing, and progress bars alone made a chapter's page 177 KB
+    nb = json.loads(path.read_text())
+    assert "widgets" not in nb["metadata"], (
+        f"{path.name} stores widget state in metadata.widgets; re-execute it with "
+        "scripts/execute_notebooks.py (which drops it) or delete the key"
+    )
+    widget_bytes = 0
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            mimes = [m for m in out.get("data", {}) if "jupyter.widget" in m]
+            assert "application/vnd.jupyter.widget-state+json" not in mimes, path.name
+            if mimes:
+                widget_bytes += len(json.dumps(out))
+    assert widget_bytes <= WIDGET_OUTPUT_BYTES, (
+        f"{path.name}: {widget_bytes} bytes of widget outputs (limit {WIDGET_OUTPUT_BYTES})"
+    )

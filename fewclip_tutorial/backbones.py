@@ -22,11 +22,16 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import http.client
 import json
 import logging
 import os
+import pickle
 import re
-import socket
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,7 @@ __all__ = [
     "EMBEDDED_BACKBONE",
     "Backbone",
     "BackboneError",
+    "CheckpointFormatError",
     "CheckpointIntegrityError",
     "CheckpointNotFoundError",
     "UnknownBackboneError",
@@ -51,10 +57,12 @@ __all__ = [
     "WeightsUnavailableError",
     "embedded_checkpoint_path",
     "file_sha256",
+    "is_torchscript_archive",
     "list_backbones",
     "load_backbone",
     "load_state_dict_file",
     "register_embedded_config",
+    "resolve_local_arch",
     "resolve_pretrained_tag",
 ]
 
@@ -100,6 +108,10 @@ class CheckpointIntegrityError(BackboneError, RuntimeError):
 
 class WeightsUnavailableError(BackboneError, RuntimeError):
     """Hub weights are not cached locally and the hub cannot be reached."""
+
+
+class CheckpointFormatError(BackboneError, ValueError):
+    """A weights file cannot be read as a state dict (e.g. an unreadable TorchScript archive)."""
 
 
 # --------------------------------------------------------------------------- Backbone
@@ -150,6 +162,14 @@ class Backbone:
             return int(proj.out_features)
         return int(self.encode_text(["a"]).shape[-1])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the image tower's weights (``float32`` unless converted)."""
+        for param in self.model.visual.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.float32
+
     def encode_images(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Embed preprocessed images.
 
@@ -159,7 +179,8 @@ class Backbone:
 
         Returns:
             ``(B, D)`` L2-normalised fp32 features on :attr:`device` (usable in autograd
-            graphs: the inference-mode forward is converted back to a normal tensor).
+            graphs: the inference-mode forward is converted back to a normal tensor), whatever
+            the dtype of ``images`` and of the model's weights (:attr:`dtype`).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -167,10 +188,14 @@ class Backbone:
                 "apply backbone.preprocess to each PIL image and torch.stack them."
             )
         chunks = [images] if not batch_size else list(torch.split(images, batch_size))
+        dtype = self.dtype
         outs = []
         for chunk in chunks:
-            with torch.inference_mode(), autocast(self.device):
-                feats = self.model.encode_image(chunk.to(self.device, non_blocking=True))
+            # The input must have the weights' dtype: a model converted to fp16/bf16 (``.half()``)
+            # rejects fp32 images.  Such a model already computes in reduced precision, so
+            # autocast is only applied to fp32 models.
+            with torch.inference_mode(), autocast(self.device, enabled=dtype == torch.float32):
+                feats = self.model.encode_image(chunk.to(self.device, dtype, non_blocking=True))
             outs.append(feats)
         # Outside inference mode: functional ops turn inference tensors into normal ones.
         return F.normalize(torch.cat(outs).float(), dim=-1)
@@ -193,9 +218,10 @@ class Backbone:
         if not texts:
             raise ValueError("encode_text got an empty list of texts; pass at least one prompt.")
         outs = []
+        full_precision = self.dtype == torch.float32
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
-            with torch.inference_mode(), autocast(self.device):
+            with torch.inference_mode(), autocast(self.device, enabled=full_precision):
                 outs.append(self.model.encode_text(tokens))
         return F.normalize(torch.cat(outs).float(), dim=-1)
 
@@ -272,16 +298,67 @@ def _state_dict_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` and ``code/``).
+
+    OpenAI released CLIP as TorchScript files (the ``clip`` package caches them as
+    ``~/.cache/clip/ViT-B-32.pt``); ``torch.load(weights_only=True)`` refuses them.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    has_constants = any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names)
+    has_code = any(n.startswith("code/") or "/code/" in n for n in names)
+    return has_constants and has_code
+
+
+#: Entries of OpenAI's TorchScript state dicts that are settings, not weights.
+_TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a TorchScript archive (what open_clip's ``load_openai_model`` reads).
+
+    Raises:
+        CheckpointFormatError: this torch cannot open the archive; the message names the file
+            and the two ways out.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
+            module = torch.jit.load(str(path), map_location="cpu")
+        state = dict(module.state_dict())
+    except Exception as err:  # noqa: BLE001 - any failure of the jit loader ends here
+        raise CheckpointFormatError(
+            f"{str(path)!r} is a TorchScript archive (the format of OpenAI's CLIP release, as "
+            f"cached by the `clip` package) and torch {torch.__version__} cannot read it: {err}. "
+            "Delete the file (open_clip then downloads the same weights as a state dict from "
+            "the Hugging Face hub), or convert it once where torch.jit works: "
+            "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.pt')."
+        ) from err
+    for key in _TORCHSCRIPT_EXTRA_KEYS:
+        state.pop(key, None)
+    return state
+
+
 def load_state_dict_file(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load weights from ``path`` into ``model`` (strictly), casting to the model's dtypes.
 
     Accepts a plain state dict, a dict holding it under ``"state_dict"`` or
     ``"model"`` (training checkpoints), ``.safetensors`` files, DataParallel's
-    ``"module."`` prefixes and fp16 weights (cast to the parameters' dtype, e.g.
-    fp32).  ``.npz`` (big_vision) files are delegated to open_clip.
+    ``"module."`` prefixes, fp16 weights (cast to the parameters' dtype, e.g.
+    fp32) and OpenAI's TorchScript release files (``~/.cache/clip/ViT-B-32.pt``: their
+    state dict is read through ``torch.jit.load``).  ``.npz`` (big_vision) files are
+    delegated to open_clip.
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
+        CheckpointFormatError: the file cannot be read (not a torch file, or a TorchScript
+            archive this torch cannot open).
         ValueError: the file holds no state dict, or its keys/shapes do not fit ``model``.
     """
     path = Path(path)
@@ -296,8 +373,17 @@ def load_state_dict_file(model: torch.nn.Module, path: str | os.PathLike) -> tor
         from safetensors.torch import load_file
 
         obj: Any = load_file(str(path), device="cpu")
+    elif is_torchscript_archive(path):
+        obj = _torchscript_state_dict(path)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            raise CheckpointFormatError(
+                f"Cannot read {str(path)!r} as a weights file: {err}. A state dict saved with "
+                "torch.save(model.state_dict(), path), a .safetensors file or an OpenAI "
+                "TorchScript file is expected; a truncated download is re-fetched after deleting it."
+            ) from err
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -336,11 +422,23 @@ def _is_offline_env() -> bool:
 
 
 def _hub_reachable(host: str, port: int = 443, timeout: float = _HUB_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    """Whether the hub at ``host:port`` answers an HTTP(S) ``HEAD`` within ``timeout`` seconds.
+
+    The request goes through ``urllib`` with the environment's proxy settings
+    (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``, as ``huggingface_hub`` uses them), so a
+    machine that reaches the internet only through a proxy is not declared offline.  Any
+    HTTP answer, an error status included, means the hub is reachable.
+    """
+    scheme = "http" if port == 80 else "https"
+    netloc = host if port in (80, 443) else f"{host}:{port}"
+    request = urllib.request.Request(f"{scheme}://{netloc}/", method="HEAD")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler())  # environment proxies
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with opener.open(request, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, timeouts, refused
         return False
 
 
@@ -680,8 +778,13 @@ def load_backbone(
             raise WeightsUnavailableError(
                 f"Downloading {resolved}:{tag} returned no file; retry, or use {EMBEDDED_BACKBONE!r}."
             )
+    torchscript = is_torchscript_archive(weights)
+    if torchscript:
+        _check_release_digest(weights, pcfg)
     kwargs: dict[str, Any] = {
-        "pretrained": weights,
+        # open_clip reads the file with torch.load(weights_only=True), which refuses the
+        # TorchScript archives of OpenAI's release: those are loaded below by us.
+        "pretrained": None if torchscript else weights,
         "image_mean": pcfg.get("mean"),
         "image_std": pcfg.get("std"),
         "image_interpolation": pcfg.get("interpolation"),
@@ -689,7 +792,12 @@ def load_backbone(
     }
     if pcfg.get("quick_gelu", False) and build_arch == resolved:
         kwargs["force_quick_gelu"] = True
-    model, preprocess = _build(build_arch, **kwargs)
+    if torchscript:
+        with _quiet_random_init_warning():
+            model, preprocess = _build(build_arch, **kwargs)
+        load_state_dict_file(model, weights)
+    else:
+        model, preprocess = _build(build_arch, **kwargs)
     return _finalise(
         model,
         preprocess,
@@ -702,6 +810,83 @@ def load_backbone(
     )
 
 
+def _check_release_digest(path: str, pretrained_cfg: dict) -> None:
+    """Compare a cached release file with the sha256 its download URL carries (OpenAI's URLs
+    hold it as a folder name), so a truncated or foreign file is named, not half-loaded.
+
+    Raises:
+        CheckpointIntegrityError: the digests differ.
+    """
+    match = re.search(r"/([0-9a-f]{64})/", pretrained_cfg.get("url", ""))
+    if not match:
+        return
+    actual = file_sha256(path)
+    if actual != match.group(1):
+        raise CheckpointIntegrityError(
+            f"Cached weights {path!r} are corrupted or not the released file: sha256 {actual} "
+            f"does not match {match.group(1)} in its URL {pretrained_cfg['url']}. Delete the "
+            "file and load the backbone again (it is then downloaded afresh)."
+        )
+
+
+def _quickgelu_origin(path: str) -> str | None:
+    """Why the weights in ``path`` need QuickGELU, or ``None`` when nothing says so.
+
+    Recognised: a TorchScript archive (OpenAI's release format), a file whose sha256 is the
+    one in the URL of an open_clip pretrained config trained with QuickGELU (OpenAI's URLs
+    carry it), and a path in the Hugging Face cache of such a config's repository
+    (``models--timm--vit_base_patch32_clip_224.openai``).
+    """
+    if is_torchscript_archive(path):
+        return "it is a TorchScript archive, the format of OpenAI's CLIP release"
+    real = os.path.realpath(path)
+    sha = None
+    for arch, tag in open_clip.list_pretrained():
+        cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
+        if not cfg.get("quick_gelu", False):
+            continue
+        repo = cfg.get("hf_hub", "").strip("/")
+        if repo and ("models--" + repo.replace("/", "--") in real or repo in real):
+            return f"it comes from the Hugging Face repository {repo} ({arch}:{tag})"
+        match = re.search(r"/([0-9a-f]{64})/", cfg.get("url", ""))
+        if match:
+            sha = sha or file_sha256(real)
+            if sha == match.group(1):
+                return f"its sha256 is that of the released {arch}:{tag} weights"
+    return None
+
+
+def resolve_local_arch(arch: str, path: str) -> str:
+    """The architecture to build for the local weights ``path`` declared as ``arch``.
+
+    OpenAI's CLIP (and the other weights open_clip marks ``quick_gelu``) was trained with
+    QuickGELU.  Building the plain ``arch`` (``ViT-B-32``: exact GELU) and loading such
+    weights into it raises no error; the model just computes something else and loses
+    accuracy silently.  When :func:`_quickgelu_origin` recognises the weights, the
+    ``<arch>-quickgelu`` twin is built instead (same weights, the right activation), with a
+    warning that says so.
+
+    Raises:
+        ValueError: the weights need QuickGELU and open_clip has no ``-quickgelu`` twin.
+    """
+    model_cfg = open_clip.get_model_config(arch) or {}
+    if model_cfg.get("quick_gelu", False):
+        return arch
+    origin = _quickgelu_origin(path)
+    if origin is None:
+        return arch
+    candidate = f"{arch}-quickgelu"
+    if candidate not in open_clip.list_models():
+        raise ValueError(
+            f"{path!r} holds weights trained with QuickGELU ({origin}), but {arch!r} uses GELU "
+            f"and open_clip has no {candidate!r}; pass an architecture with quick_gelu=true."
+        )
+    logger.warning(
+        "%s holds QuickGELU weights (%s): building %r instead of %r.", path, origin, candidate, arch
+    )
+    return candidate
+
+
 def _load_local(
     path: str,
     arch: str,
@@ -709,7 +894,8 @@ def _load_local(
     device: torch.device,
     pretrained: str | None = None,
 ) -> Backbone:
-    """Build ``arch`` and load the local checkpoint ``path`` into it."""
+    """Build ``arch`` (or its ``-quickgelu`` twin, see :func:`resolve_local_arch`) and load the
+    local checkpoint ``path`` into it."""
     models = open_clip.list_models()
     resolved = arch if arch in models else arch.replace("/", "-")
     if resolved not in models:
@@ -717,6 +903,7 @@ def _load_local(
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
         raise CheckpointNotFoundError(f"Checkpoint file {path!r} does not exist; check the path.")
+    resolved = resolve_local_arch(resolved, full)
     with _quiet_random_init_warning():
         model, preprocess = _build(resolved, pretrained=None)
     load_state_dict_file(model, full)

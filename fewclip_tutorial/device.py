@@ -14,17 +14,33 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DEVICE_ENV_VAR", "autocast", "autocast_dtype", "get_device", "seed_everything"]
+__all__ = [
+    "DEVICE_ENV_VAR",
+    "NUM_WORKERS_ENV_VAR",
+    "autocast",
+    "autocast_dtype",
+    "bf16_supported",
+    "default_num_workers",
+    "get_device",
+    "loader_kwargs",
+    "seed_everything",
+]
 
 #: Environment variable that overrides the automatic device choice (e.g. ``cpu``).
 DEVICE_ENV_VAR = "FEWCLIP_DEVICE"
+#: Environment variable that overrides :func:`default_num_workers` (e.g. ``0`` or ``4``).
+NUM_WORKERS_ENV_VAR = "FEWCLIP_NUM_WORKERS"
+#: Most image-decoding workers used by default on a GPU machine.
+MAX_DEFAULT_WORKERS = 8
 
 
 def _mps_available() -> bool:
@@ -73,17 +89,102 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device | str = "cuda") -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8.0 and up: A100, L4, H100).
+
+    ``torch.cuda.is_bf16_supported()`` also says ``True`` where bf16 is only *emulated*
+    (a T4 or V100, capability 7.x): autocast to bf16 then runs slower than fp16 and loses
+    precision for nothing.  So emulation is excluded: with ``including_emulation=False``
+    where torch has that argument (2.4 and later), else by the compute capability.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    check = torch.cuda.is_bf16_supported
+    try:
+        accepts = "including_emulation" in inspect.signature(check).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        accepts = False
+    if accepts:
+        return bool(check(including_emulation=False))
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8 and bool(check())
+
+
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The reduced-precision dtype used on ``device``: bf16 if the GPU supports it, else fp16.
+    """The reduced-precision dtype used on ``device``: bf16 where the GPU has it natively
+    (:func:`bf16_supported`), else fp16 (with a ``GradScaler`` when training).
 
     Returns ``None`` on devices where no autocast is applied (CPU, MPS).
     """
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
+def default_num_workers(device: torch.device | str) -> int:
+    """DataLoader workers for decoding images: ``min(8, CPUs)`` on CUDA, ``0`` elsewhere.
+
+    On a GPU, decoding a JPEG and resizing it to 224 px costs a few ms per image on one core,
+    an order of magnitude more than the forward pass, so a single process starves the GPU.
+    On CPU and MPS the model competes with the workers for the same cores, and one process
+    keeps runs deterministic and quiet.  ``$FEWCLIP_NUM_WORKERS`` overrides the choice.
+
+    Raises:
+        ValueError: ``$FEWCLIP_NUM_WORKERS`` is not a non-negative integer.
+    """
+    env = os.environ.get(NUM_WORKERS_ENV_VAR, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(
+                f"${NUM_WORKERS_ENV_VAR}={env!r} is not a number of workers; "
+                "use a non-negative integer such as 0 or 4, or unset it."
+            )
+        return value
+    if torch.device(device).type != "cuda":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus))
+
+
+def loader_kwargs(
+    device: torch.device | str, num_workers: int | None = None, epochs: int = 1
+) -> dict[str, Any]:
+    """Keyword arguments of a ``DataLoader`` of images for ``device``.
+
+    Args:
+        device: where the batches go (``pin_memory`` on CUDA).
+        num_workers: decoding processes (``None``: :func:`default_num_workers`).
+        epochs: how often the loader is iterated; above 1, workers persist between epochs
+            (``persistent_workers``) instead of being started again for each.
+
+    Returns:
+        ``{"num_workers", "pin_memory", "persistent_workers"}`` (+ ``"prefetch_factor"`` with
+        workers).
+
+    Raises:
+        ValueError: ``num_workers`` is negative.
+    """
+    device = torch.device(device)
+    workers = default_num_workers(device) if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+    kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0 and epochs > 1,
+    }
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+    return kwargs
 
 
 @contextlib.contextmanager

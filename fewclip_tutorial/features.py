@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fewclip_tutorial.data.base import LabeledSplit
+from fewclip_tutorial.device import default_num_workers, loader_kwargs
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -272,25 +273,40 @@ def _read_cache(path: Path, key: str) -> FeatureSet:
 
 
 class _ViewDataset(Dataset):
-    """``split`` images through ``transform``; with ``seed`` set, image ``i`` of view
-    ``view`` is transformed under its own torch seed derived from ``(seed, view, i)``."""
+    """``views`` passes over the ``split`` images through ``transform``: item ``v * N + i`` is
+    image ``i`` of view ``v``.  With ``seed`` set, it is transformed under its own torch seed
+    derived from ``(seed, v, i)``, so the result depends neither on the batch size nor on the
+    number of workers.  One dataset for every view means one ``DataLoader``: its workers start
+    once per extraction, not once per view."""
 
-    def __init__(self, split: LabeledSplit, transform: Any, seed: int | None, view: int) -> None:
+    def __init__(
+        self,
+        split: LabeledSplit,
+        transform: Any,
+        seed: int | None,
+        view: int = 0,
+        *,
+        views: int = 1,
+    ) -> None:
         self.split = split
         self.transform = transform
         self.seed = seed
-        self.view = view
+        self.view = view  # index of the first view (its seeds)
+        self.views = views
+        self.n = len(split)
 
     def __len__(self) -> int:
-        return len(self.split)
+        return self.views * self.n
 
-    def __getitem__(self, index: int) -> Tensor:
-        image = self.split.load_image(int(index))
+    def __getitem__(self, item: int) -> Tensor:
+        offset, index = divmod(int(item), self.n)
+        view = self.view + offset
+        image = self.split.load_image(index)
         if image.mode != "RGB":
             image = image.convert("RGB")
         if self.seed is None:
             return self.transform(image)
-        state = np.random.SeedSequence([int(self.seed), int(self.view), int(index)])
+        state = np.random.SeedSequence([int(self.seed), int(view), int(index)])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> 1))
             return self.transform(image)
@@ -308,9 +324,8 @@ def _encode_view(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(0),  # leave the global torch RNG untouched
+        **loader_kwargs(device, num_workers),
     )
     chunks: list[Tensor] = []
     with torch.inference_mode():
@@ -338,7 +353,7 @@ def extract_features(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = "default",
     progress: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     flip: bool = True,
 ) -> FeatureSet:
     """Encode every image of ``split`` with the frozen ``backbone``.
@@ -358,7 +373,10 @@ def extract_features(
         cache_dir: ``"default"`` (``$FEWCLIP_CACHE`` or
             ``~/.cache/fewclip_tutorial/features``), a folder, or ``None`` (no cache).
         progress: show a tqdm progress bar.
-        num_workers: DataLoader workers for image decoding.
+        num_workers: DataLoader processes decoding images (``None``:
+            :func:`~fewclip_tutorial.device.default_num_workers`, i.e. up to 8 on CUDA and
+            0 on CPU; ``$FEWCLIP_NUM_WORKERS`` overrides).  The features do not depend on it
+            (each image has its own augmentation seed), so it is not part of the cache key.
         flip: with ``augment``, flip views horizontally at random (``False`` for datasets
             whose classes are not mirror-invariant).
 
@@ -400,32 +418,31 @@ def extract_features(
         batch_size = 1024 if device.type == "cuda" else 256
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if num_workers is None:
+        num_workers = default_num_workers(device)
     passes = views if augment else 1
     pbar = tqdm(
-        total=passes * math.ceil(n / batch_size),
+        total=math.ceil(passes * n / batch_size),
         desc=f"features {split.name}",
         disable=not progress,
         unit="batch",
     )
-    outs: list[Tensor] = []
     with pbar:
         if augment:
             tf = augment_transform(
                 backbone.image_size, tuple(backbone.mean), tuple(backbone.std), flip=flip
             )
-            for v in range(views):
-                ds = _ViewDataset(split, tf, seed=seed, view=v)
-                outs.append(_encode_view(backbone, ds, batch_size, num_workers, pbar))
+            ds = _ViewDataset(split, tf, seed=seed, views=views)
         else:
-            ds = _ViewDataset(split, backbone.preprocess, seed=None, view=0)
-            outs.append(_encode_view(backbone, ds, batch_size, num_workers, pbar))
+            ds = _ViewDataset(split, backbone.preprocess, seed=None)
+        encoded = _encode_view(backbone, ds, batch_size, num_workers, pbar)
 
     if augment:
-        features = torch.stack(outs)
+        features = encoded.reshape(views, n, -1)
     elif stacked:
-        features = outs[0].unsqueeze(0).repeat(views, 1, 1)
+        features = encoded.unsqueeze(0).repeat(views, 1, 1)
     else:
-        features = outs[0]
+        features = encoded
     result = FeatureSet(features.contiguous(), labels)
 
     if path is not None:

@@ -74,7 +74,19 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shots", type=int, default=16, help="K images per class (default: 16)")
     g.add_argument("--seed", type=int, default=1, help="episode seed (default: 1)")
-    g.add_argument("--root", default=None, help="data folder of downloadable datasets")
+    g.add_argument(
+        "--data-root",
+        "--root",
+        dest="root",
+        default=None,
+        help="folder of the torchvision datasets (default: $FEWCLIP_DATA or "
+        "~/.cache/fewclip_tutorial/data)",
+    )
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="download a torchvision dataset (eurosat, dtd, ...) into --data-root if missing",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     g.add_argument(
         "--cache-dir",
@@ -141,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain the embedded shapeworld-tiny backbone (see `fewclip pretrain --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "sweep",
+        help="run a grid of methods x episodes as shards, or merge results (`fewclip sweep -h`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -183,6 +200,17 @@ def run_method(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return _run(*args, **kwargs)
 
 
+def load_dataset(name: str, root: str | None, download: bool) -> Any:
+    """The dataset of ``fewclip run``, loaded *before* the backbone (so that a typo or a missing
+    download fails in a second, not after fetching gigabytes of weights).  An indirection so
+    tests can replace it."""
+    from fewclip_tutorial.data.registry import check_dataset_name
+    from fewclip_tutorial.data.registry import load_dataset as _load
+
+    check_dataset_name(name)
+    return _load(name, root=root, download=True) if download else _load(name, root=root)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fewclip_tutorial.metrics import round_metrics
 
@@ -196,9 +224,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # With --json, stdout carries exactly one JSON object: anything a method prints goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
+        dataset = load_dataset(args.dataset, args.root, args.download)
         result = run_method(
             args.method,
-            dataset=args.dataset,
+            dataset=dataset,
             backbone=args.backbone,
             shots=args.shots,
             seed=args.seed,
@@ -312,6 +341,160 @@ def _cmd_pretrain(argv: list[str]) -> int:
     return int(code or 0)
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} sweep",
+        description=(
+            "Run methods over datasets x shots x seeds, one shard of the grid per job, "
+            "appending one JSON line per finished cell to --results (a rerun skips finished "
+            "cells); or --merge results files into the comparison table."
+        ),
+        epilog=(
+            "example: fewclip sweep --method zero-shot --method 'lp=linear-probe' "
+            "--shots 1 16 --seeds 1 2 3 --shard 0/4 --results runs/sweep.0.jsonl; then "
+            "fewclip sweep --merge runs/sweep.*.jsonl --out table.csv"
+        ),
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="METHOD, LABEL=METHOD or LABEL=METHOD:option=value,... (repeat for each column)",
+    )
+    g.add_argument(
+        "--setup",
+        default="embedded",
+        help="preset of fewclip_tutorial.settings giving the defaults below (default: embedded)",
+    )
+    g.add_argument("--dataset", action="append", default=None, help="dataset (repeatable)")
+    g.add_argument("--suite", action="store_true", help="every dataset of the setup's suite")
+    g.add_argument("--shots", type=int, nargs="+", default=None, help="K values")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="episode seeds")
+    g.add_argument("--backbone", default=None, help="backbone (default: the setup's)")
+    g.add_argument("--pretrained", default=None, help="weights tag (default: the setup's)")
+    r = p.add_argument_group("running")
+    r.add_argument("--shard", default="0/1", help="I/N: run shard I (0-based) of N (default 0/1)")
+    r.add_argument("--results", default=None, help="JSON-lines results file to append to")
+    r.add_argument("--dry-run", action="store_true", help="list the shard's cells, run nothing")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    m = p.add_argument_group("merging")
+    m.add_argument("--merge", nargs="+", default=None, metavar="RESULTS", help="results files")
+    m.add_argument("--out", default=None, help="write the table as CSV")
+    m.add_argument("--rows", default=None, help="also write one row per cell as CSV")
+    m.add_argument("--metric", default="test_accuracy", help="e.g. ood_mean (default: test)")
+    m.add_argument(
+        "--table",
+        choices=["tasks", "shots"],
+        default="tasks",
+        help="tasks: method x dataset means (+ average row); shots: mean ± std per K",
+    )
+    m.add_argument("--grid", default=None, help="grid id, when the files hold several grids")
+    m.add_argument("--partial", action="store_true", help="merge an incomplete grid")
+    return p
+
+
+def _sweep_grid(args: argparse.Namespace) -> list:
+    from fewclip_tutorial.settings import get_setup
+    from fewclip_tutorial.sweep import parse_method_spec, sweep_cells
+
+    if not args.method:
+        raise ValueError(
+            "fewclip sweep needs at least one --method, e.g. --method zero-shot "
+            "--method 'linear probe=linear-probe' (methods: see `fewclip run --help`)."
+        )
+    setup = get_setup(args.setup)
+    methods: dict[str, tuple[str, dict[str, str]]] = {}
+    for spec in args.method:
+        label, name, options = parse_method_spec(spec)
+        if label in methods:
+            raise ValueError(f"Two --method specs use the label {label!r}; give each a LABEL=.")
+        methods[label] = (name, options)
+    datasets = list(args.dataset or [])
+    if args.suite:
+        datasets += [d for d in (setup.suite or (setup.dataset,)) if d not in datasets]
+    pretrained = setup.pretrained if args.pretrained is None else args.pretrained
+    return sweep_cells(
+        methods,
+        datasets=datasets or [setup.dataset],
+        shots=args.shots or setup.shots,
+        seeds=args.seeds or setup.seeds,
+        backbone=args.backbone or setup.backbone,
+        pretrained=None if str(pretrained).lower() == "none" else pretrained,
+        dataset_kwargs=setup.dataset_kwargs,
+    )
+
+
+def _sweep_table(frame: Any, args: argparse.Namespace) -> Any:
+    import pandas as pd
+
+    from fewclip_tutorial.sweep import summarise, task_table
+
+    if args.metric not in frame.columns:
+        numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        raise ValueError(f"No column {args.metric!r} in the results; use one of {numeric}.")
+    if args.table == "tasks":
+        return task_table(frame, args.metric)
+    datasets = list(dict.fromkeys(frame["dataset"]))
+    parts = {d: summarise(frame[frame["dataset"] == d], args.metric) for d in datasets}
+    return pd.concat(parts, names=["dataset", "label"])
+
+
+def _cmd_sweep(argv: list[str]) -> int:
+    from fewclip_tutorial.sweep import merge_results, parse_shard, run_cells, shard_cells
+
+    parser = _sweep_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.merge:
+        if args.method or args.results:
+            raise ValueError("--merge reads results files; it takes no --method or --results.")
+        frame = merge_results(args.merge, grid=args.grid, partial=args.partial, log=log)
+        table = _sweep_table(frame, args)
+        if args.rows:
+            frame.to_csv(args.rows, index=False)
+        if args.out:
+            table.to_csv(args.out)
+            log(f"wrote {args.out}")
+        print(table.to_string())
+        return 0
+    index, count = parse_shard(args.shard)
+    grid = _sweep_grid(args)
+    cells = shard_cells(grid, index, count)
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell.index}\t{cell.describe()}")
+        log(f"shard {index}/{count}: {len(cells)} of {len(grid)} cells")
+        return 0
+    if not args.results:
+        raise ValueError(
+            "fewclip sweep needs --results PATH (one JSON line per finished cell; give each "
+            "shard its own file, e.g. runs/sweep.$SLURM_ARRAY_TASK_ID.jsonl)."
+        )
+    # Methods that print would mix with the log: their output goes to stderr too.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_cells(
+            cells,
+            grid=grid,
+            results=args.results,
+            shard=f"{index}/{count}",
+            progress=not args.no_progress,
+            log=log,
+        )
+    log(f"shard {index}/{count} finished: {len(cells)} cells in {args.results}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fewclip`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -319,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "pretrain":
             return _cmd_pretrain(argv[1:])
+        if argv and argv[0] == "sweep":
+            return _cmd_sweep(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

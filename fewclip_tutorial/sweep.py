@@ -32,6 +32,7 @@ __all__ = [
     "SweepResultsError",
     "append_record",
     "flatten_result",
+    "grid_id",
     "merge_results",
     "parse_method_spec",
     "parse_shard",
@@ -41,6 +42,7 @@ __all__ = [
     "shard_cells",
     "summarise",
     "sweep_cells",
+    "sweep_frame",
     "task_table",
 ]
 
@@ -526,7 +528,8 @@ def run_cells(
     return [rows[c.key] for c in cells], raw
 
 
-def _frame(rows: Iterable[Mapping[str, Any]]):
+def sweep_frame(rows: Iterable[Mapping[str, Any]]):
+    """Rows (dicts) -> the sweep ``DataFrame``, :data:`FIRST_COLUMNS` first."""
     import pandas as pd
 
     frame = pd.DataFrame(list(rows))
@@ -590,7 +593,7 @@ def run_sweep(
         progress=progress,
         keep_results=keep_results,
     )
-    frame = _frame(rows)
+    frame = sweep_frame(rows)
     return (frame, raw) if keep_results else frame
 
 
@@ -671,7 +674,7 @@ def merge_results(
             f"merged grid {grid}: {len(by_index)} of {size} cells from {len(paths)} file(s)"
             + (f", {duplicates} duplicate line(s) ignored" if duplicates else "")
         )
-    return _frame(by_index[i]["row"] for i in sorted(by_index))
+    return sweep_frame(by_index[i]["row"] for i in sorted(by_index))
 
 
 # --------------------------------------------------------------------------- tables

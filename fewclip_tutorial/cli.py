@@ -74,7 +74,19 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shots", type=int, default=16, help="K images per class (default: 16)")
     g.add_argument("--seed", type=int, default=1, help="episode seed (default: 1)")
-    g.add_argument("--root", default=None, help="data folder of downloadable datasets")
+    g.add_argument(
+        "--data-root",
+        "--root",
+        dest="root",
+        default=None,
+        help="folder of the torchvision datasets (default: $FEWCLIP_DATA or "
+        "~/.cache/fewclip_tutorial/data)",
+    )
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="download a torchvision dataset (eurosat, dtd, ...) into --data-root if missing",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     g.add_argument(
         "--cache-dir",
@@ -188,6 +200,17 @@ def run_method(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return _run(*args, **kwargs)
 
 
+def load_dataset(name: str, root: str | None, download: bool) -> Any:
+    """The dataset of ``fewclip run``, loaded *before* the backbone (so that a typo or a missing
+    download fails in a second, not after fetching gigabytes of weights).  An indirection so
+    tests can replace it."""
+    from fewclip_tutorial.data.registry import check_dataset_name
+    from fewclip_tutorial.data.registry import load_dataset as _load
+
+    check_dataset_name(name)
+    return _load(name, root=root, download=True) if download else _load(name, root=root)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fewclip_tutorial.metrics import round_metrics
 
@@ -201,9 +224,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # With --json, stdout carries exactly one JSON object: anything a method prints goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
+        dataset = load_dataset(args.dataset, args.root, args.download)
         result = run_method(
             args.method,
-            dataset=args.dataset,
+            dataset=dataset,
             backbone=args.backbone,
             shots=args.shots,
             seed=args.seed,

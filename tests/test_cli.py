@@ -6,6 +6,7 @@ import json
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,13 +41,17 @@ def cli_method() -> Iterator[str]:
 def fake_run(monkeypatch: pytest.MonkeyPatch) -> dict:
     calls: dict = {}
 
+    def load(name: str, root: str | None, download: bool) -> types.SimpleNamespace:
+        calls["load"] = (name, root, download)
+        return types.SimpleNamespace(name=name)
+
     def run(method: str, **kwargs: object) -> dict:
         calls["method"] = method
         calls["kwargs"] = kwargs
         print("noise a method prints")  # must not corrupt --json output
         return {
             "method": method,
-            "dataset": kwargs["dataset"],
+            "dataset": kwargs["dataset"].name,  # type: ignore[attr-defined]
             "backbone": kwargs["backbone"],
             "shots": kwargs["shots"],
             "seed": kwargs["seed"],
@@ -57,6 +62,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch) -> dict:
             "history": list(range(20)),
         }
 
+    monkeypatch.setattr(cli, "load_dataset", load)
     monkeypatch.setattr(cli, "run_method", run)
     return calls
 
@@ -109,7 +115,8 @@ def test_unset_options_fall_back_to_method_defaults(
     kwargs = fake_run["kwargs"]
     assert not {"beta_scale", "views", "variant", "flip"} & set(kwargs)
     assert kwargs["pretrained"] is None and kwargs["cache_dir"] is None
-    assert kwargs["shots"] == 16 and kwargs["seed"] == 1 and kwargs["dataset"] == "shapeworld"
+    assert kwargs["shots"] == 16 and kwargs["seed"] == 1
+    assert fake_run["load"] == ("shapeworld", None, False)
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert lines["test_accuracy"].split()[-1] == "79.9"
@@ -152,6 +159,7 @@ def test_bad_input_prints_message_and_exits_2(
     def raise_(*a: object, **k: object) -> dict:
         raise error
 
+    monkeypatch.setattr(cli, "load_dataset", lambda *a: types.SimpleNamespace(name="x"))
     monkeypatch.setattr(cli, "run_method", raise_)
     assert cli.main(["run", "zero-shot", "--json"]) == 2
     captured = capsys.readouterr()
@@ -164,6 +172,7 @@ def test_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
     def raise_(*a: object, **k: object) -> dict:
         raise RuntimeError("a real bug")
 
+    monkeypatch.setattr(cli, "load_dataset", lambda *a: types.SimpleNamespace(name="x"))
     monkeypatch.setattr(cli, "run_method", raise_)
     with pytest.raises(RuntimeError, match="a real bug"):
         cli.main(["run", "zero-shot"])
@@ -173,6 +182,7 @@ def test_debug_env_reraises(monkeypatch: pytest.MonkeyPatch) -> None:
     def raise_(*a: object, **k: object) -> dict:
         raise ValueError("bad")
 
+    monkeypatch.setattr(cli, "load_dataset", lambda *a: types.SimpleNamespace(name="x"))
     monkeypatch.setattr(cli, "run_method", raise_)
     monkeypatch.setenv("FEWCLIP_DEBUG", "1")
     with pytest.raises(ValueError, match="bad"):
@@ -225,3 +235,72 @@ def test_help_and_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert cli.main(["run", "zero-shot", "--help"]) == 0
     assert "--by-prompt" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- dataset options
+
+
+def _never_run(*args: object, **kwargs: object) -> dict:
+    raise AssertionError("the backbone must not be loaded when the dataset is bad")
+
+
+def test_unknown_dataset_fails_before_the_backbone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "run_method", _never_run)
+    assert cli.main(["run", "zero-shot", "--dataset", "eurosatt", "--backbone", "ViT-L-14"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown dataset 'eurosatt'" in err and "Did you mean 'eurosat'" in err
+
+
+def test_missing_dataset_fails_before_the_backbone_and_names_the_way_out(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cli, "run_method", _never_run)
+    code = cli.main(["run", "zero-shot", "--dataset", "eurosat", "--data-root", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "eurosat" / "2750") in err and "download=True" in err
+
+
+def test_data_root_reaches_the_torchvision_loader(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fixtures_data import write_fake_eurosat
+
+    write_fake_eurosat(tmp_path, per_class=5)
+    seen: dict = {}
+
+    def run(method: str, **kwargs: object) -> dict:
+        seen.update(kwargs)
+        return {"val_accuracy": 1.0, "test_accuracy": 2.0}
+
+    monkeypatch.setattr(cli, "run_method", run)
+    for flag in ("--data-root", "--root"):  # --root is kept as an alias
+        assert cli.main(["run", "zero-shot", "--dataset", "EuroSAT", flag, str(tmp_path)]) == 0
+        spec = seen["dataset"]
+        assert spec.name == "eurosat" and spec.info["root"] == str(tmp_path)
+        assert len(spec.train) + len(spec.val) + len(spec.test) == 50
+
+
+def test_download_flag_is_passed_to_torchvision_loaders_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fewclip_tutorial.data import torchvision_datasets as tvd
+
+    asked: list[dict] = []
+
+    def fake_loader(**kwargs: object) -> types.SimpleNamespace:
+        asked.append(kwargs)
+        return types.SimpleNamespace(name="dtd")
+
+    monkeypatch.setitem(tvd.TORCHVISION_LOADERS, "dtd", fake_loader)
+    monkeypatch.setattr(cli, "run_method", lambda m, **k: {"val_accuracy": 0, "test_accuracy": 0})
+    argv = ["run", "zero-shot", "--dataset", "dtd", "--data-root", str(tmp_path)]
+    assert cli.main([*argv, "--download"]) == 0
+    assert cli.main(argv) == 0
+    assert asked == [{"root": str(tmp_path), "download": True}, {"root": str(tmp_path)}]
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "run_method", _never_run)
+    assert cli.main(["run", "zero-shot", "--dataset", "shapeworld", "--download"]) == 2
+    assert "nothing to download" in capsys.readouterr().err

@@ -17,7 +17,14 @@ import os
 
 from fewclip_tutorial.data.base import DatasetSpec
 
-__all__ = ["IMAGEFOLDER_PREFIX", "UnknownDatasetError", "list_datasets", "load_dataset"]
+__all__ = [
+    "IMAGEFOLDER_PREFIX",
+    "UnknownDatasetError",
+    "check_dataset_name",
+    "is_downloadable",
+    "list_datasets",
+    "load_dataset",
+]
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 _TORCHVISION_NAMES = (
@@ -62,20 +69,21 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
     Raises:
         UnknownDatasetError: ``name`` is not registered (the message lists the
             known names and the closest match).
+        ValueError: ``download=True`` for a dataset that is not downloaded (ShapeWorld is
+            generated, an image folder is read where it is).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"dataset name must be a string, got {type(name).__name__}.")
-    key = name.strip()
-    if key.lower().startswith(IMAGEFOLDER_PREFIX):
+    key = check_dataset_name(name)
+    if "download" in kwargs and key not in _TORCHVISION_NAMES:
+        if kwargs.pop("download"):
+            raise ValueError(
+                f"download=True applies to the torchvision datasets "
+                f"({', '.join(_TORCHVISION_NAMES)}); {name!r} has nothing to download "
+                "(ShapeWorld is generated in-process, an image folder is read in place)."
+            )
+    if key.startswith(IMAGEFOLDER_PREFIX):
         from fewclip_tutorial.data.imagefolder import load_imagefolder
 
-        path = key[len(IMAGEFOLDER_PREFIX) :]
-        if not path:
-            raise ValueError(
-                "'imagefolder:' needs a path after the colon, e.g. 'imagefolder:/data/my_photos'."
-            )
-        return load_imagefolder(path, **kwargs)
-    key = key.lower()
+        return load_imagefolder(key[len(IMAGEFOLDER_PREFIX) :], **kwargs)
     if key in _shapeworld_tasks():
         from fewclip_tutorial.data.shapeworld import load_shapeworld
 
@@ -86,14 +94,43 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
             )
         kwargs.pop("task", None)
         return load_shapeworld(task=key, **kwargs)
-    if key in _TORCHVISION_NAMES:
-        from fewclip_tutorial.data.torchvision_datasets import TORCHVISION_LOADERS
+    from fewclip_tutorial.data.torchvision_datasets import TORCHVISION_LOADERS
 
-        return TORCHVISION_LOADERS[key](root=root, **kwargs)
+    return TORCHVISION_LOADERS[key](root=root, **kwargs)
 
+
+def check_dataset_name(name: str) -> str:
+    """Validate a dataset name without loading anything (cheap: call it before a backbone).
+
+    Returns:
+        The registry key: the lower-cased name, or ``"imagefolder:<path>"`` (path kept as given).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        UnknownDatasetError: ``name`` is not registered (with the closest match and the list).
+        ValueError: ``"imagefolder:"`` without a path.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}.")
+    key = name.strip()
+    if key.lower().startswith(IMAGEFOLDER_PREFIX):
+        path = key[len(IMAGEFOLDER_PREFIX) :]
+        if not path:
+            raise ValueError(
+                "'imagefolder:' needs a path after the colon, e.g. 'imagefolder:/data/my_photos'."
+            )
+        return IMAGEFOLDER_PREFIX + path
+    key = key.lower()
+    if key in _shapeworld_tasks() or key in _TORCHVISION_NAMES:
+        return key
     known = list_datasets()
     close = difflib.get_close_matches(key, [n for n in known if not n.endswith(">")], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownDatasetError(
         f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}."
     )
+
+
+def is_downloadable(name: str) -> bool:
+    """Whether ``load_dataset(name, download=True)`` can fetch the dataset (torchvision ones)."""
+    return check_dataset_name(name) in _TORCHVISION_NAMES

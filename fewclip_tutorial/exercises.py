@@ -9,19 +9,33 @@ random inputs::
     ex = get_exercise("zero_shot_logits")
     print(ex.description)
     ex.check(my_zero_shot_logits)      # prints feedback, returns True/False
-    print(ex.solution_source())        # the reference code, when stuck
+    print(ex.solution_source())        # the reference code, when stuck (book edition only)
 
 Method modules register their own exercises at import time with
 :func:`register_exercise`.  The checker compares outputs structurally: type,
 shape, dtype, then values (``atol``/``rtol``), and reports the first trial that
 fails with its input shapes, the maximum absolute error, or the exception.
+
+In a notebook the check runs on the fixed seeds ``0 .. n_trials - 1`` so that the
+feedback printed in the book is reproducible.  The course grader
+(:mod:`fewclip_tutorial.grading`) draws fresh inputs per run with
+:meth:`Exercise.trial_inputs` and refuses a submission that calls one of
+:meth:`Exercise.forbidden_functions` (the package's own answer).
+
+The *student edition* of the notebooks (``make assignments``) calls
+``set_edition("student")``, which makes :meth:`Exercise.solution_source` refuse;
+the environment variable ``FEWCLIP_EDITION=student`` does the same.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import inspect
 import math
+import os
+import textwrap
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +47,18 @@ from torch import Tensor
 from fewclip_tutorial.zeroshot import prompt_ensemble, zero_shot_logits
 
 __all__ = [
+    "EDITIONS",
     "Exercise",
+    "Opaque",
+    "SolutionsHiddenError",
     "UnknownExerciseError",
     "check",
     "compare_outputs",
+    "edition",
     "get_exercise",
     "list_exercises",
     "register_exercise",
+    "set_edition",
 ]
 
 InputMaker = Callable[[torch.Generator], Any]
@@ -52,10 +71,64 @@ class UnknownExerciseError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SolutionsHiddenError(RuntimeError):
+    """The student edition does not print reference solutions."""
+
+
+# --------------------------------------------------------------------------- edition
+
+#: ``"book"``: the published book (reference solutions one click away);
+#: ``"student"``: the handed-out assignment (no reference solutions).
+EDITIONS: tuple[str, ...] = ("book", "student")
+_EDITION: str | None = None
+
+
+def set_edition(name: str) -> None:
+    """Switch this kernel to the ``"book"`` or the ``"student"`` edition.
+
+    The student edition's notebooks call ``set_edition("student")`` in their first
+    code cell; :meth:`Exercise.solution_source` then refuses.
+    """
+    global _EDITION
+    if name not in EDITIONS:
+        raise ValueError(f"Unknown edition {name!r}; use one of {', '.join(EDITIONS)}.")
+    _EDITION = name
+
+
+def edition() -> str:
+    """The current edition: set by :func:`set_edition`, else ``$FEWCLIP_EDITION``, else "book"."""
+    if _EDITION is not None:
+        return _EDITION
+    env = os.environ.get("FEWCLIP_EDITION", "").strip().lower()
+    return env if env in EDITIONS else "book"
+
+
 # --------------------------------------------------------------------------- comparison
 
 
+class Opaque:
+    """Stands for a value that could not be sent back from a graded submission.
+
+    The grader (:mod:`fewclip_tutorial.grading`) only accepts tensors, numbers,
+    strings and containers of them from a student's process; anything else arrives
+    as its description, so that the feedback still names what the function returned.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
 def _describe(x: Any) -> str:
+    if isinstance(x, Opaque):
+        return x.description
     if isinstance(x, Tensor):
         return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
     if isinstance(x, np.ndarray):
@@ -214,8 +287,7 @@ def check(
             print(msg)
 
     for trial in range(n_trials):
-        gen = torch.Generator().manual_seed(seed + trial)
-        inputs = make_inputs(gen)
+        inputs = make_inputs(torch.Generator().manual_seed(seed + trial))
         expected = _call(reference_fn, _clone(inputs))
         student_inputs = _clone(inputs)
         shown = _describe(inputs)
@@ -242,7 +314,12 @@ def check(
 
 @dataclass
 class Exercise:
-    """A registered exercise: a reference function plus its random-input maker."""
+    """A registered exercise: a reference function plus its random-input maker.
+
+    ``points`` is what the grader awards when every trial matches.  ``forbidden``
+    lists package functions a submission may not call besides the reference
+    itself (see :meth:`forbidden_functions`).
+    """
 
     name: str
     reference_fn: Callable
@@ -252,30 +329,108 @@ class Exercise:
     n_trials: int = 5
     atol: float = 1e-5
     rtol: float = 1e-4
+    points: float = 1.0
+    forbidden: tuple[Callable, ...] = ()
 
-    def check(self, student_fn: Callable, verbose: bool = True) -> bool:
-        """Compare ``student_fn`` with the reference on random inputs (see :func:`check`)."""
+    def check(
+        self,
+        student_fn: Callable,
+        verbose: bool = True,
+        seed: int = 0,
+        n_trials: int | None = None,
+    ) -> bool:
+        """Compare ``student_fn`` with the reference on random inputs (see :func:`check`).
+
+        ``seed`` and ``n_trials`` default to the notebook's reproducible trials
+        (seeds ``0 .. n_trials - 1``).
+        """
         ok = check(
             student_fn,
             self.reference_fn,
             self.make_inputs,
-            n_trials=self.n_trials,
+            n_trials=self.n_trials if n_trials is None else n_trials,
             atol=self.atol,
             rtol=self.rtol,
             name=self.name,
+            seed=seed,
             verbose=verbose,
         )
         if not ok and self.hint and verbose:
             print(f"  hint: {self.hint}")
         return ok
 
+    def trial_inputs(self, seed: int, n_trials: int | None = None) -> list[Any]:
+        """The inputs of trials ``seed, seed + 1, ...`` (what :meth:`check` feeds)."""
+        n = self.n_trials if n_trials is None else n_trials
+        return [self.make_inputs(torch.Generator().manual_seed(seed + t)) for t in range(n)]
+
     def solution_source(self) -> str:
-        """The source code of the reference implementation."""
+        """The source code of the reference implementation (book edition only).
+
+        Raises:
+            SolutionsHiddenError: in the student edition (see :func:`set_edition`).
+        """
+        if edition() == "student":
+            raise SolutionsHiddenError(
+                f"This is the student edition: the reference solution of {self.name!r} is not "
+                "shown. Use the hint (get_exercise(...).hint) or ask your instructor."
+            )
         return inspect.getsource(self.reference_fn)
+
+    def forbidden_functions(self) -> list[Callable]:
+        """Package functions a graded submission must not call.
+
+        The reference function itself, every function it calls directly that is
+        defined in the same module (for a thin wrapper such as
+        ``_exercise_ocd_reference`` that is the real implementation,
+        ``delete_color``), and the exercise's explicit ``forbidden`` list.
+        Functions of *other* modules (an earlier chapter's ``prompt_ensemble``
+        inside ``spurious_prototypes``) stay allowed as building blocks.
+        """
+        ref = _unwrap(self.reference_fn)
+        found: list[Callable] = [ref]
+        for fn in (*_same_module_callees(ref), *map(_unwrap, self.forbidden)):
+            if fn not in found:
+                found.append(fn)
+        return found
 
     def example_inputs(self, seed: int = 0) -> Any:
         """One set of random inputs, to try a function by hand."""
         return self.make_inputs(torch.Generator().manual_seed(seed))
+
+
+def _unwrap(fn: Callable) -> Callable:
+    fn = inspect.unwrap(fn)
+    return getattr(fn, "__func__", fn)
+
+
+def _same_module_callees(fn: Callable) -> list[Callable]:
+    """Plain functions that ``fn`` calls by name and that live in ``fn``'s own module."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    module = getattr(fn, "__module__", None)
+    namespace = getattr(fn, "__globals__", {})
+    out: list[Callable] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        target: Any = None
+        if isinstance(node.func, ast.Name):
+            target = namespace.get(node.func.id)
+        elif isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+            owner = namespace.get(node.func.value.id)
+            if isinstance(owner, types.ModuleType):
+                target = getattr(owner, node.func.attr, None)
+        if (
+            isinstance(target, types.FunctionType)
+            and target.__module__ == module
+            and target is not fn
+            and target not in out
+        ):
+            out.append(target)
+    return out
 
 
 _EXERCISES: dict[str, Exercise] = {}
@@ -290,8 +445,22 @@ def register_exercise(
     n_trials: int = 5,
     atol: float = 1e-5,
     rtol: float = 1e-4,
+    *,
+    points: float = 1.0,
+    forbidden: Sequence[Callable] = (),
 ) -> Exercise:
     """Register an exercise under ``name`` and return it.
+
+    Args:
+        name: the key readers pass to :func:`get_exercise`.
+        reference_fn: the package's answer.
+        make_inputs: ``torch.Generator -> inputs`` (a tuple is passed as positional
+            arguments, a dict as keywords); must draw every random number from the generator.
+        description, hint: shown to the reader.
+        n_trials, atol, rtol: see :func:`check`.
+        points: what the grader awards for this exercise.
+        forbidden: further package functions a submission may not call (the
+            reference and its same-module callees are always forbidden).
 
     Re-registering the same reference function (a module reloaded in a notebook)
     replaces the entry; a *different* function under a taken name is an error.
@@ -316,6 +485,8 @@ def register_exercise(
         n_trials=n_trials,
         atol=atol,
         rtol=rtol,
+        points=float(points),
+        forbidden=tuple(forbidden),
     )
     _EXERCISES[name] = ex
     return ex

@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean
+.PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean assignments
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench: setup  ## speed benchmarks (print ratios measured in one run)
 pretrain: setup  ## re-train shapeworld-tiny from scratch (about 15 minutes on 2 cores) and export it
 	$(PY) -m fewclip_tutorial.pretrain --out runs/pretrain
 	$(PY) -m fewclip_tutorial.pretrain --export runs/pretrain/last.pt
+
+assignments: setup  ## student edition (solutions removed) and instructor edition of every chapter in _build/assignments/
+	$(PY) scripts/make_assignments.py --out _build/assignments
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf _build .pytest_cache

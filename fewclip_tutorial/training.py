@@ -120,6 +120,20 @@ def _append(history: dict[str, list], prefix: str, extras: dict[str, float]) -> 
         history.setdefault(f"{prefix}{k}", []).append(v)
 
 
+def _global_mean(value: Tensor) -> float:
+    """The mean of a per-rank scalar over the ranks (the value itself in one process)."""
+    from fewclip_tutorial.distributed import dist_info
+
+    info = dist_info()
+    if info.enabled:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= info.world_size
+    return float(value)
+
+
 def fit(
     modules: nn.Module | Sequence[nn.Module],
     step_loss: Callable[[int], Tensor | Mapping[str, Tensor]],
@@ -157,7 +171,11 @@ def fit(
         device: where the step runs; CUDA turns on mixed precision unless ``amp=False``.
         amp: force mixed precision on/off (default: on for CUDA).  On CPU, ``amp=True``
             autocasts to bfloat16 (used in tests to simulate the GPU path).
-        progress, desc: tqdm bar.
+        progress, desc: tqdm bar (rank 0 only under torchrun).
+
+    Under ``torchrun`` the method wraps its trainable module in ``DistributedDataParallel``
+    (:func:`fewclip_tutorial.distributed.wrap_ddp`) and passes the *unwrapped* module here;
+    every rank evaluates the same synchronised weights, so all ranks select the same step.
 
     Returns:
         :class:`FitResult`.  The modules are left in eval mode holding the kept state.
@@ -219,7 +237,10 @@ def fit(
     if evaluate is not None:
         run_eval(0)
     stopped = False
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    from fewclip_tutorial.distributed import dist_info
+
+    show = progress and dist_info().is_main  # under torchrun, rank 0 alone draws the bar
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not show, leave=False)
     for step in bar:
         for m in mods:
             m.train()
@@ -231,10 +252,10 @@ def fit(
         scaler.step(optimizer)
         scaler.update()
         history["step"].append(step)
-        history["loss"].append(float(loss.detach()))
+        history["loss"].append(_global_mean(loss.detach().float()))
         history["lr"].append(lr_now)
         _append(history, "train_", extras)
-        if progress:
+        if show:
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
         if evaluate is not None and (step % eval_every == 0 or step == steps):
             if run_eval(step):

@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a grid of methods x episodes as shards, or merge results (`fewclip sweep -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "grade",
+        help="grade a folder of submitted notebooks into a CSV (`fewclip grade -h`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -504,6 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_pretrain(argv[1:])
         if argv and argv[0] == "sweep":
             return _cmd_sweep(argv[1:])
+        if argv and argv[0] == "grade":
+            from fewclip_tutorial.grading import main as grade_main
+
+            return grade_main(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

@@ -48,6 +48,7 @@ from fewclip_tutorial.zeroshot import prompt_ensemble, zero_shot_logits
 
 __all__ = [
     "EDITIONS",
+    "EXERCISE_MODULES",
     "Exercise",
     "Opaque",
     "SolutionsHiddenError",
@@ -498,10 +499,32 @@ def list_exercises() -> list[str]:
     return sorted(_EXERCISES)
 
 
+#: Modules whose ``register_exercises()`` (called if present, after the import) adds
+#: exercises: the method chapters, the comparison chapter's metrics, the appendix's
+#: pretraining.  A module that does not exist (yet) is skipped.
+EXERCISE_MODULES: tuple[str, ...] = (
+    "fewclip_tutorial.methods",
+    "fewclip_tutorial.metrics",
+    "fewclip_tutorial.pretrain",
+)
+
+
 def _import_method_exercises() -> None:
     import importlib
 
-    importlib.import_module("fewclip_tutorial.methods")
+    for name in EXERCISE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        register = getattr(module, "register_exercises", None)
+        if callable(register):
+            try:
+                register()
+            except NotImplementedError:  # a chapter whose exercises are not written yet
+                pass
 
 
 def get_exercise(name: str) -> Exercise:

@@ -32,8 +32,10 @@ How a notebook is graded
    costs another.
 5. The student process runs under a Python audit hook (:pep:`578`) that refuses
    to write, delete, rename or change any file outside its temporary folder, to
-   start processes or threads, to open sockets, to use ``ctypes`` or to walk the
-   garbage collector.  A hook cannot be removed from Python code; still, this is a
+   start processes, to open sockets, to use ``ctypes``, to walk the garbage
+   collector or to re-execute the package's modules (``importlib.reload``); a
+   submission that removes the profiler hook gets zero.  An audit hook cannot be
+   removed from Python code; still, this is a
    guard against accidents and casual cheating, not a security boundary: grade
    untrusted code in a container (as otter-grader does with Docker) when it
    matters.
@@ -71,7 +73,10 @@ __all__ = [
     "GradeConfig",
     "StudentGrades",
     "exercise_seed",
+    "build_parser",
     "find_submissions",
+    "main",
+    "new_run_seed",
     "grade_directory",
     "grade_notebooks",
     "notebook_code",
@@ -252,9 +257,6 @@ _FORBIDDEN_EVENTS_PREFIX = (
     "socket.",
     "ctypes.",
     "gc.get_",
-    "_thread.start_new_thread",
-    "sys.setprofile",
-    "sys.settrace",
     "sys.addaudithook",
     "winreg.",
     "webbrowser.",
@@ -454,6 +456,7 @@ def _child_main(
         for m in list(sys.modules.values())
         if getattr(m, "__file__", None) and str(m.__file__).startswith(package_dir)
     }
+    get_profile = sys.getprofile  # kept before the student's code can replace it
     sys.setprofile(profiler)
     threading.setprofile(profiler)
     _install_sandbox(sandbox_path, package_files)
@@ -501,13 +504,15 @@ def _child_main(
                 else:
                     error = f"trial {t + 1} raised {type(err).__name__}: {err}"[:500]
                 break
-            if hits:
+            if hits or get_profile() is not profiler:
                 break
             if exmod.compare_outputs(inputs, before, atol=0, rtol=0):
                 error = f"trial {t + 1}: the function modified its input in place; work on a copy"
                 break
             outputs.append(_sanitize(got))
         active[0] = {}
+        if get_profile() is not profiler:
+            error = "removed the grader's profiler (sys.setprofile): not allowed"
         if hits:
             error = f"uses the package's reference solution: it calls {hits[0]}"
         header = {"event": "result", "name": name, "error": error}
@@ -542,8 +547,10 @@ def _context() -> Any:
                 "fewclip grade needs fork (Linux or macOS); on Windows run it in WSL."
             )
         ctx = multiprocessing.get_context("forkserver")
+        from fewclip_tutorial.exercises import EXERCISE_MODULES
+
         ctx.set_forkserver_preload(
-            ["torch", "numpy", "fewclip_tutorial.exercises", "fewclip_tutorial.methods"]
+            ["torch", "numpy", "fewclip_tutorial.exercises", *EXERCISE_MODULES]
         )
         _CONTEXT = ctx
     return _CONTEXT
@@ -834,3 +841,94 @@ def write_grades_csv(
 def new_run_seed() -> int:
     """A fresh run seed (so that no list of inputs can be learnt in advance)."""
     return secrets.randbits(30)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> Any:
+    """The parser of ``fewclip grade``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="fewclip grade",
+        description=(
+            "Grade a folder of submitted notebooks (one NAME.ipynb or one NAME/ folder per "
+            "student): each notebook runs in its own sandboxed process, each exercise on fresh "
+            "random inputs; one CSV row per student."
+        ),
+    )
+    p.add_argument("submissions", help="folder of submissions")
+    p.add_argument("--out", default="grades.csv", help="CSV to write (default: grades.csv)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default: a fresh one)")
+    p.add_argument(
+        "--exercises",
+        default=None,
+        help="comma-separated exercise names (default: every exercise a submission checks)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per exercise (default: 10)")
+    p.add_argument(
+        "--setup-timeout",
+        type=float,
+        default=60.0,
+        help="seconds for a notebook's cells before its exercises (default: 60)",
+    )
+    p.add_argument(
+        "--output-limit",
+        type=int,
+        default=1_000_000,
+        help="bytes a submission may print (default: 1000000)",
+    )
+    p.add_argument(
+        "--trials", type=int, default=None, help="trials per exercise (default: its own)"
+    )
+    p.add_argument(
+        "--run-all", action="store_true", help="run every cell, not only definitions and exercises"
+    )
+    p.add_argument("--logs", default=None, help="folder for one log per student (what it printed)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fewclip grade``: returns the exit status (2 on bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    if args.trials is not None and args.trials < 1:
+        print("fewclip grade: error: --trials must be at least 1", file=sys.stderr)
+        return 2
+    seed = new_run_seed() if args.seed is None else args.seed
+    config = GradeConfig(
+        seed=seed,
+        timeout=args.timeout,
+        setup_timeout=args.setup_timeout,
+        output_limit=args.output_limit,
+        n_trials=args.trials,
+        run_all=args.run_all,
+    )
+    names = [n.strip() for n in args.exercises.split(",") if n.strip()] if args.exercises else None
+    print(f"run seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
+    try:
+        grades = grade_directory(
+            args.submissions,
+            config,
+            exercises=names,
+            progress=lambda s: print(f"grading {s} ...", file=sys.stderr),
+        )
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"fewclip grade: error: {message}", file=sys.stderr)
+        return 2
+    path = write_grades_csv(grades, args.out, seed)
+    if args.logs:
+        logs = Path(args.logs)
+        logs.mkdir(parents=True, exist_ok=True)
+        for g in grades:
+            (logs / f"{_safe_name(g.student)}.log").write_text(g.log, encoding="utf-8")
+    width = max(len(g.student) for g in grades)
+    for g in grades:
+        print(f"{g.student.ljust(width)}  {_fmt(g.total)} / {_fmt(g.max_points)}")
+    print(f"wrote {path}")
+    return 0

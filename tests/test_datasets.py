@@ -272,3 +272,29 @@ def test_corrupted_cifar_reports_integrity(tmp_path):
         DatasetNotFoundError, match="torchvision said: Dataset not found or corrupted"
     ):
         load_dataset("cifar10", root=tmp_path)
+
+
+def test_check_dataset_name_loads_nothing(monkeypatch):
+    from fewclip_tutorial.data import registry
+
+    def no_loading(**kwargs):
+        raise AssertionError("check_dataset_name must not load a dataset")
+
+    monkeypatch.setitem(TORCHVISION_LOADERS, "eurosat", no_loading)
+    assert registry.check_dataset_name(" EuroSAT ") == "eurosat"
+    assert registry.check_dataset_name("shapeworld-blueprint") == "shapeworld-blueprint"
+    assert registry.check_dataset_name("ImageFolder:/data/x") == "imagefolder:/data/x"
+    assert registry.is_downloadable("dtd") and not registry.is_downloadable("shapeworld")
+    with pytest.raises(UnknownDatasetError, match="Did you mean 'eurosat'"):
+        registry.check_dataset_name("eurosatt")
+    with pytest.raises(ValueError, match="needs a path"):
+        registry.check_dataset_name("imagefolder:")
+
+
+def test_download_flag_for_local_and_generated_datasets(tmp_path):
+    write_images(tmp_path / "a", 5)
+    write_images(tmp_path / "b", 5, start=50)
+    spec = load_dataset(f"imagefolder:{tmp_path}", download=False)  # accepted, nothing to do
+    assert spec.classnames == ["a", "b"]
+    with pytest.raises(ValueError, match="nothing to download"):
+        load_dataset(f"imagefolder:{tmp_path}", download=True)

@@ -9,7 +9,9 @@ from torch import nn
 
 from fewclip_tutorial.attacks import (
     EPS,
+    STEP_SIZES,
     NormalizedClassifier,
+    attack,
     cw,
     cw_margin_loss,
     fgsm,
@@ -123,3 +125,45 @@ def test_cw_margin_loss_by_hand_and_input_checks() -> None:
         pgd(clf, x, y, eps=0.0)
     with pytest.raises(ValueError, match="labels"):
         fgsm(clf, x, y[:2])
+
+
+def _total_brightness(x: torch.Tensor) -> torch.Tensor:
+    """Two-class logits ``[s, -s]``, ``s`` the pixel sum: CE on class 0 always lowers pixels."""
+    s = x.sum(dim=(1, 2, 3))
+    return torch.stack([s, -s], dim=1)
+
+
+def test_pgd_step_defaults_to_the_authors_eps_over_10() -> None:
+    """CLAP main/evaluate.py: step_size = eps / 10 for PGD-20 and CW-20, eps for FGSM."""
+    x = torch.full((2, 3, 4, 4), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    # the CE gradient w.r.t. every pixel is negative, so each step moves every pixel by -alpha
+    one = pgd(_total_brightness, x, y, steps=1, random_start=False)
+    torch.testing.assert_close(one, x - EPS / 10)
+    three = pgd(_total_brightness, x, y, steps=3, random_start=False)
+    torch.testing.assert_close(three, x - 3 * EPS / 10)
+    quarter = pgd(_total_brightness, x, y, steps=1, random_start=False, alpha="quarter")
+    torch.testing.assert_close(quarter, x - EPS / 4)
+    assert STEP_SIZES == {"clap": 0.1, "quarter": 0.25}
+    # 20 steps of eps/10 reach the eps boundary and stay there (projection)
+    torch.testing.assert_close(pgd(_total_brightness, x, y, random_start=False), x - EPS)
+    torch.testing.assert_close(fgsm(_total_brightness, x, y), x - EPS)
+    # CW uses the same step: its margin also falls with the pixel sum for class 0
+    torch.testing.assert_close(
+        cw(_total_brightness, x, y, steps=2, random_start=False), x - 0.2 * EPS
+    )
+    with pytest.raises(ValueError, match="quarter"):
+        pgd(_total_brightness, x, y, alpha="half")
+
+
+def test_robust_accuracy_passes_the_step_to_pgd_and_cw() -> None:
+    torch.manual_seed(0)
+    visual = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.Tanh())
+    clf = NormalizedClassifier(visual, MEAN, STD, F.normalize(torch.randn(3, 4), dim=-1))
+    x = torch.rand(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for a in ("pgd", "cw"):
+        got = attack(a, clf, x, y, seed=5, alpha="quarter")
+        loss = "ce" if a == "pgd" else "cw"
+        gen = torch.Generator().manual_seed(5)
+        torch.testing.assert_close(got, pgd(clf, x, y, alpha=EPS / 4, loss=loss, generator=gen))

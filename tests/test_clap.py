@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +36,7 @@ from fewclip_tutorial.methods.clap import (
     train_clap,
     train_clap_image_features,
 )
+from fewclip_tutorial.zeroshot import prompt_ensemble
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -353,6 +355,38 @@ def test_clap_loss_is_sum_of_terms() -> None:
     torch.testing.assert_close(clap_loss(x, y, c, lambda_c=0.0), info_nce(x, y, 0.5))
 
 
+def _authors_simclr(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """The authors' SimCLR loss (CLAP ``utils/loss.py``, ``InfoNCELoss``), written out here.
+
+    Cosine similarities by broadcasting; self-similarities within a view are -inf; the
+    score matrix is ``[[xy, xx], [yy, xy^T]]`` and the target of row ``r`` is column ``r``.
+    """
+    cos = torch.nn.CosineSimilarity(dim=-1)
+    xx = cos(x.unsqueeze(-2), x.unsqueeze(-3)) / tau
+    yy = cos(y.unsqueeze(-2), y.unsqueeze(-3)) / tau
+    xy = cos(x.unsqueeze(-2), y.unsqueeze(-3)) / tau
+    n = xy.shape[-1]
+    xx[range(n), range(n)] = float("-inf")
+    yy[range(n), range(n)] = float("-inf")
+    scores = torch.cat([torch.cat([xy, xx], -1), torch.cat([yy, xy.T], -1)], -2)
+    log_p = scores.log_softmax(-1)
+    return -log_p[range(2 * n), range(2 * n)].mean()
+
+
+def test_symmetric_simclr_form_is_the_authors_whole_objective() -> None:
+    """main/trainer.py: InfoNCELoss(tau_txt)(z_t, z_t_) + scale_coef * InfoNCELoss(tau_cnt)(z_t_, z_c)."""
+    g = torch.Generator().manual_seed(3)
+    z_t, z_aug = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    classes = torch.randn(3, 5, generator=g)
+    z_c = classes[torch.tensor([0, 1, 2, 0, 1, 2])]  # repeated class names in one batch
+    authors = _authors_simclr(z_t, z_aug, 0.5) + 0.7 * _authors_simclr(z_aug, z_c, 1.0)
+    ours = clap_loss(z_t, z_aug, z_c, tau=0.5, tau_c=1.0, lambda_c=0.7, form="symmetric_simclr")
+    torch.testing.assert_close(ours, authors)
+    # the paper's cross-view form is a different objective on the same tensors
+    paper = clap_loss(z_t, z_aug, z_c, tau=0.5, tau_c=1.0, lambda_c=0.7, form="cross_view")
+    assert abs(float(paper) - float(authors)) > 0.1
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -376,7 +410,7 @@ def test_training_lowers_the_loss_and_caches_strings() -> None:
     assert len(losses) == 80 and res.best_step == 80 and not res.network.training
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
     # strings: 24 prompts + 3 class names + their augmented variants (at most 8 each)
-    assert res.history["cached_strings"][0] <= 24 + 3 + 24 * 8
+    assert res.cached_strings <= 24 + 3 + 24 * 8
     again = train_clap(
         _word_encoder(), prompts, steps=80, lr=1e-2, batch_size=12, hidden=16, seed=0,
         device="cpu", progress=False,
@@ -425,8 +459,39 @@ def test_image_variant_trains_on_view_pairs() -> None:
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     with pytest.raises(ValueError, match="V >= 2"):
         train_clap_image_features(views[:1], steps=1, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="lambda_c"):
-        train_clap_image_features(views, lambda_c=1.0, steps=1, device="cpu", progress=False)
+    with pytest.raises(TypeError, match="no_such_setting"):
+        train_clap_image_features(views, no_such_setting=1, device="cpu", progress=False)
+
+
+def test_identity_at_start_and_lr_zero_keeps_step_zero() -> None:
+    """Step 0 is the identity network; with lr = 0 no step can beat it, so it is kept."""
+    prompts = _toy_prompts()
+    x = torch.randn(7, 16)
+    start = train_clap(_word_encoder(), prompts, steps=0, hidden=8, device="cpu", progress=False)
+    assert torch.equal(start.network(x), x) and start.best_step == 0
+    calls = []
+
+    def val_fn(net: DisentangleNetwork) -> float:  # validation: a fixed random problem
+        calls.append(1)
+        return float((refine(x, net) @ x.T).diagonal().sum())
+
+    res = train_clap(
+        _word_encoder(), prompts, steps=40, lr=0.0, batch_size=8, hidden=8, eval_every=10,
+        patience=0, val_fn=val_fn, device="cpu", progress=False,
+    )  # fmt: skip
+    assert res.best_step == 0 and res.steps_run == 40 and len(calls) == 5
+    assert res.history["val_step"] == [0, 10, 20, 30, 40]
+    assert torch.count_nonzero(res.network.projection.weight) == 0
+    assert torch.equal(res.network(x), x)
+
+
+def test_default_batch_is_just_above_the_number_of_classes() -> None:
+    # the authors' configs: 8 for PACS (7 classes) and VLCS (5); always more than the classes
+    assert clap.default_batch_size(5) == clap.default_batch_size(7) == 8
+    assert clap.default_batch_size(10) == 16
+    for c in range(1, 400):
+        b = clap.default_batch_size(c)
+        assert c < b <= c + 8 and b % 8 == 0
 
 
 # ----------------------------------------------------------------------------- inference
@@ -446,10 +511,16 @@ def test_refine_and_refined_classifier() -> None:
     r = refine(x, net, 0.4)
     torch.testing.assert_close(r.norm(dim=-1), torch.ones(5))
     torch.testing.assert_close(refine(x, net, 0.0), F.normalize(x, dim=-1))
-    t = torch.randn(3, 4, 6)  # 3 templates, 4 classes
+    t = torch.randn(4, 3, 6)  # (C, M, D): 4 classes, 3 templates
     w = refined_classifier(t, net, 0.4)
-    torch.testing.assert_close(w, F.normalize(refine(t, net, 0.4).mean(0), dim=-1))
-    torch.testing.assert_close(refined_classifier(t[0], net, 0.4), refine(t[0], net, 0.4))
+    refined = F.normalize(net(t, lam=0.4), dim=-1)
+    torch.testing.assert_close(w, F.normalize(refined.mean(1), dim=-1))
+    assert w.shape == (4, 6)
+    torch.testing.assert_close(refined_classifier(t[:, 0], net, 0.4), refine(t[:, 0], net, 0.4))
+    # lam = 0: CLIP's prompt ensemble over the (C, M, D) layout
+    torch.testing.assert_close(refined_classifier(t, net, 0.0), prompt_ensemble(t))
+    with pytest.raises(ValueError, match=r"\(C, M, D\)"):
+        refined_classifier(t.unsqueeze(0), net, 0.4)
 
 
 def test_lambda_is_selected_on_the_given_validation_split() -> None:
@@ -467,9 +538,34 @@ def test_lambda_is_selected_on_the_given_validation_split() -> None:
     lam_b, scores_b = select_lambda(feats, predictions(1.0), text, net, grid=(0.0, 0.5, 1.0))
     assert lam_a == 0.0 and scores_a[0.0] == 100.0
     assert lam_b == 1.0 and scores_b[1.0] == 100.0 and scores_b[0.0] < 100.0
-    # ties go to the smallest lam in the grid
-    lam_t, _ = select_lambda(feats, predictions(0.0), text, net, grid=(0.0, 0.0001))
-    assert lam_t == 0.0
+    # equal accuracies: the lower validation cross-entropy (logit scale 100) wins
+    small = _random_network()
+    with torch.no_grad():
+        small.projection.weight.mul_(1e-3)  # moves logits, not the argmax
+    grid = (0.0, 0.5, 1.0)
+    with torch.no_grad():
+        preds = [
+            (refine(feats, small, v) @ refined_classifier(text, small, v).T).argmax(-1)
+            for v in grid
+        ]
+    stable = (preds[0] == preds[1]) & (preds[0] == preds[2])  # rows whose argmax never moves
+    feats = feats[stable]
+    labels = torch.randint(0, 5, (len(feats),), generator=g)
+    _, accs = select_lambda(feats, labels, text, small, grid=grid)
+    assert len(set(accs.values())) == 1  # the three lams tie on accuracy
+
+    def cross_entropy(lam: float) -> float:
+        with torch.no_grad():
+            logits = 100 * refine(feats, small, lam) @ refined_classifier(text, small, lam).T
+        log_p = logits - logits.logsumexp(-1, keepdim=True)
+        return float(-log_p[torch.arange(len(labels)), labels].mean())
+
+    lam_ce, _ = select_lambda(feats, labels, text, small, grid=grid)
+    assert lam_ce == min(grid, key=cross_entropy)
+    assert len({round(cross_entropy(v), 6) for v in grid}) == 3
+    # exact ties (the identity network) go to the first lam of the grid
+    identity = DisentangleNetwork(6, hidden=4)
+    assert select_lambda(feats, labels, text, identity, grid=(0.5, 0.0, 1.0))[0] == 0.5
     with pytest.raises(ValueError, match="empty grid"):
         select_lambda(feats, predictions(0.0), text, net, grid=())
 
@@ -510,26 +606,40 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
         features=features,
         report=report,
     )
-    res = clap.run_clap_experiment(ctx, steps=4, batch_size=8, hidden=8, progress=False)
+    res = clap.run_clap_experiment(ctx, steps=4, eval_every=2, hidden=8, progress=False)
     assert requested[0] == "val" and "test" in requested  # val first; test only for reporting
     assert set(res["zero_shot_by_prompt"]) == {"C", "PC", "CP", "NC"}
     assert set(res["zero_shot_by_prompt"]["NC"]) == {"clip", "refined"}
     best = max(res["lam_val_accuracy"].values())
     assert res["lam_val_accuracy"][f"{res['lam']:g}"] == best
-    assert res["num_prompts"] == 3 * 480
+    assert res["history"]["val_step"] == [0, 2, 4] and res["steps_run"] == 4
+    assert len(res["history"]["val_accuracy_at_1"]) == 3
+    # text features in the (C, M, D) layout of every other module
+    fitted = clap.fit_clap(ctx, steps=0, progress=False)
+    assert fitted.text_features.shape == (3, 2, dim) and fitted.result.best_step == 0
     with pytest.raises(ValueError, match="'val'"):
         clap.run_clap_experiment(ctx, steps=1, lam="best", progress=False)
+    with pytest.raises(ValueError, match="has no option"):
+        clap.run_clap_experiment(ctx, stpes=1, progress=False)
+
+
+def test_clap_options_are_declared_once() -> None:
+    from fewclip_tutorial.experiment import get_method
+
+    assert get_method("clap").options == clap.CLAP_OPTIONS
+    for f in fields(clap.CLAPConfig):
+        assert clap.CLAP_OPTIONS[f.name].default == f.default
 
 
 def test_pixel_space_classifier_matches_backbone_features(backbone) -> None:
     """Attacks see [0, 1] pixels; NormalizedClassifier must reproduce the backbone's logits."""
     from PIL import Image
 
-    from fewclip_tutorial.attacks import NormalizedClassifier
+    from fewclip_tutorial.attacks import NormalizedClassifier, pixel_transform
 
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
-    pixels = torch.stack([clap._pixel_transform(backbone.preprocess)(im) for im in imgs])
+    pixels = torch.stack([pixel_transform(backbone.preprocess)(im) for im in imgs])
     assert pixels.min() >= 0 and pixels.max() <= 1
     head = F.normalize(torch.randn(4, backbone.embed_dim), dim=-1)
     net = _random_network(backbone.embed_dim)

@@ -1,12 +1,11 @@
 """CLAP: contrastive learning with augmented prompts (Cai et al., ECCV 2024).
 
-CLAP keeps CLIP frozen and trains a small residual network on top of its
-features so that *content* (the class) survives while *style* (colour, size,
-image type, art style) is discounted.  It is trained on **text only**: a prompt
-``"a [art style] [image type] of a [object size] [object color] [class]"`` and an
-augmented copy of it (style words deleted, word order swapped, noise tokens
-inserted) should map to the same point, and close to the bare class name.  At
-inference the same network refines both the image and the text features.
+CLAP keeps CLIP frozen and trains a small residual network on its features so that
+*content* (the class) survives while *style* (colour, size, image type, art style) is
+discounted.  It is trained on **text only**: a prompt ``"a [art style] [image type] of a
+[object size] [object color] [class]"`` and an augmented copy (style words deleted, word
+order swapped, noise tokens inserted) should map to the same point, close to the bare
+class name.  At inference the same network refines image and text features.
 
 Functional core (tensors / small dataclasses in, out):
 
@@ -18,25 +17,27 @@ Functional core (tensors / small dataclasses in, out):
 * :func:`info_nce`, :func:`clap_loss` -- the contrastive objectives.
 * :func:`refine`, :func:`refined_classifier`, :func:`select_lambda` -- inference.
 
-Thin trainers: :func:`train_clap` (text, the method) and :func:`train_clap_image`
-(the paper's Im.Aug baseline: the same network trained on augmented image views).
+Trainers, all through :func:`fewclip_tutorial.training.fit`: :func:`train_clap` (text,
+the method), :func:`train_clap_image_features` / :func:`train_clap_image` (the paper's
+Im.Aug baseline, augmented image views).  :func:`fit_clap` trains and selects in a runner
+``Context``; :func:`run_clap_experiment` (the registered ``"clap"`` method) evaluates.
 
 Deliberate choices (see each docstring):
 
-* the residual branch is *pre-activation*, ``W2(W1 SiLU(x) + b1)``, as in REFERENCE.md
-  and the authors' network code, not ``W2(SiLU(W1 x + b1))``;
-* InfoNCE defaults to the paper's cross-view form; the code's symmetric SimCLR form
-  (intra-view negatives) is ``form="symmetric_simclr"``;
-* the inference weight ``lam`` is chosen on the few-shot **validation** split; the
-  reference chose it on the test domains.
+* the residual branch is *pre-activation*, ``W2(W1 SiLU(x) + b1)``, as in the authors'
+  ``main/networks.py`` (``ResMLP``), not ``W2(SiLU(W1 x + b1))``;
+* InfoNCE defaults to the paper's cross-view form; ``form="symmetric_simclr"``
+  reproduces the authors' objective (``InfoNCELoss`` of ``utils/loss.py`` for both terms);
+* the inference weight ``lam`` and the training step are chosen on the few-shot
+  **validation** split; the authors chose ``lam`` on the test domains
+  (``search_alpha.py``) and stopped on the training loss (``main/trainer.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -46,74 +47,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fewclip_tutorial.data import shapeworld as sw
+from fewclip_tutorial.device import autocast, get_device
+from fewclip_tutorial.metrics import accuracy
+from fewclip_tutorial.training import FitResult, fit
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_ensemble, prompt_text_features
+
+# fmt: off
 __all__ = [
-    "AUGMENTATIONS",
-    "IMAUG_PROMPTS_PER_CLASS",
-    "LAMBDA_GRID",
-    "PAPER_ART_STYLES",
-    "PAPER_COLORS",
-    "PAPER_IMAGE_TYPES",
-    "PAPER_SIZES",
-    "ZERO_SHOT_PROMPTS",
-    "AugmentConfig",
-    "CLAPResult",
-    "DisentangleNetwork",
-    "PromptAttributes",
-    "TextFeatureCache",
-    "augment_prompt",
-    "augment_structure",
-    "clap_loss",
-    "clap_prompts",
-    "delete_art_style",
-    "delete_color",
-    "delete_image_type",
-    "delete_size",
-    "encode_text_with_noise",
-    "image_augmentation",
-    "info_nce",
-    "prompt_form_classifier",
-    "refine",
-    "refined_classifier",
-    "register_exercises",
-    "run_clap_experiment",
-    "select_lambda",
-    "swap_order",
-    "train_clap",
-    "train_clap_image",
-    "train_clap_image_features",
-    "zero_shot_accuracy",
+    "AUGMENTATIONS", "CLAP_OPTIONS", "IMAUG_PROMPTS_PER_CLASS", "LAMBDA_GRID",
+    "PAPER_ART_STYLES", "PAPER_COLORS", "PAPER_IMAGE_TYPES", "PAPER_SIZES",
+    "ZERO_SHOT_PROMPTS", "AugmentConfig", "CLAPFit", "CLAPResult", "DisentangleNetwork",
+    "PromptAttributes", "TextFeatureCache", "augment_prompt", "augment_structure", "clap_loss",
+    "clap_prompts", "dataset_factors", "default_batch_size", "delete_art_style",
+    "delete_color", "delete_image_type", "delete_size", "encode_text_with_noise", "fit_clap",
+    "image_augmentation", "info_nce", "prompt_form_classifier", "refine", "refined_classifier",
+    "register_exercises", "run_clap_experiment", "select_lambda", "swap_order", "train_clap",
+    "train_clap_image", "train_clap_image_features",
 ]
+# fmt: on
 
 # ----------------------------------------------------------------------------- constants
 
-#: Object colours of the paper's prompt set.
-PAPER_COLORS: tuple[str, ...] = (
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "purple",
-    "orange",
-    "black",
-    "white",
-    "brown",
-    "multicolored",
-)
-#: Object sizes of the paper's prompt set.
-PAPER_SIZES: tuple[str, ...] = ("large", "normal sized", "small")
+#: Object colours and sizes of the paper's prompt set (ShapeWorld was built with the same lists).
+PAPER_COLORS: tuple[str, ...] = tuple(sw.COLORS)
+PAPER_SIZES: tuple[str, ...] = tuple(sw.SIZES)
 #: Image types of the paper's prompt set.
 PAPER_IMAGE_TYPES: tuple[str, ...] = (
-    "painting",
-    "sketch",
-    "cartoon",
-    "clipart",
-    "photograph",
-    "infograph",
-    "mosaic art",
-    "sculpture",
-)
+    "painting", "sketch", "cartoon", "clipart", "photograph", "infograph", "mosaic art", "sculpture",
+)  # fmt: skip
 #: Art styles of the paper's prompt set (10 x 3 x 8 x 2 = 480 prompts per class).
-PAPER_ART_STYLES: tuple[str, ...] = ("realistic", "impressionistic")
+PAPER_ART_STYLES: tuple[str, ...] = tuple(sw.ART_STYLES)
 
 #: Inference weights ``lam`` tried on the validation split (the paper's picks, 0.056-0.208,
 #: lie inside; 0 is plain CLIP, 1 is the training setting).
@@ -148,10 +112,9 @@ class DisentangleNetwork(nn.Module):
     * ``W1`` (``in_dim -> hidden``) has a bias ``b1``; ``W2`` (``hidden -> out_dim``) has
       **no bias and is zero-initialised**, so the network is the identity (or the
       shortcut) at initialisation, and exactly so for ``lam = 0``.
-    * The activation is applied to the *input* (pre-activation).  REFERENCE.md writes the
-      network this way and the authors' network code does the same; the alternative
-      ``W2(SiLU(W1 x + b1))`` (a standard MLP) is equally an identity at init.  We follow
-      the reference so that ``hidden`` and ``lam`` mean what they mean in the paper.
+    * The activation is applied to the *input* (pre-activation), as in the authors'
+      ``main/networks.py`` (``ResMLP.forward``: activation, linear, projection, plus ``x``);
+      ``W2(SiLU(W1 x + b1))`` would be equally an identity at init.
     * When ``in_dim != out_dim`` the shortcut down/up-samples ``x`` by nearest-neighbour
       interpolation along the feature axis (``F.interpolate(mode="nearest")`` on ``(B, 1, D)``).
 
@@ -519,9 +482,9 @@ def info_nce(a: Tensor, b: Tensor, tau: float = 0.5, form: LossForm = "cross_vie
 
     * ``form="cross_view"`` (the paper's equation): ``mean_i -log softmax_j(s_ij)[i]``, the
       negatives of ``a_i`` are the other rows of ``b`` only.
-    * ``form="symmetric_simclr"`` (the reference code, SimCLR's NT-Xent): ``2B`` rows; row
-      ``a_i`` scores ``[a_i . b_j, a_i . a_k (k != i)]``, row ``b_i`` scores
-      ``[b_i . a_j, b_i . b_k (k != i)]``, the positive is the cross-view pair.
+    * ``form="symmetric_simclr"`` (the authors' ``InfoNCELoss`` in ``utils/loss.py``,
+      SimCLR's NT-Xent): ``2B`` rows; row ``a_i`` scores ``[a_i . b_j, a_i . a_k (k != i)]``,
+      row ``b_i`` scores ``[b_i . a_j, b_i . b_k (k != i)]``, the positive is the cross-view pair.
 
     Args:
         a, b: ``(B, D)`` features.
@@ -562,17 +525,23 @@ def clap_loss(
     lambda_c: float = 1.0,
     form: LossForm = "cross_view",
 ) -> Tensor:
-    """CLAP's objective: ``InfoNCE(prompt, augmented; tau) + lambda_c InfoNCE(augmented, class; tau_c)``.
+    """CLAP's objective ``InfoNCE(prompt, augmented; tau) + lambda_c InfoNCE(augmented, class; tau_c)``.
 
     All inputs are *refined* features (after the network), ``(B, D)``, row-aligned:
     row ``i`` of ``class_name_features`` is the class-name prompt of prompt ``i``.
-    ``form`` applies to the first term; the class-name term is always cross-view
-    (intra-view negatives among repeated class names would be meaningless).
+    ``form`` applies to **both** terms:
+
+    * ``"cross_view"``: the paper's training loss (Sec. 4), negatives from the other view only;
+    * ``"symmetric_simclr"``: the authors' code, ``main/trainer.py`` computing
+      ``loss_text_modal(z_t, z_t_) + scale_coef * loss_align_content(z_t_, z_c)`` with both
+      losses ``InfoNCELoss`` of ``utils/loss.py``.  Its class term has intra-view negatives
+      among the class-name features, including repeats of the same class in a batch.
+
     Paper settings: ``tau`` 0.5 (small datasets) or 0.3, ``tau_c = 1``, ``lambda_c`` 1 or 1e-4.
     """
     loss = info_nce(anchor, augmented, tau, form)
     if lambda_c:
-        loss = loss + lambda_c * info_nce(augmented, class_name_features, tau_c, "cross_view")
+        loss = loss + lambda_c * info_nce(augmented, class_name_features, tau_c, form)
     return loss
 
 
@@ -588,30 +557,20 @@ def refined_classifier(text_features: Tensor, network: DisentangleNetwork, lam: 
     """Zero-shot classifier from refined text features.
 
     Args:
-        text_features: ``(C, D)`` (one prompt per class) or ``(T, C, D)`` (``T`` templates).
+        text_features: ``(C, D)`` (one prompt per class) or ``(C, M, D)`` (``M`` templates,
+            the layout of :func:`fewclip_tutorial.zeroshot.prompt_text_features`).
 
     Returns:
-        ``(C, D_out)``: each prompt refined and normalised, averaged over templates, renormalised.
+        ``(C, D_out)``: each prompt refined, then CLIP's prompt ensemble (mean over ``M``,
+        renormalised; :func:`fewclip_tutorial.zeroshot.prompt_ensemble`).
     """
     if text_features.dim() == 2:
-        text_features = text_features.unsqueeze(0)
+        text_features = text_features.unsqueeze(1)
     if text_features.dim() != 3:
         raise ValueError(
-            f"text_features must be (C, D) or (T, C, D), got shape {tuple(text_features.shape)}."
+            f"text_features must be (C, D) or (C, M, D), got shape {tuple(text_features.shape)}."
         )
-    return F.normalize(refine(text_features, network, lam).mean(0), dim=-1)
-
-
-def zero_shot_accuracy(image_features: Tensor, labels: Tensor, classifier: Tensor) -> float:
-    """Top-1 accuracy in percent of ``argmax(image_features @ classifier.T)``: ``(N, D), (N,), (C, D)``."""
-    if image_features.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{image_features.shape[0]} features but {labels.shape[0]} labels; pass one label per row."
-        )
-    if image_features.shape[0] == 0:
-        raise ValueError("zero_shot_accuracy got no samples.")
-    pred = (image_features.float() @ classifier.float().to(image_features.device).T).argmax(-1)
-    return float((pred.cpu() == labels.cpu()).float().mean() * 100.0)
+    return prompt_ensemble(refine(text_features, network, lam))
 
 
 @torch.no_grad()
@@ -633,12 +592,30 @@ def prompt_form_classifier(
     dev = torch.device(backbone.device)
     tokens = backbone.tokenizer(texts).to(dev)
     gen = torch.Generator().manual_seed(seed)
-    with _autocast(dev):
+    with autocast(dev):
         w = encode_text_with_noise(backbone.model, tokens, 4, 0.02, "front", gen)
     return F.normalize(w.float(), dim=-1)
 
 
 @torch.no_grad()
+def _lambda_scores(
+    features: Tensor,
+    labels: Tensor,
+    text_features: Tensor,
+    network: DisentangleNetwork,
+    grid: Sequence[float],
+) -> dict[float, tuple[float, float]]:
+    """``{lam: (accuracy %, -cross-entropy)}`` of the refined zero-shot classifier."""
+    device = next(network.parameters()).device
+    f, t, y = features.to(device), text_features.to(device), labels.to(device)
+    out = {}
+    for lam in grid:
+        logits = CLIP_LOGIT_SCALE * refine(f, network, lam) @ refined_classifier(t, network, lam).T
+        acc = float((logits.argmax(-1) == y).float().mean() * 100.0)
+        out[float(lam)] = (acc, -float(F.cross_entropy(logits, y)))
+    return out
+
+
 def select_lambda(
     val_features: Tensor,
     val_labels: Tensor,
@@ -646,15 +623,15 @@ def select_lambda(
     network: DisentangleNetwork,
     grid: Sequence[float] = LAMBDA_GRID,
 ) -> tuple[float, dict[float, float]]:
-    """Choose the inference weight ``lam`` on the **validation** split.
+    """Choose the inference weight ``lam`` on the **validation** split (the authors used test).
 
-    The reference picked ``lam`` on the test domains; here only validation features
-    enter.  Ties go to the first (smallest, i.e. closest to CLIP) value of ``grid``.
+    A ``lam`` scores its zero-shot accuracy; equal accuracies (a 40-image split moves in
+    steps of 2.5 points) are ordered by the cross-entropy at CLIP's logit scale, and exact
+    ties go to the first (smallest, closest to CLIP) value of ``grid``.
 
     Args:
-        val_features: ``(N, D)`` validation image features.
-        val_labels: ``(N,)``.
-        text_features: ``(C, D)`` or ``(T, C, D)`` raw text features.
+        val_features: ``(N, D)`` validation image features; val_labels: ``(N,)``.
+        text_features: ``(C, D)`` or ``(C, M, D)`` raw text features.
         grid: candidate values.
 
     Returns:
@@ -663,52 +640,71 @@ def select_lambda(
     grid = list(grid)
     if not grid:
         raise ValueError("select_lambda got an empty grid; pass e.g. LAMBDA_GRID.")
-    device = next(network.parameters()).device
     was_training = network.training
     network.eval()
-    f = val_features.to(device)
-    t = text_features.to(device)
-    scores = {
-        float(lam): zero_shot_accuracy(
-            refine(f, network, lam), val_labels, refined_classifier(t, network, lam)
-        )
-        for lam in grid
-    }
+    scores = _lambda_scores(val_features, val_labels, text_features, network, grid)
     network.train(was_training)
-    best = max(scores, key=lambda k: (scores[k], -grid.index(k)))
-    return best, scores
+    best = max(scores, key=lambda k: (*scores[k], -grid.index(k)))
+    return best, {k: v[0] for k, v in scores.items()}
 
 
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass
-class CLAPResult:
-    """A trained network and its training record.
+def _setting(default: Any, help: str, choices: list | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
-    Attributes:
-        network: the selected :class:`DisentangleNetwork` (eval mode).
-        history: ``"loss"`` per step; ``"val_step"`` / ``"val_score"`` at each evaluation.
-        best_step: the step whose weights were kept (0 = the identity network).
-        best_val: its validation score (``None`` without ``val_fn``).
+
+@dataclass(frozen=True)
+class CLAPConfig:
+    """CLAP's training settings, declared once (the trainers, :data:`CLAP_OPTIONS`, the CLI).
+
+    Defaults: the authors' small-dataset protocol (``runs/Results_CLAP_ViTB/PACS/config.yml``,
+    ``main/trainer.py``): Adam at a constant 1e-4 for 8000 steps, ``tau = 0.5``, ``tau_c = 1``,
+    ``lambda_c = 1``, a batch just above the number of classes.  They stopped on the training
+    loss (patience 5 checks); we keep the best state on validation, step 0 (the identity) included.
     """
 
-    network: DisentangleNetwork
-    history: dict[str, list] = field(default_factory=dict)
-    best_step: int = 0
-    best_val: float | None = None
+    steps: int = _setting(8000, "Adam steps (the authors' total_steps)")
+    lr: float = _setting(1e-4, "Adam learning rate, constant")
+    batch_size: int = _setting(
+        0, "prompts (or images) per step; 0: smallest multiple of 8 above the number of classes"
+    )
+    tau: float = _setting(0.5, "InfoNCE temperature (paper: 0.5 small datasets, else 0.3)")
+    tau_c: float = _setting(1.0, "temperature of the class-name term")
+    lambda_c: float = _setting(1.0, "weight of the class-name term (paper: 1 or 1e-4)")
+    loss_form: str = _setting(
+        "cross_view",
+        "cross_view (the paper's equation) or symmetric_simclr (the authors' code)",
+        ["cross_view", "symmetric_simclr"],
+    )
+    hidden: int = _setting(256, "hidden width of the disentangle network")
+    eval_every: int = _setting(500, "validate every this many steps")
+    patience: int = _setting(5, "stop after this many evaluations without gain (0: never)")
+    select_best: bool = _setting(True, "keep the best validated step (false: the last step)")
 
 
-def _device(device: torch.device | str | None) -> torch.device:
-    from fewclip_tutorial.device import get_device
+def default_batch_size(num_classes: int) -> int:
+    """The smallest multiple of 8 above ``num_classes``: the authors' batch rule.
 
-    return get_device(device)
+    Their configs use a batch "larger than the number of class names": 8 for PACS (7
+    classes) and VLCS (5), 96 for OfficeHome (65), 384 for DomainNet (345).  The rule
+    gives 8, 8, 72 and 352 for those, and 16 for ShapeWorld's 10 classes.
+    """
+    return 8 * (max(int(num_classes), 1) // 8 + 1)
 
 
-def _autocast(device: torch.device):
-    from fewclip_tutorial.device import autocast
+@dataclass
+class CLAPResult(FitResult):
+    """:class:`~fewclip_tutorial.training.FitResult` of a CLAP network, plus the network.
 
-    return autocast(device)
+    Attributes:
+        network: the kept :class:`DisentangleNetwork` (eval); the identity if ``best_step == 0``.
+        cached_strings: distinct strings encoded by text training (``None`` for images).
+    """
+
+    network: DisentangleNetwork | None = None
+    cached_strings: int | None = None
 
 
 class TextFeatureCache:
@@ -741,233 +737,162 @@ class TextFeatureCache:
         return torch.stack([self._store[t] for t in texts])
 
 
-#: Text-feature caches shared by every training run of the same frozen backbone (keyed by
-#: its identifier and the device): the text encoder never changes, so a string's feature
-#: is the same in every run, and sweeps over shots and seeds encode each string once.
+#: Text-feature caches by (backbone identifier, device): the text encoder is frozen, so
+#: sweeps over shots and seeds encode each string once.
 _TEXT_CACHES: dict[tuple[str, str], TextFeatureCache] = {}
 
 
 def _text_cache_for(text_encoder: Any, device: torch.device) -> TextFeatureCache:
+    if hasattr(text_encoder, "encode_text") and hasattr(text_encoder, "tokenizer"):
+        encode = text_encoder.encode_text
+    elif callable(text_encoder):
+        encode = lambda texts: F.normalize(text_encoder(texts).float(), dim=-1)  # noqa: E731
+    else:
+        raise TypeError(
+            "text_encoder must be a Backbone (with .encode_text and .tokenizer) or a function "
+            "list[str] -> (T, D) features."
+        )
     ident = getattr(text_encoder, "identifier", None)
     if not isinstance(ident, str):
-        return TextFeatureCache(_text_encode_fn(text_encoder), device)
-    key = (ident, str(device))
-    if key not in _TEXT_CACHES:
-        _TEXT_CACHES[key] = TextFeatureCache(_text_encode_fn(text_encoder), device)
-    return _TEXT_CACHES[key]
+        return TextFeatureCache(encode, device)
+    return _TEXT_CACHES.setdefault((ident, str(device)), TextFeatureCache(encode, device))
 
 
-def _text_encode_fn(text_encoder: Any) -> Callable[[list[str]], Tensor]:
-    if hasattr(text_encoder, "encode_text") and hasattr(text_encoder, "tokenizer"):
-        return lambda texts: text_encoder.encode_text(texts)
-    if callable(text_encoder):
-        return lambda texts: F.normalize(text_encoder(texts).float(), dim=-1)
-    raise TypeError(
-        "text_encoder must be a Backbone (with .encode_text and .tokenizer) or a function "
-        "list[str] -> (T, D) features."
-    )
+def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Index batches without replacement, a fresh permutation every pass (a short tail is dropped)."""
+    batch_size = min(batch_size, n)
+    while True:
+        perm = rng.sample(range(n), n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
 
 
-def _fit(
-    network: DisentangleNetwork,
-    batch_loss: Callable[[int], Tensor],
+def _train_network(
+    dim: int,
+    batch_loss: Callable[[DisentangleNetwork, list[int]], Tensor],
+    n: int,
+    num_classes: int,
+    config: CLAPConfig,
     *,
-    steps: int,
-    lr: float,
-    val_fn: Callable[[DisentangleNetwork], float] | None,
-    eval_every: int,
-    patience: int | None,
+    seed: int,
+    val_fn: Callable[[DisentangleNetwork], Any] | None,
+    device: torch.device,
     progress: bool,
     desc: str,
 ) -> CLAPResult:
-    """Adam on ``batch_loss(step)``; keeps the weights with the best ``val_fn`` score."""
-    if steps < 0:
-        raise ValueError(f"steps={steps} must be >= 0.")
-    if eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1.")
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    history: dict[str, list] = {"loss": [], "val_step": [], "val_score": []}
-    best_state = copy.deepcopy(network.state_dict())
-    best_step, best_val, bad_evals = 0, None, 0
-
-    def evaluate(step: int) -> bool:
-        nonlocal best_state, best_step, best_val, bad_evals
-        network.eval()
-        with torch.no_grad():
-            score = float(val_fn(network))
-        network.train()
-        history["val_step"].append(step)
-        history["val_score"].append(score)
-        if best_val is None or score > best_val:
-            best_state, best_step, best_val, bad_evals = (
-                copy.deepcopy(network.state_dict()),
-                step,
-                score,
-                0,
-            )
-        else:
-            bad_evals += 1
-        return patience is not None and bad_evals >= patience
-
-    if val_fn is not None:
-        evaluate(0)
-    network.train()
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        loss = batch_loss(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history["loss"].append(float(loss.detach()))
-        if progress:
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
-        if val_fn is not None and (step % eval_every == 0 or step == steps):
-            if evaluate(step):
-                break
-    if val_fn is None:
-        best_step = len(history["loss"])
-    else:
-        network.load_state_dict(best_state)
-    network.eval()
-    return CLAPResult(network=network, history=history, best_step=best_step, best_val=best_val)
-
-
-def _make_network(
-    in_dim: int, out_dim: int | None, hidden: int, seed: int, device: torch.device
-) -> DisentangleNetwork:
+    """A seeded identity network trained by Adam on ``batch_loss(network, indices)`` through ``fit``."""
+    if n < 2:
+        raise ValueError(f"{desc} needs at least 2 training samples, got {n}.")
+    batch_size = config.batch_size or default_batch_size(num_classes)
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size} must be >= 2: InfoNCE needs negatives.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = DisentangleNetwork(in_dim, out_dim, hidden)
-    return net.to(device)
-
-
-class _EpochSampler:
-    """Mini-batches of indices, a fresh permutation every pass over the data."""
-
-    def __init__(self, n: int, batch_size: int, rng: random.Random) -> None:
-        self.n, self.batch_size, self.rng = n, min(batch_size, n), rng
-        self.order: list[int] = []
-
-    def next(self) -> list[int]:
-        if len(self.order) < self.batch_size:
-            perm = list(range(self.n))
-            self.rng.shuffle(perm)
-            self.order = self.order + perm
-        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        if len(set(batch)) < len(batch):  # a wrap-around repeated an index: draw fresh
-            batch = self.rng.sample(range(self.n), self.batch_size)
-        return batch
+        network = DisentangleNetwork(dim, hidden=config.hidden).to(device)
+    batches = _batches(n, batch_size, random.Random(seed))
+    result = fit(
+        network,
+        lambda step: batch_loss(network, next(batches)),
+        steps=config.steps,
+        optimizer=torch.optim.Adam(network.parameters(), lr=config.lr),
+        evaluate=None if val_fn is None else (lambda: val_fn(network)),
+        eval_every=config.eval_every,
+        patience=config.patience or None,
+        select_best=config.select_best,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
+    return CLAPResult(**vars(result), network=network)
 
 
 def train_clap(
     text_encoder: Any,
     prompts: Sequence[PromptAttributes],
+    config: CLAPConfig | None = None,
     *,
-    steps: int = 500,
-    lr: float = 1e-4,
-    batch_size: int = 128,
-    tau: float = 0.5,
-    tau_c: float = 1.0,
-    lambda_c: float = 1.0,
-    loss_form: LossForm = "cross_view",
     aug: AugmentConfig | None = None,
     ign: bool = False,
     n_noise: int = 4,
     noise_std: float = 0.02,
     class_prompt: str = "{}",
-    hidden: int = 256,
-    out_dim: int | None = None,
     seed: int = 1,
-    val_fn: Callable[[DisentangleNetwork], float] | None = None,
-    eval_every: int = 50,
-    patience: int | None = None,
+    val_fn: Callable[[DisentangleNetwork], Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> CLAPResult:
-    """Train CLAP's network on text only (Cai et al., 2024).
+    """Train CLAP's network on text only (Cai et al., 2024; the authors' ``main/trainer.py``).
 
-    Each step draws ``B`` prompts, augments each (:func:`augment_prompt`), encodes the
-    original, the augmented and the class-name prompt with the frozen text encoder,
-    refines all three with the network (``lam = 1``) and minimises :func:`clap_loss`.
-    Without IGN every string is encoded once (:class:`TextFeatureCache`); with IGN the
-    augmented prompts go through :func:`encode_text_with_noise` every step, with the
-    insertion position drawn per batch.
+    Each step draws ``B`` prompts (a fresh permutation per pass), augments each
+    (:func:`augment_prompt`), encodes the original, the augmented and the class-name prompt
+    with the frozen text encoder, refines all three with the network (``lam = 1``) and
+    minimises :func:`clap_loss`.  Without IGN every string is encoded once
+    (:class:`TextFeatureCache`); with IGN the augmented prompts go through
+    :func:`encode_text_with_noise` every step, the insertion position drawn per batch.
 
-    Selection: with ``val_fn`` (e.g. validation zero-shot accuracy of the refined
-    features) the best-scoring weights over evaluations every ``eval_every`` steps are
-    kept, step 0 (the identity) included; ``patience`` evaluations without improvement
-    stop early.  Never pass a test-set score here.  Without ``val_fn`` the last weights
-    are returned (the paper stopped on the training loss).
+    Selection: with ``val_fn(network) -> score`` (higher is better; a float, a tuple or a
+    mapping with ``"score"``, see :func:`fewclip_tutorial.training.fit`) the state with the
+    best score over evaluations every ``config.eval_every`` steps is kept, step 0 (the
+    identity) included.  Never pass a test-set score.  Without ``val_fn`` the last state is kept.
 
     Args:
         text_encoder: a :class:`~fewclip_tutorial.backbones.Backbone` (needed for IGN), or a
             function ``list[str] -> (T, D)`` features.
         prompts: the structured training prompts (e.g. :func:`clap_prompts` for every class).
-        steps, lr, batch_size: Adam steps, learning rate (paper 1e-4), prompts per batch.
-        tau, tau_c, lambda_c, loss_form: see :func:`clap_loss`.
+        config: :class:`CLAPConfig`; ``overrides`` replace single fields (``steps=80``).
         aug: augmentation probabilities (default :class:`AugmentConfig`).
         ign, n_noise, noise_std: Gaussian noise tokens on the augmented view.
         class_prompt: format of the class-name prompt (``"{}"``: the bare class name).
-        hidden, out_dim: network size.
         seed: seeds network init, batch order, augmentations and noise.
 
     Returns:
         :class:`CLAPResult`.
     """
+    config = replace(config or CLAPConfig(), **overrides)
     prompts = list(prompts)
     if len(prompts) < 2:
         raise ValueError(
             f"train_clap needs at least 2 prompts (got {len(prompts)}); see clap_prompts()."
         )
-    if batch_size < 2:
-        raise ValueError(f"batch_size={batch_size} must be >= 2: InfoNCE needs negatives.")
     aug = AugmentConfig() if aug is None else aug
-    dev = _device(device if device is not None else getattr(text_encoder, "device", None))
+    dev = get_device(device if device is not None else getattr(text_encoder, "device", None))
     cache = _text_cache_for(text_encoder, dev)
     if ign and not (hasattr(text_encoder, "model") and hasattr(text_encoder, "tokenizer")):
         raise ValueError(
             "ign=True needs the open_clip model: pass the Backbone (with .model and "
             ".tokenizer) as text_encoder, or set ign=False."
         )
-    rng = random.Random(seed)
+    rng = random.Random(seed + 1)  # augmentations and noise positions (batches use seed)
     noise_gen = torch.Generator().manual_seed(seed)
-    sampler = _EpochSampler(len(prompts), batch_size, rng)
     anchor_texts = [p.render() for p in prompts]
     class_texts = [class_prompt.format(p.classname) for p in prompts]
-    dim = int(cache(anchor_texts[:1]).shape[-1])
-    network = _make_network(dim, out_dim, hidden, seed, dev)
 
     def noisy(texts: list[str]) -> Tensor:
         tokens = text_encoder.tokenizer(texts).to(text_encoder.device)
         position = rng.choice(NOISE_POSITIONS)
-        with torch.no_grad(), _autocast(dev):
+        with torch.no_grad(), autocast(dev):
             f = encode_text_with_noise(
                 text_encoder.model, tokens, n_noise, noise_std, position, noise_gen
             )
         return F.normalize(f.float(), dim=-1).to(dev)
 
-    def batch_loss(step: int) -> Tensor:
-        idx = sampler.next()
+    def batch_loss(network: DisentangleNetwork, idx: list[int]) -> Tensor:
         augmented = [augment_prompt(prompts[i], aug, rng) for i in idx]
         f_anchor = cache([anchor_texts[i] for i in idx])
         f_aug = noisy(augmented) if ign else cache(augmented)
         f_cls = cache([class_texts[i] for i in idx])
-        return clap_loss(
-            network(f_anchor), network(f_aug), network(f_cls), tau, tau_c, lambda_c, loss_form
-        )
+        z_anchor, z_aug, z_cls = network(torch.cat([f_anchor, f_aug, f_cls])).chunk(3)
+        terms = (config.tau, config.tau_c, config.lambda_c, config.loss_form)
+        return clap_loss(z_anchor, z_aug, z_cls, *terms)
 
-    result = _fit(
-        network,
-        batch_loss,
-        steps=steps,
-        lr=lr,
-        val_fn=val_fn,
-        eval_every=eval_every,
-        patience=patience,
-        progress=progress,
-        desc="CLAP",
-    )
-    result.history["cached_strings"] = [len(cache)]
+    dim = int(cache(anchor_texts[:1]).shape[-1])
+    num_classes = len({p.classname for p in prompts})
+    result = _train_network(
+        dim, batch_loss, len(prompts), num_classes, config, seed=seed, val_fn=val_fn,
+        device=dev, progress=progress, desc="CLAP",
+    )  # fmt: skip
+    result.cached_strings = len(cache)
     return result
 
 
@@ -976,7 +901,7 @@ def image_augmentation(
 ) -> Callable:
     """Im.Aug's view transform on PIL images: random resized crop + ColorJitter.
 
-    The paper says each with p = 0.5; the reference code applies both always, and so do we.
+    The paper says each with p = 0.5; the authors' code applies both always, and so do we.
     The crop keeps the input size.
     """
     from torchvision import transforms as T
@@ -995,102 +920,70 @@ def image_augmentation(
 
 def train_clap_image_features(
     view_features: Tensor,
-    labels: Tensor | None = None,
-    class_name_features: Tensor | None = None,
+    config: CLAPConfig | None = None,
     *,
-    steps: int = 500,
-    lr: float = 1e-4,
-    batch_size: int = 128,
-    tau: float = 0.5,
-    tau_c: float = 1.0,
-    lambda_c: float = 0.0,
-    loss_form: LossForm = "cross_view",
-    hidden: int = 256,
-    out_dim: int | None = None,
+    num_classes: int = 1,
     seed: int = 1,
-    val_fn: Callable[[DisentangleNetwork], float] | None = None,
-    eval_every: int = 50,
-    patience: int | None = None,
+    val_fn: Callable[[DisentangleNetwork], Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> CLAPResult:
     """Im.Aug core: train the network on pairs of augmented views of the same image.
 
     Each step draws ``B`` images and two different views of each and minimises
-    ``InfoNCE(view1, view2; tau)`` (the reference Im.Aug loss), plus, if ``lambda_c > 0``,
-    ``lambda_c InfoNCE(view2, class name; tau_c)`` as in :func:`clap_loss`.
+    ``InfoNCE(view1, view2; tau)`` in ``config.loss_form``: the authors' Im.Aug loss
+    (``main/trainer.py``, ``loss_image_modal``), with no class-name term.
 
     Args:
         view_features: ``(V, N, D)`` features of ``V >= 2`` augmented views of ``N`` images.
-        labels: ``(N,)`` class indices (needed when ``lambda_c > 0``).
-        class_name_features: ``(C, D)`` class-name text features (needed when ``lambda_c > 0``).
+        num_classes: sets the default batch size (:func:`default_batch_size`).
+        config, overrides, seed, val_fn: as in :func:`train_clap`.
     """
+    config = replace(config or CLAPConfig(), **overrides)
     if view_features.dim() != 3 or view_features.shape[0] < 2:
         raise ValueError(
             f"view_features must be (V, N, D) with V >= 2 views, got {tuple(view_features.shape)}; "
             "encode at least two augmented views per image."
         )
     n_views, n, dim = view_features.shape
-    if n < 2:
-        raise ValueError("train_clap_image needs at least 2 images.")
-    if lambda_c and (labels is None or class_name_features is None):
-        raise ValueError("lambda_c > 0 needs labels and class_name_features; or set lambda_c=0.")
-    dev = _device(device)
+    dev = get_device(device)
     feats = view_features.to(dev).float()
-    cls = None if class_name_features is None else class_name_features.to(dev).float()
-    y = None if labels is None else torch.as_tensor(labels, device=dev).long()
-    rng = random.Random(seed)
-    sampler = _EpochSampler(n, batch_size, rng)
-    network = _make_network(dim, out_dim, hidden, seed, dev)
+    rng = random.Random(seed + 1)
 
-    def batch_loss(step: int) -> Tensor:
-        idx = sampler.next()
+    def batch_loss(network: DisentangleNetwork, idx: list[int]) -> Tensor:
         pairs = [rng.sample(range(n_views), 2) for _ in idx]
         i = torch.as_tensor(idx, device=dev)
         v1 = torch.as_tensor([p[0] for p in pairs], device=dev)
         v2 = torch.as_tensor([p[1] for p in pairs], device=dev)
-        z1, z2 = network(feats[v1, i]), network(feats[v2, i])
-        loss = info_nce(z1, z2, tau, loss_form)
-        if lambda_c:
-            loss = loss + lambda_c * info_nce(z2, network(cls[y[i]]), tau_c, "cross_view")
-        return loss
+        return info_nce(network(feats[v1, i]), network(feats[v2, i]), config.tau, config.loss_form)
 
-    return _fit(
-        network,
-        batch_loss,
-        steps=steps,
-        lr=lr,
-        val_fn=val_fn,
-        eval_every=eval_every,
-        patience=patience,
-        progress=progress,
-        desc="Im.Aug",
-    )
+    return _train_network(
+        dim, batch_loss, n, num_classes, config, seed=seed, val_fn=val_fn, device=dev,
+        progress=progress, desc="Im.Aug",
+    )  # fmt: skip
 
 
 def train_clap_image(
     backbone: Any,
     images: Any,
+    config: CLAPConfig | None = None,
     *,
     n_views: int = 4,
-    classnames: Sequence[str] | None = None,
-    lambda_c: float = 0.0,
     seed: int = 1,
     progress: bool = True,
     **kwargs: Any,
 ) -> CLAPResult:
     """Im.Aug: the same network trained on augmented views of images instead of prompts.
 
-    ``n_views`` views of every image are drawn once with :func:`image_augmentation`,
-    encoded by the frozen image encoder and cached; training then samples view pairs
-    (:func:`train_clap_image_features`).  In the paper the images are one synthetic
-    image per prompt; for ShapeWorld the runner renders them from the prompt factors.
+    ``n_views`` views of every image (:func:`image_augmentation`) are encoded once; training
+    samples view pairs (:func:`train_clap_image_features`).  The paper's images are one
+    synthetic image per prompt; for ShapeWorld the runner renders them from the prompt factors.
 
     Args:
-        backbone: a Backbone (``preprocess``, ``encode_images``, ``encode_text``).
+        backbone: a Backbone (``preprocess``, ``encode_images``).
         images: a :class:`~fewclip_tutorial.data.base.LabeledSplit` (PIL images + labels).
-        classnames: needed when ``lambda_c > 0`` (class-name text term).
-        kwargs: forwarded to :func:`train_clap_image_features`.
+        kwargs: forwarded to :func:`train_clap_image_features` (``val_fn``, ``device``, overrides).
     """
     if n_views < 2:
         raise ValueError(f"n_views={n_views} must be >= 2 (pairs of views).")
@@ -1102,29 +995,14 @@ def train_clap_image(
         for _ in tqdm(range(n_views), desc="Im.Aug views", disable=not progress, leave=False):
             batch = torch.stack([backbone.preprocess(transform(img)) for img in pil])
             views.append(backbone.encode_images(batch, batch_size=256).float())
-    cls = None
-    if lambda_c:
-        if classnames is None:
-            raise ValueError("lambda_c > 0 needs classnames for the class-name prompts.")
-        cls = backbone.encode_text(list(classnames))
+    kwargs.setdefault("device", backbone.device)
+    kwargs.setdefault("num_classes", len(set(np.asarray(images.labels).tolist())))
     return train_clap_image_features(
-        torch.stack(views),
-        torch.as_tensor(np.asarray(images.labels)),
-        cls,
-        lambda_c=lambda_c,
-        seed=seed,
-        progress=progress,
-        device=kwargs.pop("device", backbone.device),
-        **kwargs,
+        torch.stack(views), config, seed=seed, progress=progress, **kwargs
     )
 
 
 # ----------------------------------------------------------------------------- exercises
-
-
-def _exercise_ocd_reference(prompt: PromptAttributes) -> str:
-    """Reference for the "prompt_augmentation" exercise: OCD, rendered as text."""
-    return delete_color(prompt).render()
 
 
 def _exercise_ocd_inputs(gen: torch.Generator) -> tuple[PromptAttributes]:
@@ -1140,11 +1018,6 @@ def _exercise_ocd_inputs(gen: torch.Generator) -> tuple[PromptAttributes]:
         swapped=bool(torch.rand(1, generator=gen) < 0.5),
     )
     return (p,)
-
-
-def _exercise_info_nce_reference(a: Tensor, b: Tensor, tau: float) -> Tensor:
-    """Reference for the "info_nce" exercise: the paper's cross-view InfoNCE."""
-    return info_nce(a, b, tau, "cross_view")
 
 
 def _exercise_info_nce_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
@@ -1170,7 +1043,7 @@ def register_exercises() -> None:
 
     register_exercise(
         "prompt_augmentation",
-        _exercise_ocd_reference,
+        lambda prompt: delete_color(prompt).render(),
         _exercise_ocd_inputs,
         description=(
             "Write ocd(prompt) taking a PromptAttributes and returning the prompt text with the "
@@ -1181,7 +1054,7 @@ def register_exercises() -> None:
     )
     register_exercise(
         "info_nce",
-        _exercise_info_nce_reference,
+        lambda a, b, tau: info_nce(a, b, tau, "cross_view"),
         _exercise_info_nce_inputs,
         description=(
             "Write info_nce(a, b, tau) for (B, D) views a and b: L2-normalise both, compute "
@@ -1196,27 +1069,13 @@ def register_exercises() -> None:
 # ----------------------------------------------------------------------------- runner
 
 
-def _dataset_factors(dataset: Any) -> dict[str, Sequence[str]]:
-    """Prompt factor lists: ShapeWorld's own for the embedded world, else the paper's."""
+def dataset_factors(dataset: Any) -> dict[str, Sequence[str]]:
+    """Prompt factor lists CLAP uses for a dataset: ShapeWorld's own, else the paper's."""
     if str(getattr(dataset, "name", "")).startswith("shapeworld"):
-        from fewclip_tutorial.data import shapeworld as sw
-
-        return {
-            "colors": sw.COLORS,
-            "sizes": sw.SIZES,
-            "image_types": sw.IMAGE_TYPES,
-            "art_styles": sw.ART_STYLES,
-        }
-    return {
-        "colors": PAPER_COLORS,
-        "sizes": PAPER_SIZES,
-        "image_types": PAPER_IMAGE_TYPES,
-        "art_styles": PAPER_ART_STYLES,
-    }
-
-
-#: Public name: the prompt factor lists CLAP uses for a dataset.
-dataset_factors = _dataset_factors
+        lists = (sw.COLORS, sw.SIZES, sw.IMAGE_TYPES, sw.ART_STYLES)
+    else:
+        lists = (PAPER_COLORS, PAPER_SIZES, PAPER_IMAGE_TYPES, PAPER_ART_STYLES)
+    return dict(zip(("colors", "sizes", "image_types", "art_styles"), lists, strict=True))
 
 
 def _render_shapeworld_prompts(
@@ -1233,7 +1092,6 @@ def _render_shapeworld_prompts(
     """
     from PIL import Image
 
-    from fewclip_tutorial.data import shapeworld as sw
     from fewclip_tutorial.data.base import ListSplit
 
     t = sw.get_task(task)
@@ -1243,15 +1101,11 @@ def _render_shapeworld_prompts(
     n = len(prompts)
     f = sw.task_factors(t, np.asarray(labels), rng, t.train_domains)
 
-    def idx(names: Sequence[str], values: Iterable[str | None], current: np.ndarray) -> np.ndarray:
-        return np.asarray(
-            [names.index(v) if v else c for v, c in zip(values, current, strict=True)]
-        )
-
-    f.color = idx(sw.COLORS, (p.color for p in prompts), f.color)
-    f.size = idx(sw.SIZES, (p.size for p in prompts), f.size)
-    f.image_type = idx(sw.IMAGE_TYPES, (p.image_type for p in prompts), f.image_type)
-    f.art_style = idx(sw.ART_STYLES, (p.art_style for p in prompts), f.art_style)
+    factor_lists = (sw.COLORS, sw.SIZES, sw.IMAGE_TYPES, sw.ART_STYLES)
+    for attr, values in zip(("color", "size", "image_type", "art_style"), factor_lists):
+        given = [getattr(p, attr) for p in prompts]
+        current = getattr(f, attr)
+        setattr(f, attr, np.asarray([values.index(v) if v else c for v, c in zip(given, current)]))
     f.radius = np.array([sw.SIZE_RADIUS[sw.SIZES[s]] for s in f.size]) * rng.uniform(0.9, 1.1, n)
     margin = f.radius * 1.05
     f.cx, f.cy = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
@@ -1259,85 +1113,38 @@ def _render_shapeworld_prompts(
     return ListSplit(images, labels, name="clap-imaug-rendered")
 
 
-def _pixel_transform(preprocess: Any) -> Any:
-    """``backbone.preprocess`` without its Normalize step: PIL -> ``(3, H, W)`` in [0, 1]."""
-    from torchvision import transforms as T
+def _build_options() -> dict[str, Any]:
+    from fewclip_tutorial.attacks import STEP_SIZES
+    from fewclip_tutorial.experiment import Option
 
-    steps = getattr(preprocess, "transforms", None)
-    if steps is None:
-        raise ValueError("attacks need a torchvision Compose preprocess to strip Normalize from.")
-    return T.Compose([t for t in steps if not isinstance(t, T.Normalize)])
-
-
-def _register_runner() -> None:
-    try:
-        from fewclip_tutorial.experiment import Context, Option, register_method
-    except ModuleNotFoundError as err:  # the functional core works without the runner
-        if err.name != "fewclip_tutorial.experiment":
-            raise
-        return
-
-    @register_method(
-        "clap",
-        options={
-            "variant": Option(
-                str,
-                "clap",
-                "clap (augmented prompts) or im-aug (augmented images)",
-                ["clap", "im-aug"],
-            ),
-            "steps": Option(int, 500, "training steps (paper: at most 8000)"),
-            "batch_size": Option(int, 128, "prompts (or images) per step"),
-            "lr": Option(float, 1e-4, "Adam learning rate"),
-            "tau": Option(float, 0.5, "InfoNCE temperature (paper: 0.5 small datasets, else 0.3)"),
-            "lambda_c": Option(float, 1.0, "weight of the class-name term (paper: 1 or 1e-4)"),
-            "lam": Option(
-                str, "val", "inference weight: a number, or 'val' = chosen on validation"
-            ),
-            "ign": Option(bool, False, "insert Gaussian noise tokens into augmented prompts"),
-            "hidden": Option(int, 256, "hidden width of the disentangle network"),
-            "attack_images": Option(int, 0, "test images attacked with FGSM/PGD-20/CW-20 (0: off)"),
-            "probe": Option(
-                bool, False, "report a few-shot linear probe on the refined image features"
-            ),
+    return {
+        "variant": Option(
+            str, "clap", "clap (augmented prompts) or im-aug (augmented images)", ["clap", "im-aug"]
+        ),
+        **{
+            f.name: Option(type(f.default), f.default, f.metadata["help"], f.metadata["choices"])
+            for f in fields(CLAPConfig)
         },
-        help="CLAP: a residual network on CLIP features trained with augmented prompts.",
-    )
-    def run_clap(
-        ctx: Context,
-        variant: str = "clap",
-        steps: int = 500,
-        batch_size: int = 128,
-        lr: float = 1e-4,
-        tau: float = 0.5,
-        lambda_c: float = 1.0,
-        lam: str = "val",
-        ign: bool = False,
-        hidden: int = 256,
-        attack_images: int = 0,
-        probe: bool = False,
-        progress: bool = True,
-    ) -> dict:
-        return run_clap_experiment(
-            ctx,
-            variant=variant,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            tau=tau,
-            lambda_c=lambda_c,
-            lam=lam,
-            ign=ign,
-            hidden=hidden,
-            attack_images=attack_images,
-            probe=probe,
-            progress=progress,
-        )
+        "lam": Option(str, "val", "inference weight: a number, or 'val' = chosen on validation"),
+        "ign": Option(bool, False, "insert Gaussian noise tokens into augmented prompts"),
+        "attack_images": Option(int, 0, "test images attacked with FGSM/PGD-20/CW-20 (0: off)"),
+        "attack_step": Option(
+            str,
+            "clap",
+            "PGD/CW step: clap (eps/10, the authors') or quarter (eps/4)",
+            sorted(STEP_SIZES),
+        ),  # fmt: skip
+        "probe": Option(
+            bool, False, "report a few-shot linear probe on the refined image features"
+        ),
+    }
+
+
+#: The ``"clap"`` method's options, declared once (``fewclip run clap --help`` lists them).
+CLAP_OPTIONS: dict[str, Any] = _build_options()
 
 
 def _parse_lam(lam: str | float) -> float | None:
-    if isinstance(lam, (int, float)):
-        return float(lam)
     if str(lam).strip().lower() == "val":
         return None
     try:
@@ -1348,165 +1155,158 @@ def _parse_lam(lam: str | float) -> float | None:
         ) from err
 
 
-def run_clap_experiment(
-    ctx: Any,
-    *,
-    variant: str = "clap",
-    steps: int = 500,
-    batch_size: int = 128,
-    lr: float = 1e-4,
-    tau: float = 0.5,
-    lambda_c: float = 1.0,
-    lam: str | float = "val",
-    ign: bool = False,
-    hidden: int = 256,
-    attack_images: int = 0,
-    probe: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Train CLAP (or Im.Aug) in a :class:`~fewclip_tutorial.experiment.Context` and evaluate.
+@dataclass
+class CLAPFit:
+    """A CLAP (or Im.Aug) network trained and selected in a runner context.
 
-    ``lam`` and the training step are both chosen on the validation split.  The
-    standard keys (``val_accuracy``, ``test_accuracy``, ``ood_accuracy``) use refined
-    image features against the refined prompt-ensemble classifier; ``zero_shot_by_prompt``
-    compares raw CLIP and refined features for the paper's ZS(C/PC/CP/NC) prompts on test.
+    Attributes:
+        result: the :class:`CLAPResult` (``network``, ``best_step``, ``history``; the
+            validation history has ``"val_accuracy"``, ``"val_lam"`` and, when 1 is in the
+            grid, ``"val_accuracy_at_1"``: the network as trained).
+        lam: the inference weight chosen on validation; lam_val_accuracy: ``{lam: %}``.
+        text_features: ``(C, M, D)`` raw prompt-ensemble text features of the dataset.
+        options: the resolved options (:data:`CLAP_OPTIONS`).
     """
-    if variant not in ("clap", "im-aug"):
-        raise ValueError(f"variant={variant!r}; choose 'clap' or 'im-aug'.")
-    fixed_lam = _parse_lam(lam)
-    backbone, dataset = ctx.backbone, ctx.dataset
-    dev = backbone.device
-    classnames = list(dataset.classnames)
-    factors = _dataset_factors(dataset)
-    prompts = [p for c in classnames for p in clap_prompts(c, **factors)]
 
-    templates = list(dataset.templates)
-    text_feats = backbone.encode_text([t.format(c) for t in templates for c in classnames]).reshape(
-        len(templates), len(classnames), -1
+    result: CLAPResult
+    lam: float
+    lam_val_accuracy: dict[float, float]
+    text_features: Tensor
+    options: dict[str, Any]
+
+
+def _imaug_images(ctx: Any, prompts: list[PromptAttributes]) -> Any:
+    """Im.Aug's images: one rendered image per prompt (a seeded subset) on ShapeWorld, else train."""
+    dataset, classnames = ctx.dataset, list(ctx.dataset.classnames)
+    if not str(dataset.name).startswith("shapeworld"):
+        return ctx.splits.train
+    pick = random.Random(ctx.seed)
+    per_class = len(prompts) // len(classnames)
+    keep = min(IMAUG_PROMPTS_PER_CLASS, per_class)
+    subset = [
+        prompts[c * per_class + i]
+        for c in range(len(classnames))
+        for i in sorted(pick.sample(range(per_class), keep))
+    ]
+    return _render_shapeworld_prompts(
+        subset, ctx.backbone.image_size, ctx.seed, classnames, dataset.name
     )
+
+
+def fit_clap(ctx: Any, progress: bool = True, **options: Any) -> CLAPFit:
+    """Train CLAP (or Im.Aug) on a few-shot episode and choose ``lam`` on its validation split.
+
+    The training step and ``lam`` are both chosen on validation: each evaluation scores the
+    network by its best (accuracy, -cross-entropy) over the ``lam`` grid, so a trained
+    state is kept only when, at some ``lam``, it beats the identity network of step 0.
+
+    Args:
+        ctx: a :class:`~fewclip_tutorial.experiment.Context`.
+        options: any of :data:`CLAP_OPTIONS` (defaults from there).
+    """
+    from fewclip_tutorial.experiment import MethodSpec, resolve_options
+
+    opts = resolve_options(MethodSpec("clap", run_clap_experiment, CLAP_OPTIONS), options)
+    fixed_lam = _parse_lam(opts["lam"])
+    backbone, classnames = ctx.backbone, list(ctx.dataset.classnames)
+    dev = backbone.device
+    text = prompt_text_features(backbone, classnames, list(ctx.dataset.templates))
     val = ctx.features("val")
-    val_f, val_y = val.features.to(dev), val.labels
+    val_f, val_y = val.features.to(dev), torch.as_tensor(val.labels)
     grid = LAMBDA_GRID if fixed_lam is None else (fixed_lam,)
 
-    def val_fn(net: DisentangleNetwork) -> float:
-        return max(select_lambda(val_f, val_y, text_feats, net, grid)[1].values())
+    def val_fn(net: DisentangleNetwork) -> dict[str, Any]:
+        scores = _lambda_scores(val_f, val_y, text, net, grid)
+        best = max(scores, key=lambda k: (*scores[k], -grid.index(k)))
+        extra = {"accuracy_at_1": scores[1.0][0]} if 1.0 in scores else {}
+        return {"score": scores[best], "accuracy": scores[best][0], "lam": best, **extra}
 
-    common = dict(
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        tau=tau,
-        lambda_c=lambda_c,
-        hidden=hidden,
-        seed=ctx.seed,
-        val_fn=val_fn,
-        device=dev,
-        progress=progress,
-    )
-    if variant == "clap":
-        result = train_clap(backbone, prompts, ign=ign, **common)
+    config = CLAPConfig(**{f.name: opts[f.name] for f in fields(CLAPConfig)})
+    common = dict(seed=ctx.seed, val_fn=val_fn, device=dev, progress=progress)
+    prompts = [p for c in classnames for p in clap_prompts(c, **dataset_factors(ctx.dataset))]
+    if opts["variant"] == "clap":
+        result = train_clap(backbone, prompts, config, ign=opts["ign"], **common)
     else:
-        if str(dataset.name).startswith("shapeworld"):
-            # one rendered image per prompt, for a seeded subset of the prompts of each class
-            pick = random.Random(ctx.seed)
-            per_class = len(prompts) // len(classnames)
-            subset = [
-                prompts[c * per_class + i]
-                for c in range(len(classnames))
-                for i in sorted(
-                    pick.sample(range(per_class), min(IMAUG_PROMPTS_PER_CLASS, per_class))
-                )
-            ]
-            images = _render_shapeworld_prompts(
-                subset, backbone.image_size, ctx.seed, classnames, dataset.name
-            )
-        else:
-            images = ctx.splits.train
-        result = train_clap_image(backbone, images, classnames=classnames, **common)
+        result = train_clap_image(backbone, _imaug_images(ctx, prompts), config, **common)
+    lam, lam_scores = select_lambda(val_f, val_y, text, result.network, grid)
+    return CLAPFit(result, lam, lam_scores, text, opts)
+
+
+def run_clap_experiment(ctx: Any, progress: bool = True, **options: Any) -> dict:
+    """The registered ``"clap"`` method: :func:`fit_clap`, then every evaluation.
+
+    The standard keys (``val_accuracy``, ``test_accuracy``, ``ood_accuracy``) use refined
+    image features against the refined prompt-ensemble classifier (or, with ``probe``, a
+    few-shot linear probe on refined features; the zero-shot numbers then move to
+    ``zero_shot_refined``); ``zero_shot_by_prompt`` compares raw CLIP and refined features
+    for the paper's ZS(C/PC/CP/NC) prompts on test; ``attack_images > 0`` adds
+    ``adversarial`` (clean / FGSM / PGD-20 / CW-20 accuracy of CLIP and of the refined classifier).
+    """
+    fitted = fit_clap(ctx, progress=progress, **options)
+    result, lam, opts = fitted.result, fitted.lam, fitted.options
     net = result.network
-    best_lam, lam_scores = select_lambda(val_f, val_y, text_feats, net, grid)
-    classifier = refined_classifier(text_feats, net, best_lam)
-    scale = float(getattr(backbone, "logit_scale", 100.0))
+    dev = ctx.backbone.device
+    classifier = refined_classifier(fitted.text_features, net, lam)
 
-    def predict(f: Tensor) -> Tensor:
+    def refined(f: Tensor) -> Tensor:
         with torch.no_grad():
-            return (scale * refine(f.to(dev), net, best_lam) @ classifier.T).to(f.device)
+            return refine(f.to(dev), net, lam)
 
-    report = ctx.report(predict)
-
+    report = ctx.report(lambda f: (CLIP_LOGIT_SCALE * refined(f) @ classifier.T).cpu())
     test = ctx.features("test")
-    test_f, test_y = test.features.to(dev), test.labels
     by_prompt: dict[str, dict[str, float]] = {}
     for key in ZERO_SHOT_PROMPTS:
-        w = prompt_form_classifier(backbone, classnames, key, seed=ctx.seed).to(dev)
+        w = prompt_form_classifier(ctx.backbone, ctx.dataset.classnames, key, seed=ctx.seed)
         with torch.no_grad():
             by_prompt[key] = {
-                "clip": zero_shot_accuracy(test_f, test_y, w),
-                "refined": zero_shot_accuracy(
-                    refine(test_f, net, best_lam), test_y, refine(w, net, best_lam)
-                ),
+                "clip": accuracy(test.features.to(dev) @ w.to(dev).T, test.labels),
+                "refined": accuracy(refined(test.features) @ refined(w).T, test.labels),
             }
-
     report.update(
-        variant=variant,
-        lam=best_lam,
-        lam_val_accuracy={f"{k:g}": v for k, v in lam_scores.items()},
+        variant=opts["variant"],
+        lam=lam,
+        lam_val_accuracy={f"{k:g}": v for k, v in fitted.lam_val_accuracy.items()},
         best_step=result.best_step,
-        steps_run=len(result.history["loss"]),
+        steps_run=result.steps_run,
         final_train_loss=result.history["loss"][-1] if result.history["loss"] else None,
+        residual_norm=float(net.projection.weight.detach().norm()),
+        history=result.history,
         zero_shot_by_prompt=by_prompt,
-        num_prompts=len(prompts) if variant == "clap" else None,
     )
-    if attack_images > 0:
-        report["adversarial"] = _attack_report(ctx, net, best_lam, text_feats, attack_images, scale)
-    if probe:
-        # few-shot linear probe on the refined image features (C chosen on validation);
-        # the standard keys then report the probe, the zero-shot numbers move to a sub-dict
+    if opts["attack_images"] > 0:
+        from fewclip_tutorial.attacks import zero_shot_robustness
+
+        heads = {
+            "clip": (prompt_ensemble(fitted.text_features), None),
+            "refined": (classifier, lambda f: refine(f, net, lam)),
+        }
+        report["adversarial"] = zero_shot_robustness(
+            ctx.backbone, ctx.splits.test, heads, opts["attack_images"], ctx.seed,
+            opts["attack_step"],
+        )  # fmt: skip
+    if opts["probe"]:
         from fewclip_tutorial.linear_probe import fit_linear_probe
 
-        train = ctx.features("train")
-        with torch.no_grad():
-            train_r = refine(train.features.to(dev), net, best_lam).cpu()
-            val_r = refine(val_f, net, best_lam).cpu()
-        lp = fit_linear_probe(
-            train_r, train.labels, val_r, val_y, seed=ctx.seed, num_classes=len(classnames)
-        )
-
-        def predict_probe(f: Tensor) -> Tensor:
-            with torch.no_grad():
-                return lp.logits(refine(f.to(dev), net, best_lam).cpu())
-
+        train, val = ctx.features("train"), ctx.features("val")
+        probe = fit_linear_probe(
+            refined(train.features).cpu(), train.labels, refined(val.features).cpu(), val.labels,
+            seed=ctx.seed, num_classes=ctx.num_classes,
+        )  # fmt: skip
         report["zero_shot_refined"] = {
             k: report[k] for k in ("val_accuracy", "test_accuracy", "ood_accuracy") if k in report
         }
-        report.update(ctx.report(predict_probe), probe_C=lp.C)
+        report.update(ctx.report(lambda f: probe.logits(refined(f).cpu())), probe_C=probe.C)
     return report
 
 
-def _attack_report(
-    ctx: Any, net: DisentangleNetwork, lam: float, text_feats: Tensor, n_images: int, scale: float
-) -> dict[str, dict[str, float]]:
-    """Clean / FGSM / PGD-20 / CW-20 accuracy (eps 0.031, [0, 1] pixels) on test images."""
-    from fewclip_tutorial.attacks import NormalizedClassifier, robust_accuracy
+def _register_runner() -> None:
+    from fewclip_tutorial.experiment import register_method
 
-    backbone = ctx.backbone
-    split = ctx.splits.test
-    rng = np.random.default_rng(ctx.seed)
-    idx = rng.choice(len(split), size=min(n_images, len(split)), replace=False)
-    to_pixels = _pixel_transform(backbone.preprocess)
-    pixels = torch.stack([to_pixels(split.load_image(int(i))) for i in idx]).to(backbone.device)
-    labels = torch.as_tensor(np.asarray(split.labels)[idx]).to(backbone.device)
-    clip_head = F.normalize(text_feats.mean(0), dim=-1)
-    out = {}
-    for name, head, refine_fn in (
-        ("clip", clip_head, None),
-        ("refined", refined_classifier(text_feats, net, lam), lambda f: refine(f, net, lam)),
-    ):
-        clf = NormalizedClassifier(
-            backbone.model.visual, backbone.mean, backbone.std, head.detach(), refine_fn, scale
-        )
-        out[name] = robust_accuracy(clf, pixels, labels, seed=ctx.seed)
-    return out
+    register_method(
+        "clap",
+        options=CLAP_OPTIONS,
+        help="CLAP: a residual network on CLIP features trained with augmented prompts.",
+    )(run_clap_experiment)
 
 
 _register_runner()

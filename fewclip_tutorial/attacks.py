@@ -222,16 +222,13 @@ def cw(logits_fn: LogitsFn, images: Tensor, labels: Tensor, eps: float = EPS, **
 
 
 def attack(
-    name: str,
-    logits_fn: LogitsFn,
-    images: Tensor,
-    labels: Tensor,
-    eps: float = EPS,
-    seed: int = 0,
-    steps: int = 20,
-    alpha: float | str = "clap",
-) -> Tensor:
-    """Dispatch by name: ``"clean"``, ``"fgsm"``, ``"pgd"`` or ``"cw"`` (seeded random start)."""
+    name: str, logits_fn: LogitsFn, images: Tensor, labels: Tensor, eps: float = EPS, seed: int = 0,
+    **pgd_kwargs: Any,
+) -> Tensor:  # fmt: skip
+    """Dispatch by name: ``"clean"``, ``"fgsm"``, ``"pgd"`` or ``"cw"`` (seeded random start).
+
+    ``pgd_kwargs`` (``steps``, ``alpha``) go to :func:`pgd` for ``"pgd"`` and ``"cw"``.
+    """
     if name == "clean":
         return images
     if name == "fgsm":
@@ -239,7 +236,7 @@ def attack(
     if name in ("pgd", "cw"):
         gen = torch.Generator().manual_seed(seed)
         loss = "ce" if name == "pgd" else "cw"
-        return pgd(logits_fn, images, labels, eps, alpha, steps, loss=loss, generator=gen)
+        return pgd(logits_fn, images, labels, eps, loss=loss, generator=gen, **pgd_kwargs)
     raise ValueError(f"unknown attack {name!r}; choose 'clean', 'fgsm', 'pgd' or 'cw'.")
 
 
@@ -269,7 +266,7 @@ def robust_accuracy(
     for b, start in enumerate(tqdm(starts, desc="attacks", disable=not progress, leave=False)):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         for a in attacks:
-            adv = attack(a, logits_fn, x, y, eps, seed + b, steps, alpha)
+            adv = attack(a, logits_fn, x, y, eps, seed + b, steps=steps, alpha=alpha)
             with torch.no_grad():
                 correct[a] += int((logits_fn(adv).argmax(-1) == y).sum())
     n = images.shape[0]

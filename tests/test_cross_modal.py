@@ -1,10 +1,16 @@
-"""Tests of cross-modal adaptation (fewclip_tutorial.methods.cross_modal)."""
+"""Tests of cross-modal adaptation (fewclip_tutorial.methods.cross_modal).
+
+Where a test checks a formula, the expected value is written out here from the paper
+or from the authors' code (``linzhiqiu/cross_modal_adaptation``: ``LogitHead`` in
+``engine/model/logit.py``, ``get_zero_shot_weights`` in ``engine/model/head.py``,
+``train()``, ``get_wiseft`` and the loaders of ``train.py``), not taken from the module.
+"""
 
 from __future__ import annotations
 
 import inspect
-import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,139 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def _clustered_text(C: int = 6, M: int = 4, D: int = 32, noise: float = 3.0, seed: int = 0):
-    """(C, M, D) template embeddings scattered around one centre per class."""
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(C, D, generator=g), dim=-1)
-    t = centres[:, None] + noise * torch.randn(C, M, D, generator=g) / math.sqrt(D)
-    return F.normalize(t, dim=-1), centres
-
-
-# ------------------------------------------------------------------------- functional core
-
-
-def test_text_samples_shapes_labels_and_normalisation() -> None:
-    t = torch.randn(3, 4, 5) * 7
-    feats, labels = cm.text_samples(t)
-    assert feats.shape == (12, 5)
-    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-    assert labels.dtype == torch.int64
-    assert torch.allclose(feats.norm(dim=-1), torch.ones(12))
-    # row c*M + m is template m of class c
-    assert torch.allclose(feats[1 * 4 + 2], F.normalize(t[1, 2], dim=0))
-
-
-def test_class_prototypes_is_normalised_template_mean() -> None:
-    t = torch.randn(3, 4, 5)
-    expected = F.normalize(F.normalize(t, dim=-1).mean(1), dim=-1)
-    assert torch.allclose(cm.class_prototypes(t), expected, atol=1e-6)
-
-
-def test_head_starts_as_zero_shot_classifier_with_fixed_scale() -> None:
-    W0 = _unit(4, 8)
-    head = cm.CrossModalHead(W0)
-    x = torch.randn(5, 8) * 3  # unnormalised on purpose: the head normalises
-    expected = 100.0 * F.normalize(x, dim=-1) @ W0.T
-    assert torch.allclose(head(x), expected, atol=1e-5)
-    assert [n for n, _ in head.named_parameters()] == ["weight"]  # logit scale not learned
-    assert float(head.logit_scale) == 100.0
-    assert cm.PARTIAL_FT_LOGIT_SCALE == pytest.approx(54.598, abs=1e-3)
-
-
-def test_mixed_batches_ratio_is_exact_and_halves_come_from_their_pools() -> None:
-    img = _unit(2, 10, 6, seed=1)  # two views
-    img_labels = torch.arange(10) % 3
-    txt, txt_labels = cm.text_samples(_unit(3, 2, 6, seed=2))
-    gen = torch.Generator().manual_seed(0)
-    batches = list(cm.mixed_batches(img, img_labels, txt, txt_labels, 8, gen, num_batches=20))
-    assert len(batches) == 20
-    for x, y, is_text in batches:
-        assert x.shape == (8, 6) and y.shape == (8,)
-        assert int(is_text.sum()) == 4 and not bool(is_text[:4].any()) and bool(is_text[4:].all())
-        for row, label in zip(x[:4], y[:4], strict=True):
-            hits = (img - row).abs().amax(-1) == 0  # (V, N): where this row comes from
-            assert hits.any() and bool((img_labels[hits.nonzero()[:, 1]] == label).all())
-        for row, label in zip(x[4:], y[4:], strict=True):
-            i = int(((txt - row).abs().amax(-1) == 0).nonzero()[0])
-            assert txt_labels[i] == label
-    # both views get sampled, and the stream is reproducible from the seed
-    views_used = {
-        int(((img - row).abs().amax(-1) == 0).nonzero()[0, 0]) for b in batches for row in b.x[:4]
-    }
-    assert views_used == {0, 1}
-    again = cm.mixed_batches(
-        img, img_labels, txt, txt_labels, 8, torch.Generator().manual_seed(0), num_batches=20
-    )
-    assert all(torch.equal(a.x, b.x) for a, b in zip(batches, again, strict=True))
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "ratio", "n_img"), [(8, 0.0, 0), (8, 1.0, 8), (9, 0.5, 4), (32, 0.25, 8)]
-)
-def test_mixed_batches_counts_for_other_ratios(batch_size: int, ratio: float, n_img: int) -> None:
-    txt, txt_labels = cm.text_samples(_unit(2, 3, 4))
-    img, img_labels = _unit(5, 4), torch.tensor([0, 1, 0, 1, 1])
-    batch = next(cm.mixed_batches(img, img_labels, txt, txt_labels, batch_size, image_ratio=ratio))
-    assert int((~batch.is_text).sum()) == n_img
-    assert int(batch.is_text.sum()) == batch_size - n_img
-
-
-def test_wise_ft_ends_are_exact_and_middle_is_the_average() -> None:
-    learned, zs = torch.randn(4, 6), torch.randn(4, 6)
-    assert torch.equal(cm.wise_ft(learned, zs, 0.0), zs)
-    assert torch.equal(cm.wise_ft(learned, zs, 1.0), learned)
-    assert torch.allclose(cm.wise_ft(learned, zs, 0.5), (learned + zs) / 2)
-    assert torch.allclose(cm.wise_ft(learned, zs, 0.25), 0.75 * zs + 0.25 * learned)
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"\[0, 1\]"):
-            cm.wise_ft(learned, zs, bad)
-    with pytest.raises(ValueError, match="shape"):
-        cm.wise_ft(learned, zs[:3], 0.5)
-
-
-def test_warmup_cosine_schedule() -> None:
-    assert cm.warmup_cosine(0, 50, 1000) == pytest.approx(1 / 50)
-    assert cm.warmup_cosine(49, 50, 1000) == pytest.approx(1.0)
-    assert cm.warmup_cosine(50, 50, 1000) == pytest.approx(1.0)
-    assert cm.warmup_cosine(525, 50, 1000) == pytest.approx(0.5)
-    assert cm.warmup_cosine(1000, 50, 1000) == pytest.approx(0.0, abs=1e-12)
-
-
-# ------------------------------------------------------------------------- training
-
-
-def test_text_only_training_keeps_a_zero_shot_like_head() -> None:
-    t, _ = _clustered_text()
-    txt, txt_labels = cm.text_samples(t)
-    W0 = cm.class_prototypes(t)
-    head = cm.CrossModalHead(W0)
-    cm.fit_head(
-        head,
-        torch.zeros(1, 0, 32),
-        torch.zeros(0, dtype=torch.long),
-        txt,
-        txt_labels,
-        W0,
-        torch.arange(6),
-        lr=1e-3,
-        weight_decay=0.0,
-        batch_size=8,
-        iters=200,
-        warmup=10,
-        image_ratio=0.0,
-        select_best=False,
-        device="cpu",
-    )
-    W = head.weight.detach()
-    assert (W - W0).norm() > 1e-2  # it did train
-    assert torch.equal(head(W0).argmax(-1), torch.arange(6))  # prototypes -> own class
-    assert torch.equal(head(txt).argmax(-1), txt_labels)
-    assert F.cosine_similarity(W, W0, dim=-1).min() > 0.99
-    x = _unit(2000, 32, seed=5)
-    agreement = ((x @ W.T).argmax(-1) == (x @ W0.T).argmax(-1)).float().mean()
-    assert agreement > 0.9
 
 
 def _shifted_problem():
@@ -171,7 +44,187 @@ def _shifted_problem():
     return feats, labels, text, val, val_labels
 
 
-def test_selection_uses_validation_only_and_follows_its_labels() -> None:
+def _authors_logits(x: torch.Tensor, weight: torch.Tensor, logit: float) -> torch.Tensor:
+    """``LogitHead(nn.Linear(D, C, bias=False))``: ``exp(logit) * Linear(normalize(x))``."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.clone()
+    with torch.no_grad():
+        return linear(F.normalize(x, dim=1)) * torch.tensor([logit]).exp()
+
+
+# ------------------------------------------------------------------------- formulas
+
+
+def test_text_samples_shapes_labels_and_normalisation() -> None:
+    t = torch.randn(3, 4, 5) * 7
+    feats, labels = cm.text_samples(t)
+    assert feats.shape == (12, 5)
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert labels.dtype == torch.int64
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(12))
+    assert torch.allclose(feats[1 * 4 + 2], t[1, 2] / t[1, 2].norm())  # row c*M + m
+
+
+def test_class_prototypes_are_unit_rows_and_the_authors_zero_shot_weights() -> None:
+    raw = torch.randn(3, 4, 5) * torch.tensor([1.0, 5.0, 0.2, 3.0])[None, :, None]
+    protos = cm.class_prototypes(raw)
+    assert torch.allclose(protos.norm(dim=-1), torch.ones(3), atol=1e-6)
+    # get_zero_shot_weights: mean over templates, then normalise (here on unit templates,
+    # where CLIP's ensemble and the authors' mean coincide)
+    unit = raw / raw.norm(dim=-1, keepdim=True)
+    mean = unit.mean(dim=1)
+    assert torch.allclose(
+        cm.class_prototypes(unit), mean / mean.norm(dim=1, keepdim=True), atol=1e-6
+    )
+
+
+def test_head_logits_and_loss_match_the_authors_logit_head() -> None:
+    W, x = torch.randn(4, 8), torch.randn(6, 8) * 3  # unnormalised on purpose
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    head = cm.CrossModalHead(W)
+    want = _authors_logits(x, W, 4.60517)  # CLIP's default: exp(4.60517) = 100
+    assert torch.allclose(head(x), want, rtol=1e-5, atol=1e-4)
+    log_softmax = want - want.logsumexp(dim=1, keepdim=True)
+    ce = -log_softmax[torch.arange(6), y].mean()
+    assert F.cross_entropy(head(x), y).item() == pytest.approx(ce.item(), rel=1e-5)
+    assert [n for n, _ in head.named_parameters()] == ["weight"]  # the scale is not learned
+    partial = cm.CrossModalHead(W, logit_scale=cm.PARTIAL_FT_LOGIT_SCALE)
+    assert torch.allclose(partial(x), _authors_logits(x, W, 4.0), rtol=1e-5, atol=1e-4)
+
+
+def test_wise_ft_ends_middle_and_the_authors_get_wiseft() -> None:
+    learned, zs = torch.randn(4, 6), _unit(4, 6)
+    assert torch.equal(cm.wise_ft(learned, zs, 0.0), zs)
+    assert torch.equal(cm.wise_ft(learned, zs, 1.0), learned)
+    assert torch.allclose(cm.wise_ft(learned, zs, 0.25), 0.75 * zs + 0.25 * learned)
+    # get_wiseft(head, zero_shot, ratio): (1 - ratio) * head + ratio * normalize(zero_shot)
+    ratio = 0.5
+    authors = (1 - ratio) * learned + ratio * zs / zs.norm(dim=1, keepdim=True)
+    assert torch.allclose(cm.wise_ft(learned, zs, 0.5), authors, atol=1e-6)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            cm.wise_ft(learned, zs, bad)
+    with pytest.raises(ValueError, match="shape"):
+        cm.wise_ft(learned, zs[:3], 0.5)
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def _rows_of(pool: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """The row of ``pool`` each row of ``x`` equals (rows of pool are distinct)."""
+    return [int(((pool - r).abs().amax(-1) == 0).nonzero()[0, 0]) for r in x]
+
+
+def test_one_epoch_shows_every_image_and_every_text_sample_once() -> None:
+    views = _unit(2, 12, 6, seed=1)  # two views of 12 images: a pool of 24 image samples
+    img_labels = torch.arange(12) % 3
+    txt, txt_labels = cm.text_samples(_unit(3, 4, 6, seed=2))  # 12 text samples
+    batches = list(
+        cm.mixed_batches(views, img_labels, txt, txt_labels, 8, torch.Generator().manual_seed(0),
+                         num_batches=6)
+    )  # fmt: skip
+    pool = views.reshape(24, 6)
+    image_rows = [_rows_of(pool, b.x[~b.is_text]) for b in batches]
+    text_rows = [_rows_of(txt, b.x[b.is_text]) for b in batches]
+    assert sorted(sum(image_rows, [])) == list(range(24))  # 6 batches x 4 = one image epoch
+    for epoch in range(2):  # 3 batches x 4 = one text epoch
+        assert sorted(sum(text_rows[3 * epoch : 3 * epoch + 3], [])) == list(range(12))
+    for b, rows in zip(batches, image_rows, strict=True):
+        assert torch.equal(b.y[~b.is_text], img_labels.repeat(2)[rows])
+    # reproducible from the seed
+    again = cm.mixed_batches(views, img_labels, txt, txt_labels, 8,
+                             torch.Generator().manual_seed(0), num_batches=6)  # fmt: skip
+    assert all(torch.equal(a.x, b.x) for a, b in zip(batches, again, strict=True))
+
+
+def test_epochs_drop_the_incomplete_last_batch() -> None:
+    stream = cm.epoch_batches(10, 4, torch.Generator().manual_seed(1))
+    first = [next(stream) for _ in range(2)]  # 8 of 10, then a fresh permutation
+    assert len(set(torch.cat(first).tolist())) == 8
+    counts = Counter(torch.cat([next(stream) for _ in range(2 * 50)]).tolist())
+    assert set(counts) == set(range(10))  # every sample is drawn across epochs
+    big = cm.epoch_batches(3, 4, torch.Generator().manual_seed(1))  # chained permutations
+    assert sorted(torch.cat([next(big) for _ in range(3)]).tolist()) == sorted([0, 1, 2] * 4)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "ratio", "n_img"),
+    [(8, 0.0, 0), (8, 1.0, 8), (9, 0.5, 5), (7, 0.5, 4), (32, 0.25, 8)],
+)
+def test_batch_split_follows_the_authors_text_batch_size(
+    batch_size: int, ratio: float, n_img: int
+) -> None:
+    # train.py: text_batch_size = int(batch_size * ratio_text); images take the rest
+    assert n_img == batch_size - int(batch_size * (1 - ratio))
+    txt, txt_labels = cm.text_samples(_unit(4, 10, 4))
+    img, img_labels = _unit(40, 4), torch.arange(40) % 4
+    batch = next(cm.mixed_batches(img, img_labels, txt, txt_labels, batch_size, image_ratio=ratio))
+    assert int((~batch.is_text).sum()) == n_img
+    assert not bool(batch.is_text[:n_img].any()) and bool(batch.is_text[n_img:].all())
+
+
+def test_training_draws_every_batch_through_the_taught_builder(monkeypatch) -> None:
+    feats, labels, text, val, val_labels = _shifted_problem()
+    txt, txt_labels = cm.text_samples(text)
+    W0 = cm.class_prototypes(text)
+    seen: list[cm.MixedBatch] = []
+    taught = cm.build_mixed_batch
+
+    def spy(*args, **kwargs):
+        seen.append(taught(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(cm, "build_mixed_batch", spy)
+    head = cm.CrossModalHead(W0)
+    kw = {"lr": 1e-2, "weight_decay": 1e-2, "batch_size": 6, "seed": 5, "device": "cpu"}
+    cm.fit_head(head, feats, labels, txt, txt_labels, val, val_labels, iters=7, **kw)
+    assert len(seen) == 7
+    monkeypatch.setattr(cm, "build_mixed_batch", taught)
+    stream = cm.mixed_batches(feats, labels, txt, txt_labels, 6, torch.Generator().manual_seed(5))
+    assert all(torch.equal(b.x, next(stream).x) for b in seen)
+
+    # one step, rebuilt independently: torch's AdamW on the authors' loss for that batch
+    head1 = cm.CrossModalHead(W0)
+    cm.fit_head(head1, feats, labels, txt, txt_labels, val, val_labels, iters=1, warmup=0,
+                select_best=False, **kw)  # fmt: skip
+    w = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=1e-2)
+    x, y, _ = seen[0]
+    F.cross_entropy(100.0 * F.normalize(x, dim=1) @ w.T, y).backward()
+    opt.step()
+    assert torch.allclose(head1.weight.detach(), w.detach(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------- training + selection
+
+
+def _val_score(weight: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor):
+    logits = 100.0 * F.normalize(val, dim=1) @ weight.T
+    acc = 100.0 * int((logits.argmax(1) == val_labels).sum()) / len(val_labels)
+    return acc, F.cross_entropy(logits, val_labels).item()
+
+
+def test_trainer_keeps_its_start_when_no_step_improves_validation() -> None:
+    feats, labels, text, val, val_labels = _shifted_problem()
+    txt, txt_labels = cm.text_samples(text)
+    W0 = cm.class_prototypes(text)
+    common = {"weight_decay": 0.0, "batch_size": 8, "iters": 60, "eval_every": 20, "device": "cpu"}
+    # lr = 0: nothing moves, so nothing is strictly better than the start
+    head = cm.CrossModalHead(W0)
+    res = cm.fit_head(head, feats, labels, txt, txt_labels, val, val_labels, lr=0.0, **common)
+    assert res.best_step == 0 and torch.equal(head.weight.detach(), W0)
+    # adversarial validation: labelled as the (wrong) zero-shot head predicts, so training
+    # on the images makes validation worse; the trainer returns the start exactly
+    adversarial = (val_labels - 1) % 4
+    assert _val_score(W0, val, adversarial)[0] == 100.0
+    head = cm.CrossModalHead(W0)
+    res = cm.fit_head(head, feats, labels, txt, txt_labels, val, adversarial, lr=1e-2, **common)
+    assert res.best_step == 0 and torch.equal(head.weight.detach(), W0)
+    assert res.history["val_step"] == [0, 20, 40, 60] and len(res.history["loss"]) == 60
+
+
+def test_grid_selects_on_validation_and_reports_the_kept_state() -> None:
     params = inspect.signature(cm.train_cross_modal).parameters
     assert not [p for p in params if "test" in p]
     feats, labels, text, val, val_labels = _shifted_problem()
@@ -187,89 +240,113 @@ def test_selection_uses_validation_only_and_follows_its_labels() -> None:
         "progress": False,
     }
     good = cm.train_cross_modal(feats, labels, text, val, val_labels, **kw)
-    assert good.hparams["lr"] == 1e-2 and good.best_iter > 0 and good.val_accuracy == 100.0
-    assert torch.equal(good.predict(val).argmax(-1), val_labels)
-    # Val labels corrupted to what the (wrong) zero-shot head predicts: the choice flips
-    # to the untrained initialisation.
-    corrupted = (val_labels - 1) % 4
-    bad = cm.train_cross_modal(feats, labels, text, val, corrupted, **kw)
-    assert bad.best_iter == 0 and bad.hparams["lr"] == 1e-6 and bad.val_accuracy == 100.0
-    assert len(good.grid) == 2 and {g["lr"] for g in good.grid} == {1e-6, 1e-2}
-    assert [h["iter"] for h in good.history] == [0, 20, 40, 60, 80, 100]
+    assert good.hparams["lr"] == 1e-2 and good.best_step > 0 and good.val_accuracy == 100.0
+    acc, loss = _val_score(good.head.weight.detach(), val, val_labels)
+    assert (acc, loss) == (good.val_accuracy, pytest.approx(good.val_loss, rel=1e-5))
+    hist = good.history
+    kept = max(zip(hist["val_accuracy"], [-v for v in hist["val_loss"]], hist["val_step"],
+                   strict=True), key=lambda r: (r[0], r[1]))  # fmt: skip
+    assert kept[2] == good.best_step
+    assert [g["lr"] for g in good.grid] == [1e-6, 1e-2]
+    bad = cm.train_cross_modal(feats, labels, text, val, (val_labels - 1) % 4, **kw)
+    assert bad.best_step == 0 and bad.val_accuracy == 100.0
+    assert bad.hparams["lr"] == 1e-6  # every run keeps its start: the tie goes to the first
 
 
-def test_vectorised_grid_matches_one_run_per_config() -> None:
+def test_batch_sizes_that_do_not_fit_are_skipped_as_the_authors_do() -> None:
+    feats, labels, text, val, val_labels = _shifted_problem()  # 16 images, 4 text samples
+    t = torch.cat([text] * 5, dim=1)  # 5 templates: 20 text samples
+    kw = {"iters": 2, "lrs": [1e-3], "weight_decays": [0.0], "device": "cpu", "progress": False}
+    res = cm.train_cross_modal(feats, labels, t, val, val_labels, batch_sizes=[8, 32], **kw)
+    # batch 32: 16 image samples, not fewer than the 16 images -> skipped
+    assert [g["batch_size"] for g in res.grid] == [8] and res.extra["skipped_batch_sizes"] == [32]
+    with pytest.warns(UserWarning, match="no batch size"):  # none fits: the smallest, warned
+        res = cm.train_cross_modal(feats, labels, t, val, val_labels, batch_sizes=[48, 40], **kw)
+    assert [g["batch_size"] for g in res.grid] == [40] and res.extra["skipped_batch_sizes"] == [48]
+
+
+def test_template_choice_is_made_on_validation() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(4, 6, 16, generator=g), dim=-1)
+    feats, labels = _unit(12, 16, seed=1), torch.arange(12) % 4
+    val, val_labels = _unit(40, 16, seed=2), torch.arange(40) % 4
+    counts = [1, 2, 4, 6]
+    kw = {"iters": 3, "lrs": [0.0], "weight_decays": [0.0], "batch_sizes": [4]}
+    chosen, results = cm.sweep_templates(feats, labels, t, val, val_labels, counts,
+                                         device="cpu", progress=False, **kw)  # fmt: skip
+    # with lr 0 every head is the zero-shot head of its first m templates
+    scores = {}
+    for m in counts:
+        mean = t[:, :m].mean(1)
+        scores[m] = _val_score(mean / mean.norm(dim=1, keepdim=True), val, val_labels)
+        assert results[m].val_accuracy == scores[m][0]
+    best = max(counts, key=lambda m: (scores[m][0], -scores[m][1], -m))
+    assert chosen == best
+    with pytest.raises(ValueError, match=r"\[1, 6\]"):
+        cm.sweep_templates(feats, labels, t, val, val_labels, [0, 7], **kw)
+
+
+def test_text_only_training_keeps_a_zero_shot_like_head() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(6, 32, generator=g), dim=-1)
+    t = F.normalize(centres[:, None] + 3.0 * torch.randn(6, 4, 32, generator=g) / 32**0.5, dim=-1)
+    txt, txt_labels = cm.text_samples(t)
+    W0 = cm.class_prototypes(t)
+    head = cm.CrossModalHead(W0)
+    cm.fit_head(head, torch.zeros(0, 32), torch.zeros(0, dtype=torch.long), txt, txt_labels,
+                W0, torch.arange(6), lr=1e-3, weight_decay=0.0, batch_size=8, iters=200,
+                warmup=10, image_ratio=0.0, select_best=False, device="cpu")  # fmt: skip
+    W = head.weight.detach()
+    assert (W - W0).norm() > 1e-2  # it did train
+    assert torch.equal(head(txt).argmax(-1), txt_labels)
+    assert F.cosine_similarity(W, W0, dim=-1).min() > 0.99
+
+
+def test_options_and_errors() -> None:
     feats, labels, text, val, val_labels = _shifted_problem()
-    views = torch.stack([feats, feats.flip(-1)])  # a second "view"
-    txt, txt_labels = cm.text_samples(text)
-    W0 = cm.class_prototypes(text)
-    configs = [
-        {"lr": 1e-2, "weight_decay": 0.0, "batch_size": 8},
-        {"lr": 3e-3, "weight_decay": 1e-2, "batch_size": 6},
-        {"lr": 1e-4, "weight_decay": 1e-4, "batch_size": 4},
-    ]
-    kw = {"iters": 60, "warmup": 5, "eval_every": 15, "seed": 3, "device": "cpu"}
-    runs = cm.fit_head_grid(W0, configs, views, labels, txt, txt_labels, val, val_labels, **kw)
-    for cfg, run in zip(configs, runs, strict=True):
-        head = cm.CrossModalHead(W0)
-        best_iter, acc, loss, history = cm.fit_head(
-            head, views, labels, txt, txt_labels, val, val_labels, **cfg, **kw
-        )
-        assert (run.best_iter, run.val_accuracy) == (best_iter, acc)
-        assert run.val_loss == pytest.approx(loss, rel=1e-4, abs=1e-5)
-        assert torch.allclose(run.weight, head.weight.detach(), atol=1e-5)
-        assert [h["iter"] for h in run.history] == [h["iter"] for h in history]
-    assert runs[0].best_iter > 0  # the problem does need training
-
-
-def test_cross_modal_vs_image_only_and_random_init_options() -> None:
-    feats, labels, text, val, val_labels = _shifted_problem()
-    kw = {"iters": 20, "lrs": [1e-3], "weight_decays": [0.0], "batch_sizes": [8], "progress": False}
-    cross = cm.train_cross_modal(feats, labels, text, val, val_labels, device="cpu", **kw)
-    image = cm.train_cross_modal(
-        feats, labels, text, val, val_labels, modality="image", device="cpu", **kw
-    )
-    rand = cm.train_cross_modal(
-        feats, labels, text, val, val_labels, init="random", device="cpu", **kw
-    )
-    assert (cross.image_ratio, image.image_ratio) == (0.5, 1.0)
-    assert torch.equal(cross.zero_shot_weight, image.zero_shot_weight)
-    assert rand.extra["init"] == "random"
+    kw = {"iters": 2, "lrs": [1e-3], "weight_decays": [0.0], "batch_sizes": [6], "progress": False}
+    image = cm.train_cross_modal(feats, labels, text, val, val_labels, modality="image", **kw)
+    rand = cm.train_cross_modal(feats, labels, text, val, val_labels, init="random", **kw)
+    assert image.image_ratio == 1.0 and rand.extra["init"] == "random"
+    assert not torch.allclose(rand.head.weight.detach(), cm.class_prototypes(text), atol=0.1)
     with pytest.raises(ValueError, match="image_ratio must be 1"):
         cm.train_cross_modal(
             feats, labels, text, val, val_labels, modality="image", image_ratio=0.5
         )
     with pytest.raises(ValueError, match="modality"):
         cm.train_cross_modal(feats, labels, text, val, val_labels, modality="text")
-
-
-def test_clear_errors() -> None:
-    t = _unit(3, 2, 8)
-    txt, txt_labels = cm.text_samples(t)
-    img, img_labels = _unit(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    val, val_labels = _unit(3, 8), torch.arange(3)
-    with pytest.raises(ValueError, match="dimension 5 but text features 8"):
-        next(cm.mixed_batches(_unit(6, 5), img_labels, txt, txt_labels, 4))
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]"):
-        cm.train_cross_modal(img, torch.tensor([0, 1, 2, 3, 1, 2]), t, val, val_labels)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\]"):
+        cm.train_cross_modal(feats, labels + 1, text, val, val_labels, **kw)
     with pytest.raises(ValueError, match="validation labels"):
-        cm.train_cross_modal(img, img_labels, t, val, torch.tensor([0, 1, 7]))
+        cm.train_cross_modal(feats, labels, text, val, val_labels + 4, **kw)
     with pytest.raises(ValueError, match="no images"):
-        cm.train_cross_modal(img[:0], img_labels[:0], t, val, val_labels)
-    with pytest.raises(ValueError, match="no text samples"):
-        next(cm.mixed_batches(img, img_labels, txt[:0], txt_labels[:0], 4))
+        cm.train_cross_modal(feats[:0], labels[:0], text, val, val_labels, **kw)
+    with pytest.raises(ValueError, match="dimension 5 but text features 16"):
+        cm.train_cross_modal(feats[:, :5], labels, text, val, val_labels, **kw)
     with pytest.raises(ValueError, match=r"\(C, M, D\)"):
         cm.text_samples(torch.randn(3, 8))
     with pytest.raises(ValueError, match="image_ratio must be in"):
-        next(cm.mixed_batches(img, img_labels, txt, txt_labels, 4, image_ratio=1.5))
-    head = cm.CrossModalHead(_unit(2, 8))  # two classes, text has three
-    with pytest.raises(ValueError, match="head has 2"):
-        cm.fit_head(
-            head, img[None], img_labels % 2, txt, txt_labels, val, val_labels % 2,
-            lr=1e-3, weight_decay=0.0, batch_size=4, iters=1, device="cpu",
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="head expects 8"):
-        head(torch.randn(2, 5))
+        next(cm.mixed_batches(feats, labels, *cm.text_samples(text), 4, image_ratio=1.5))
+    with pytest.raises(ValueError, match="no text samples"):
+        next(cm.mixed_batches(feats, labels, val[:0], val_labels[:0], 4))
+    with pytest.raises(ValueError, match="head expects 16"):
+        cm.CrossModalHead(val)(torch.randn(2, 5))
+
+
+def test_every_trainer_goes_through_the_one_loop(monkeypatch) -> None:
+    from fewclip_tutorial import training
+
+    calls = []
+
+    def counting_fit(*args, **kwargs):
+        calls.append(kwargs["schedule"])
+        return training.fit(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "fit", counting_fit)
+    feats, labels, text, val, val_labels = _shifted_problem()
+    cm.train_cross_modal(feats, labels, text, val, val_labels, iters=2, lrs=[1e-3, 1e-4],
+                         weight_decays=[0.0], batch_sizes=[6], progress=False)  # fmt: skip
+    assert calls == ["cosine", "cosine"]
 
 
 # ------------------------------------------------------------------------- partial fine-tuning
@@ -291,8 +368,7 @@ def test_split_visual_encoder_reproduces_the_full_forward() -> None:
     assert split.prefix(x).shape == (5, 5, 32)  # 4 patches + class token, width 32
     names = [type(m).__name__ for m in split.trainable]
     assert names[:2] == ["ResidualAttentionBlock", "LayerNorm"]
-    # deep copies: the trainable end is separate from the backbone
-    assert split.trainable[0] is not vit.transformer.resblocks[-1]
+    assert split.trainable[0] is not vit.transformer.resblocks[-1]  # a deep copy
     resnet = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=16, heads=2, image_size=32, width=8)
     resnet.eval()
     xr = torch.randn(2, 3, 32, 32)
@@ -318,15 +394,15 @@ def test_partial_finetune_trains_a_copy_and_lr0_is_zero_shot() -> None:
     prefix = res.extra["prefix"]
     with torch.no_grad():
         logits = res.head(res.suffix(prefix(val_images)))
-    assert float(res.head.logit_scale) == pytest.approx(math.exp(4))
     assert (logits.argmax(-1) == val_labels).float().mean() * 100 == pytest.approx(res.val_accuracy)
     # lr = 0: encoder and head stay put, so the result is the frozen zero-shot classifier
     res0 = cm.train_partial_finetune(
         vit, images, labels, text, val_images, val_labels, lrs=[0.0], **common
     )
+    assert res0.best_step == 0
     with torch.no_grad():
         got = res0.head(res0.suffix(prefix(val_images)))
-        want = math.exp(4) * F.normalize(vit(val_images), dim=-1) @ cm.class_prototypes(text).T
+        want = _authors_logits(vit(val_images), cm.class_prototypes(text), 4.0)
     assert torch.allclose(got, want, atol=1e-4)
     with pytest.raises(ValueError, match="outputs dimension 16 but text features have 8"):
         cm.train_partial_finetune(
@@ -349,12 +425,19 @@ def ctx():
     return build_context(spec, bb, shots=2, seed=1, cache_dir=None, progress=False, device="cpu")
 
 
-def test_runner_variants(ctx) -> None:
-    from fewclip_tutorial.experiment import METHODS, run_method
+def test_options_are_declared_once() -> None:
+    from fewclip_tutorial.experiment import METHODS
 
     spec = METHODS["cross-modal"]
-    assert spec.options["variant"].choices == ["linear", "wise-ft", "partial"]
-    assert spec.options["wise_weight"].default == 0.5
+    assert spec.options == cm.OPTIONS
+    params = inspect.signature(cm.run_cross_modal).parameters
+    assert all(params[name].default is inspect.Parameter.empty for name in cm.OPTIONS)
+    assert spec.options["iters"].default == cm.DEFAULT_ITERS
+
+
+def test_runner_variants(ctx) -> None:
+    from fewclip_tutorial.experiment import run_method
+
     kw = {"context": ctx, "iters": 10, "grid": "small", "progress": False}
     lin = run_method("cross-modal", **kw)
     assert lin["val_accuracy"] == pytest.approx(lin["selection_val_accuracy"])

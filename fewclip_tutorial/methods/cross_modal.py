@@ -1,51 +1,63 @@
 """Cross-modal adaptation (Lin et al., CVPR 2023, "Multimodality helps unimodality").
 
-The idea fits in one sentence: a class name embedded by the text encoder is one more
-*training sample* of that class, living in the same space as the image features.  So a
-linear probe on CLIP features can be trained on images **and** text at once:
+A class name embedded by the text encoder is one more *training sample* of that class,
+in the same space as the image features.  So a linear probe on CLIP features is trained
+on images **and** texts at once:
 
-* every class's per-template text embeddings become labelled samples
+* every class's per-template text embedding becomes a labelled sample
   (:func:`text_samples`);
-* the head is a bias-free linear layer on L2-normalised features, initialised from the
-  class text prototypes, i.e. it *starts* as the zero-shot classifier
-  (:class:`CrossModalHead`), with logits ``logit_scale * normalize(x) @ W.T`` and a fixed
-  ``logit_scale = 100``;
-* every mini-batch is half image features, half text features, under one cross-entropy
-  (:func:`mixed_batches`);
-* training is AdamW with linear warm-up and a cosine schedule, with the hyperparameters
-  and the stopping iteration chosen on the few-shot **validation** split
-  (:func:`train_cross_modal`);
-* WiSE-FT averages the learned head with the zero-shot head (:func:`wise_ft`);
-* partial fine-tuning also trains the last block of the image encoder; the frozen prefix
-  of the encoder is run once and its output cached (:func:`split_visual_encoder`,
-  :func:`train_partial_finetune`).
+* the head is bias-free and linear on L2-normalised features, with a fixed scale
+  ``s``: ``logits = s * normalize(x) @ W.T`` (:class:`CrossModalHead`).  ``W`` starts
+  as the class text prototypes (:func:`class_prototypes`), so the untrained head *is*
+  the zero-shot classifier;
+* each mini-batch is ``int(B * (1 - image_ratio))`` text samples and the rest images
+  (half/half by default; an odd sample goes to the images), each half drawn by
+  shuffling its pool without replacement, one permutation per epoch
+  (:func:`mixed_batches`, which gathers every batch with :func:`build_mixed_batch`);
+* one trainer, :func:`fit_head`, runs :func:`fewclip_tutorial.training.fit` with AdamW,
+  linear warm-up and cosine decay, and a pluggable image encoder: ``suffix=None`` for
+  the linear probe, the trainable end of the image encoder for partial fine-tuning
+  (:func:`split_visual_encoder`, :func:`train_partial_finetune`);
+* the learning rate, the weight decay, the batch size and the stopping step are chosen
+  on the few-shot **validation** split (:func:`train_cross_modal`), and so is the
+  number of templates when several are tried (:func:`sweep_templates`);
+* WiSE-FT averages the learned head with the zero-shot head (:func:`wise_ft`).
 
-Setting ``image_ratio=1`` (``modality="image"``) gives the uni-modal linear probe with the
-same head, the same initialisation and the same training, so the comparison is like for
-like.  ``init="random"`` replaces the text initialisation by random unit rows (the paper
-reports the 1-shot average dropping to 48.37 that way).
+This follows the authors' ``train.py`` (``train()``, ``main()``'s sweep and
+``get_valid_batch_sizes``), ``engine/model/logit.py`` (``LogitHead``) and
+``engine/optimizer/default.py`` (``HYPER_DICT``) in ``linzhiqiu/cross_modal_adaptation``.
+Choices made here, each said again in the chapter:
 
-Choices made here (see the chapter):
-
-* selection is on the few-shot validation split only, evaluated every ``eval_every``
-  iterations *and* at iteration 0, so a run can fall back to its initialisation;
-* ties in validation accuracy are broken by the lower validation cross-entropy, then by
-  the earlier iteration / the earlier grid entry;
-* ``iters`` defaults to 1000 (cheap on a CPU); the paper's 12,800 is ``iters=12800``;
-* the default grid is the paper's 12 configurations on CUDA and a 4-configuration subset
-  on CPU (``grid="auto"``); ``grid="paper"`` or ``grid="small"`` forces one;
-* the logit scale of partial fine-tuning is ``exp(4) ≈ 54.6`` as in the paper; its
-  default grid is one configuration (lr 1e-4, wd 0, batch 32) because every
-  configuration trains a transformer block; pass ``lrs=...`` etc. for more;
-* WiSE-FT (``variant="wise-ft"`` in the runner) averages the linear head only;
-* image views are the centre crop plus its horizontal flip, as in the paper (only the
-  centre crop for datasets whose classes are not mirror-invariant, such as ShapeWorld).
+* **Steps, not epochs.** Every configuration runs ``iters`` optimiser steps whatever
+  the size of the training set, as the paper's 12,800 (the default here is
+  :data:`DEFAULT_ITERS` = 1000, cheap on a CPU).  A small set is therefore seen many
+  times: at 16 shots x 10 classes and 4 images a step (batch 8), 1000 steps are 25
+  passes over the 160 images, and validation (every ``eval_every`` = 100 steps) has
+  ten chances to move.
+* **Selection.** Validation is scored by ``(accuracy, -cross-entropy)`` at step 0 (the
+  zero-shot-initialised head) and every ``eval_every`` steps; a later state is kept only
+  when it is strictly better, so a run can return its starting head.  The authors
+  evaluate after the first step and compare accuracy only.
+* **Grids.** ``"paper"``: lr {1e-3, 1e-4} x wd {0, 1e-2, 1e-4} x batch {8, 32}, the
+  default on CUDA; ``"small"``: lr {1e-3, 1e-4} x wd {0, 1e-2} x batch {8}, the default
+  on a CPU (batch 32 does not fit a one-shot, 10-class set: 16 image samples from a
+  pool of 10).  As in ``get_valid_batch_sizes``, a batch size whose image or text half
+  is not smaller than its pool is skipped.
+* **Partial fine-tuning** uses the scale ``exp(4)`` as the paper, one configuration by
+  default (lr 1e-4, wd 0, batch 8, the authors' partial batch size).
+* **Prototypes** average the L2-normalised template embeddings (CLIP's ensemble); the
+  authors' ``get_zero_shot_weights`` averages them unnormalised.  Both normalise the
+  mean.
+* **Image views**: the centre crop plus its horizontal flip, each one sample (as the
+  authors concatenate the flipped features to the centre crops), except for datasets
+  whose classes are not mirror-invariant, such as ShapeWorld.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -54,14 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewclip_tutorial.device import autocast, autocast_dtype, get_device
+from fewclip_tutorial.device import autocast, get_device
 from fewclip_tutorial.experiment import Context, Option, register_method
 from fewclip_tutorial.features import FeatureSet
-from fewclip_tutorial.zeroshot import prompt_ensemble, prompt_text_features
+from fewclip_tutorial.training import FitResult, fit
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_ensemble, prompt_text_features
 
 __all__ = [
+    "DEFAULT_ITERS",
     "GRIDS",
-    "LOGIT_SCALE",
     "PARTIAL_FT_LOGIT_SCALE",
     "CrossModalHead",
     "CrossModalResult",
@@ -70,56 +83,68 @@ __all__ = [
     "build_mixed_batch",
     "class_prototypes",
     "encode_split_through",
-    "GridRun",
+    "epoch_batches",
     "fit_head",
-    "fit_head_grid",
     "mixed_batches",
     "register_exercises",
-    "sample_mixed_indices",
     "split_visual_encoder",
+    "sweep_templates",
     "text_samples",
     "train_cross_modal",
     "train_partial_finetune",
-    "warmup_cosine",
     "wise_ft",
 ]
 
-#: Fixed logit scale of the cross-modal linear head (CLIP's learned temperature, 1/0.01).
-LOGIT_SCALE: float = 100.0
-#: Logit scale used for partial fine-tuning in the paper: exp(4) ≈ 54.6.
+#: Logit scale of partial fine-tuning in the paper: exp(4) ≈ 54.6.
 PARTIAL_FT_LOGIT_SCALE: float = math.exp(4.0)
+#: Optimiser steps per configuration (the paper: 12,800).
+DEFAULT_ITERS: int = 1000
 
-#: Hyperparameter grids.  "paper": lr {1e-3, 1e-4} x wd {0, 1e-2, 1e-4} x batch {8, 32}.
+#: Hyperparameter grids (the authors' ``HYPER_DICT["linear"]`` is "paper").
 GRIDS: dict[str, dict[str, tuple[float, ...] | tuple[int, ...]]] = {
-    "paper": {
-        "lrs": (1e-3, 1e-4),
-        "weight_decays": (0.0, 1e-2, 1e-4),
-        "batch_sizes": (8, 32),
-    },
-    "small": {
-        "lrs": (1e-3, 1e-4),
-        "weight_decays": (0.0, 1e-2),
-        "batch_sizes": (32,),
-    },
+    "paper": {"lrs": (1e-3, 1e-4), "weight_decays": (0.0, 1e-2, 1e-4), "batch_sizes": (8, 32)},
+    "small": {"lrs": (1e-3, 1e-4), "weight_decays": (0.0, 1e-2), "batch_sizes": (8,)},
 }
 
 
 # --------------------------------------------------------------------------------------
-# Functional core
+# Samples, head, batches
 # --------------------------------------------------------------------------------------
+
+
+def _check_text_tensor(t: Tensor) -> Tensor:
+    if not isinstance(t, Tensor) or t.ndim != 3 or min(t.shape) == 0:
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(
+            f"text features must be a non-empty (C, M, D) tensor (classes, templates, dim), "
+            f"got {shape}; for one template per class use t.unsqueeze(1)."
+        )
+    return t
+
+
+def _check_labels(labels: Tensor, num_classes: int, what: str) -> Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{what} labels must be a 1-D tensor, got shape {tuple(labels.shape)}.")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{what} labels range over [{int(labels.min())}, {int(labels.max())}] but there "
+            f"are {num_classes} classes; labels must be in [0, {num_classes - 1}] and in the "
+            "order of the class names used for the text features."
+        )
+    return labels.long()
 
 
 def text_samples(text_features_per_template: Tensor) -> tuple[Tensor, Tensor]:
     """Turn per-template text embeddings into labelled training samples.
 
     Args:
-        text_features_per_template: ``(C, M, D)``: class ``c``'s embedding under template
-            ``m`` (``M`` templates per class).
+        text_features_per_template: ``(C, M, D)``: class ``c`` under template ``m``.
 
     Returns:
-        ``features`` of shape ``(C*M, D)``, each row L2-normalised, class-major (rows
-        ``c*M .. c*M+M-1`` belong to class ``c``), and ``labels`` of shape ``(C*M,)``
-        (int64, ``labels[c*M + m] = c``).
+        ``features`` ``(C*M, D)``, rows L2-normalised and class-major (row ``c*M + m``
+        is template ``m`` of class ``c``), and ``labels`` ``(C*M,)`` int64 with
+        ``labels[c*M + m] = c``.
     """
     t = _check_text_tensor(text_features_per_template)
     num_classes, num_templates, dim = t.shape
@@ -129,13 +154,13 @@ def text_samples(text_features_per_template: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def class_prototypes(text_features_per_template: Tensor) -> Tensor:
-    """The zero-shot classifier: per class, the mean of its normalised template embeddings.
+    """The zero-shot classifier: ``w_c = normalize(mean_m normalize(t_{c,m}))``.
 
     Args:
         text_features_per_template: ``(C, M, D)``.
 
     Returns:
-        ``(C, D)`` L2-normalised prototypes (CLIP's prompt ensemble).
+        ``(C, D)`` unit rows (CLIP's prompt ensemble).
     """
     return prompt_ensemble(_check_text_tensor(text_features_per_template).float())
 
@@ -143,17 +168,17 @@ def class_prototypes(text_features_per_template: Tensor) -> Tensor:
 class CrossModalHead(nn.Module):
     """Bias-free linear head on L2-normalised features with a fixed logit scale.
 
-    ``logits = logit_scale * normalize(x) @ W.T`` with ``W`` of shape ``(C, D)``.  The
-    weight is initialised from the class text prototypes, so before any training the
-    head *is* the zero-shot classifier.  The weight rows are not re-normalised during
+    ``logits = logit_scale * normalize(x) @ W.T`` with ``x`` ``(N, D)`` and ``W``
+    ``(C, D)``, as the authors' ``LogitHead`` around a bias-free ``nn.Linear`` (their
+    scale is ``exp(4.60517) = 100``).  The rows of ``W`` are not re-normalised during
     training; ``logit_scale`` is a buffer, not a parameter.
 
     Args:
         weight: ``(C, D)`` initial weight (typically :func:`class_prototypes`).
-        logit_scale: the fixed scale (100 as in the paper; ``exp(4)`` for partial FT).
+        logit_scale: the fixed scale (100; ``exp(4)`` for partial fine-tuning).
     """
 
-    def __init__(self, weight: Tensor, logit_scale: float = LOGIT_SCALE) -> None:
+    def __init__(self, weight: Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> None:
         super().__init__()
         if weight.ndim != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
             raise ValueError(
@@ -164,18 +189,6 @@ class CrossModalHead(nn.Module):
             raise ValueError(f"logit_scale must be a positive number, got {logit_scale}.")
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-
-    @classmethod
-    def random(
-        cls,
-        num_classes: int,
-        dim: int,
-        generator: torch.Generator | None = None,
-        logit_scale: float = LOGIT_SCALE,
-    ) -> CrossModalHead:
-        """A head with random unit-norm rows (the paper's random-init ablation)."""
-        w = torch.randn(num_classes, dim, generator=generator)
-        return cls(F.normalize(w, dim=-1), logit_scale=logit_scale)
 
     @property
     def num_classes(self) -> int:
@@ -203,7 +216,14 @@ class MixedBatch(NamedTuple):
     is_text: Tensor
 
 
-def _check_ratio(image_ratio: float) -> float:
+def _split_counts(batch_size: int, image_ratio: float) -> tuple[int, int]:
+    """Image and text samples of a batch: ``B - int(B * (1 - ratio))`` and ``int(B * (1 - ratio))``.
+
+    As the authors' ``text_batch_size = int(batch_size * 0.5)``: an odd sample goes to
+    the image half.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if isinstance(image_ratio, bool) or not isinstance(image_ratio, (int, float)):
         raise TypeError(f"image_ratio must be a number in [0, 1], got {image_ratio!r}.")
     if not 0.0 <= float(image_ratio) <= 1.0:
@@ -211,51 +231,51 @@ def _check_ratio(image_ratio: float) -> float:
             f"image_ratio must be in [0, 1] (0: text only, 0.5: the paper's half/half, "
             f"1: images only), got {image_ratio}."
         )
-    return float(image_ratio)
+    n_text = math.floor(batch_size * (1.0 - float(image_ratio)) + 1e-9)
+    return batch_size - n_text, n_text
 
 
-def _split_counts(batch_size: int, image_ratio: float) -> tuple[int, int]:
-    """Number of image and text samples in a batch: ``floor(B * ratio)`` and the rest."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    _check_ratio(image_ratio)
-    n_image = math.floor(batch_size * float(image_ratio) + 1e-9)
-    return n_image, batch_size - n_image
+def epoch_batches(
+    num_samples: int, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[Tensor]:
+    """Endless index batches drawn without replacement, one permutation per epoch.
 
+    Each epoch is ``randperm(num_samples)`` cut into consecutive batches of
+    ``batch_size``; a last piece smaller than a batch is dropped and a new epoch begins
+    (``DataLoader(shuffle=True, drop_last=True)``, as the authors' loaders).  So within
+    an epoch every sample appears at most once, and exactly once when ``batch_size``
+    divides ``num_samples``.  A batch larger than the pool (which the authors' grid
+    never trains) is filled from consecutive permutations.  ``batch_size = 0`` yields
+    empty batches.
 
-def sample_mixed_indices(
-    num_images: int,
-    num_text: int,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    image_ratio: float = 0.5,
-    num_views: int = 1,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw one mixed batch as indices, with replacement, separately per half.
-
-    The batch holds exactly ``n_image = floor(batch_size * image_ratio)`` image samples
-    and ``batch_size - n_image`` text samples (``batch_size // 2`` each for an even
-    batch at the default ratio 0.5).
-
-    Returns:
-        ``view_index`` ``(n_image,)``, ``image_index`` ``(n_image,)`` and ``text_index``
-        ``(n_text,)`` (int64, CPU).
+    Yields:
+        ``(batch_size,)`` int64 indices into the pool.
     """
-    n_image, n_text = _split_counts(batch_size, image_ratio)
-    if n_image > 0 and num_images == 0:
+    if batch_size > 0 and num_samples < 1:
+        raise ValueError(f"a batch needs {batch_size} samples but the pool is empty.")
+    if batch_size <= num_samples:
+        while True:
+            perm = torch.randperm(num_samples, generator=generator)
+            for start in range(0, num_samples - batch_size + 1, max(batch_size, 1)):
+                yield perm[start : start + batch_size]
+    chained = torch.zeros(0, dtype=torch.long)
+    while True:
+        while len(chained) < batch_size:
+            chained = torch.cat([chained, torch.randperm(num_samples, generator=generator)])
+        yield chained[:batch_size]
+        chained = chained[batch_size:]
+
+
+def _image_pool(image_features: Tensor, image_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(V, N, ...)`` views and ``(N,)`` labels -> ``(V*N, ...)`` samples and labels."""
+    views, n = image_features.shape[0], image_features.shape[1]
+    if len(image_labels) != n:
         raise ValueError(
-            "the batch needs image samples but there are no training images; "
-            "pass image features or set image_ratio=0 to train on text only."
+            f"{n} images but {len(image_labels)} image labels; pass one label per image "
+            "(views share labels)."
         )
-    if n_text > 0 and num_text == 0:
-        raise ValueError(
-            "the batch needs text samples but there are no text samples; "
-            "pass text features or set image_ratio=1 for the image-only probe."
-        )
-    image_index = torch.randint(num_images or 1, (n_image,), generator=generator)
-    view_index = torch.randint(max(num_views, 1), (n_image,), generator=generator)
-    text_index = torch.randint(num_text or 1, (n_text,), generator=generator)
-    return view_index, image_index, text_index
+    pool = image_features.reshape(views * n, *image_features.shape[2:])
+    return pool, torch.as_tensor(image_labels).long().repeat(views)
 
 
 def mixed_batches(
@@ -267,49 +287,67 @@ def mixed_batches(
     generator: torch.Generator | None = None,
     image_ratio: float = 0.5,
     num_batches: int | None = None,
+    image_encoder: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[MixedBatch]:
-    """Endless (or ``num_batches``-long) stream of mixed image/text mini-batches.
+    """The stream of mixed image/text mini-batches that training draws from.
 
-    Each batch is ``floor(batch_size * image_ratio)`` image samples followed by the text
-    samples for the rest (half/half at the default ``image_ratio=0.5``), each half
-    sampled with replacement from its own pool with ``generator``.  With ``V`` views per
-    image, every image sample also draws its view uniformly.
+    Each batch holds ``n_image = B - int(B * (1 - image_ratio))`` image samples then
+    ``B - n_image`` text samples.  Each half comes from its own :func:`epoch_batches`
+    stream (shuffled without replacement, one permutation per epoch), and the batch is
+    gathered by :func:`build_mixed_batch`.
 
     Args:
-        image_features: ``(N, D)`` or ``(V, N, D)`` (views, e.g. centre crop + flip);
-            ``None`` or empty allowed only when ``image_ratio == 0``.
+        image_features: image samples ``(N, D)``, or ``(V, N, D)`` views (each view one
+            more sample, labelled as its image); with ``image_encoder``, ``(N, ...)``
+            encoder inputs.  ``None`` only with ``image_ratio = 0``.
         image_labels: ``(N,)`` int labels.
-        text_features: ``(T, D)`` text samples (see :func:`text_samples`).
-        text_labels: ``(T,)``.
-        batch_size: total batch size ``B``.
-        generator: a seeded ``torch.Generator`` (CPU) for reproducible batches.
-        image_ratio: fraction of image samples, in ``[0, 1]``; 0 trains on text only,
-            1 on images only.
-        num_batches: stop after this many batches (``None``: never stop).
+        text_features: ``(T, D)`` text samples (see :func:`text_samples`);
+            ``text_labels`` ``(T,)``.
+        batch_size: ``B``.
+        generator: a seeded CPU ``torch.Generator`` for reproducible batches.
+        image_ratio: image fraction in ``[0, 1]`` (0: text only, 1: images only).
+        num_batches: stop after this many (``None``: never).
+        image_encoder: maps the gathered image rows to ``(n_image, D)`` features (the
+            trainable end of the image encoder in partial fine-tuning).
 
     Yields:
-        :class:`MixedBatch` ``(x (B, D), y (B,), is_text (B,))``.
+        :class:`MixedBatch`.
     """
-    views, img_labels, text_features, text_labels = _check_training_data(
-        image_features, image_labels, text_features, text_labels, image_ratio
-    )
-    _split_counts(batch_size, image_ratio)
-    num_views, num_images = views.shape[0], views.shape[1]
-    device = text_features.device if text_features.numel() else views.device
+    n_image, n_text = _split_counts(batch_size, image_ratio)
+    if image_features is None:
+        image_features = text_features.new_zeros(0, text_features.shape[-1])
+        image_labels = torch.zeros(0, dtype=torch.long)
+    if image_labels is None:
+        raise ValueError("image_labels is None but image features were given; pass (N,) labels.")
+    if image_encoder is None and image_features.ndim == 3:
+        image_features, image_labels = _image_pool(image_features, image_labels)
+    if image_encoder is None and image_features.shape[-1] != text_features.shape[-1]:
+        raise ValueError(
+            f"image features have dimension {image_features.shape[-1]} but text features "
+            f"{text_features.shape[-1]}; encode both with the same backbone."
+        )
+    if n_image and len(image_features) == 0:
+        raise ValueError(
+            "the batch needs image samples but there are no images; give K-shot image "
+            "features, or set image_ratio=0 to train on text only."
+        )
+    if n_text and len(text_features) == 0:
+        raise ValueError(
+            "the batch needs text samples but there are no text samples; give per-template "
+            "text features, or set image_ratio=1 (modality='image')."
+        )
+    images = epoch_batches(len(image_features), n_image, generator)
+    texts = epoch_batches(len(text_features), n_text, generator)
     count = 0
     while num_batches is None or count < num_batches:
-        v_idx, i_idx, t_idx = sample_mixed_indices(
-            num_images, len(text_labels), batch_size, generator, image_ratio, num_views
-        )
         yield build_mixed_batch(
-            views,
-            img_labels,
+            image_features,
+            image_labels,
             text_features,
             text_labels,
-            i_idx,
-            t_idx,
-            v_idx,
-            device=device,
+            next(images),
+            next(texts),
+            image_encoder=image_encoder,
         )
         count += 1
 
@@ -321,41 +359,34 @@ def build_mixed_batch(
     text_labels: Tensor,
     image_index: Tensor,
     text_index: Tensor,
-    view_index: Tensor | None = None,
-    device: torch.device | str | None = None,
+    image_encoder: Callable[[Tensor], Tensor] | None = None,
 ) -> MixedBatch:
-    """Gather one mixed batch: the chosen image samples first, then the chosen text samples.
+    """Gather one mixed batch: the chosen image samples first, then the chosen texts.
 
     Args:
-        image_features: ``(N, D)`` or ``(V, N, D)``.
-        image_labels: ``(N,)``.
+        image_features: ``(N, D)`` (or ``(N, ...)`` inputs of ``image_encoder``);
+            ``image_labels`` ``(N,)``.
         text_features: ``(T, D)``; ``text_labels`` ``(T,)``.
-        image_index: ``(B_img,)`` rows of the image pool; ``view_index`` ``(B_img,)`` their
-            views (default: view 0).
-        text_index: ``(B_txt,)`` rows of the text pool.
+        image_index: ``(B_img,)`` rows of the image pool; ``text_index`` ``(B_txt,)``
+            rows of the text pool.
+        image_encoder: applied to the gathered image rows (``None``: they are features).
 
     Returns:
-        :class:`MixedBatch` with ``x`` ``(B_img + B_txt, D)`` float32, ``y`` int64 and
-        ``is_text`` (``False`` for the first ``B_img`` rows, ``True`` after).
+        :class:`MixedBatch` with ``x = cat(f[image_index], t[text_index])``
+        ``(B_img + B_txt, D)`` float32 on the text features' device, ``y`` int64 and
+        ``is_text`` (``False`` on the first ``B_img`` rows).
     """
-    views = _as_views(image_features)
-    if view_index is None:
-        view_index = torch.zeros_like(image_index)
-    device = text_features.device if device is None else torch.device(device)
-    src = views.device
-    x_img = views[view_index.to(src), image_index.to(src)].to(device).float()
-    y_img = torch.as_tensor(image_labels)[image_index.to(torch.as_tensor(image_labels).device)]
-    x_txt = text_features[text_index.to(text_features.device)].to(device).float()
-    y_txt = text_labels[text_index.to(text_labels.device)]
-    is_text = torch.cat(
-        [
-            torch.zeros(len(image_index), dtype=torch.bool, device=device),
-            torch.ones(len(text_index), dtype=torch.bool, device=device),
-        ]
-    )
+    device = text_features.device
+    x_txt = text_features[text_index.to(device)]
+    x_img = image_features[image_index.to(image_features.device)].to(device)
+    if image_encoder is not None:
+        x_img = image_encoder(x_img) if len(image_index) else x_txt.new_zeros(0, x_txt.shape[-1])
+    labels = torch.as_tensor(image_labels)
+    y_img = labels[image_index.to(labels.device)].to(device)
+    is_text = torch.arange(len(image_index) + len(text_index), device=device) >= len(image_index)
     return MixedBatch(
-        torch.cat([x_img, x_txt]),
-        torch.cat([y_img.to(device).long(), y_txt.to(device).long()]),
+        torch.cat([x_img.float(), x_txt.float()]),
+        torch.cat([y_img.long(), text_labels[text_index.to(text_labels.device)].to(device).long()]),
         is_text,
     )
 
@@ -363,14 +394,15 @@ def build_mixed_batch(
 def wise_ft(head_weight: Tensor, zero_shot_weight: Tensor, weight: float) -> Tensor:
     """WiSE-FT weight-space ensemble of a learned head and the zero-shot head.
 
-    ``W = (1 - weight) * zero_shot_weight + weight * head_weight`` (Wortsman et al.,
-    used by Lin et al. with ``weight = 0.5``).  ``weight = 0`` returns the zero-shot
-    classifier exactly, ``weight = 1`` the learned head exactly.
+    ``W = (1 - weight) * zero_shot_weight + weight * head_weight`` (Wortsman et al.;
+    Lin et al. use ``weight = 0.5``; the authors' ``get_wiseft`` names the zero-shot
+    share ``wiseft_ratio``, the same at 0.5).  ``weight = 0`` returns the zero-shot
+    head exactly, ``weight = 1`` the learned head exactly.
 
     Args:
         head_weight: ``(C, D)`` learned weight.
         zero_shot_weight: ``(C, D)`` zero-shot (text prototype) weight.
-        weight: mixing coefficient in ``[0, 1]``.
+        weight: the learned head's share, in ``[0, 1]``.
     """
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(f"the WiSE-FT weight must be a number in [0, 1], got {weight!r}.")
@@ -390,125 +422,11 @@ def wise_ft(head_weight: Tensor, zero_shot_weight: Tensor, weight: float) -> Ten
         return zero_shot_weight.detach().clone()
     if w == 1.0:
         return head_weight.detach().clone()
-    zs = zero_shot_weight.detach().to(head_weight.dtype)
-    return (1.0 - w) * zs + w * head_weight.detach()
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0.
-
-    ``step`` counts from 0 (the factor used for the first update).  During warm-up the
-    factor is ``(step + 1) / warmup``; afterwards
-    ``0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - w) * zero_shot_weight.detach().to(head_weight.dtype) + w * head_weight.detach()
 
 
 # --------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------
-
-
-def _check_text_tensor(t: Tensor) -> Tensor:
-    if not isinstance(t, Tensor) or t.ndim != 3:
-        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(
-            f"text features must be a (C, M, D) tensor (classes, templates, dim), got {shape}; "
-            "for one template per class use t.unsqueeze(1)."
-        )
-    if min(t.shape) == 0:
-        raise ValueError(
-            f"text features {tuple(t.shape)} are empty; give at least one class and template."
-        )
-    return t
-
-
-def _check_labels(labels: Tensor, num_classes: int, what: str) -> Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"{what} labels must be a 1-D tensor, got shape {tuple(labels.shape)}.")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"{what} labels range over [{int(labels.min())}, {int(labels.max())}] but there "
-            f"are {num_classes} classes; labels must be in [0, {num_classes - 1}] and in the "
-            "order of the class names used for the text features."
-        )
-    return labels.long()
-
-
-def _as_views(image_features: Tensor) -> Tensor:
-    if image_features.ndim == 2:
-        return image_features.unsqueeze(0)
-    if image_features.ndim == 3:
-        return image_features
-    raise ValueError(
-        f"image features must be (N, D) or (V, N, D), got shape {tuple(image_features.shape)}."
-    )
-
-
-def _check_training_data(
-    image_features: Tensor | None,
-    image_labels: Tensor | None,
-    text_features: Tensor,
-    text_labels: Tensor,
-    image_ratio: float,
-    num_classes: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate and return ``(views (V, N, D), image_labels, text_features, text_labels)``."""
-    if text_features.ndim != 2:
-        raise ValueError(
-            f"text samples must be (T, D), got {tuple(text_features.shape)}; "
-            "flatten (C, M, D) per-template features with text_samples()."
-        )
-    dim = text_features.shape[1]
-    if image_features is None:
-        image_features = text_features.new_zeros(0, dim)
-        image_labels = torch.zeros(0, dtype=torch.long)
-    views = _as_views(image_features)
-    if views.shape[-1] != dim:
-        raise ValueError(
-            f"image features have dimension {views.shape[-1]} but text features {dim}; "
-            "encode both with the same backbone."
-        )
-    if image_labels is None:
-        raise ValueError("image_labels is None but image features were given; pass (N,) labels.")
-    n_cls = num_classes
-    if n_cls is None:
-        n_cls = int(text_labels.max()) + 1 if len(text_labels) else 0
-        if len(image_labels):
-            n_cls = max(n_cls, int(torch.as_tensor(image_labels).max()) + 1)
-    text_labels = _check_labels(text_labels, n_cls, "text")
-    image_labels = _check_labels(image_labels, n_cls, "image")
-    if len(text_labels) != text_features.shape[0]:
-        raise ValueError(
-            f"{text_features.shape[0]} text samples but {len(text_labels)} text labels; "
-            "pass one label per text sample."
-        )
-    if len(image_labels) != views.shape[1]:
-        raise ValueError(
-            f"{views.shape[1]} images but {len(image_labels)} image labels; "
-            "pass one label per image (views share labels)."
-        )
-    _check_ratio(image_ratio)
-    if float(image_ratio) > 0 and views.shape[1] == 0:
-        raise ValueError(
-            "the training set has no images but image_ratio > 0; give K-shot image "
-            "features, or set image_ratio=0 to train on text only."
-        )
-    if float(image_ratio) < 1 and text_features.shape[0] == 0:
-        raise ValueError(
-            "there are no text samples but image_ratio < 1; give per-template text "
-            "features, or set image_ratio=1 (modality='image')."
-        )
-    return views, image_labels, text_features, text_labels
-
-
-# --------------------------------------------------------------------------------------
-# Trainer
+# The trainer (one loop for the linear probe and partial fine-tuning) and the searches
 # --------------------------------------------------------------------------------------
 
 
@@ -517,25 +435,26 @@ class CrossModalResult:
     """Outcome of :func:`train_cross_modal` / :func:`train_partial_finetune`.
 
     Attributes:
-        head: the selected head, with the weights of its best validation checkpoint.
+        head: the selected head, holding the state of its best validation step.
         hparams: the chosen ``{"lr", "weight_decay", "batch_size"}``.
-        best_iter: the iteration of the selected checkpoint (0 = the initialisation).
-        val_accuracy: validation accuracy (percent) of the selected checkpoint.
-        history: the selected run's evaluations, ``[{"iter", "val_accuracy",
-            "val_loss", "train_loss"}]``.
-        grid: one entry per configuration tried, with its best validation accuracy.
-        zero_shot_weight: ``(C, D)`` the text-prototype classifier (for WiSE-FT).
+        best_step: the step of the kept state (0: the initial, zero-shot head).
+        val_accuracy, val_loss: its validation accuracy (percent) and cross-entropy.
+        history: the selected run's :class:`~fewclip_tutorial.training.FitResult` history
+            (``"loss"`` per step; ``"val_step"``, ``"val_accuracy"``, ``"val_loss"``).
+        grid: one entry per configuration trained, with its kept validation scores.
+        zero_shot_weight: ``(C, D)`` text prototypes (for WiSE-FT).
         modality: ``"cross"`` (image + text samples) or ``"image"`` (images only).
         image_ratio: the image fraction of every batch.
-        suffix: for partial fine-tuning, the fine-tuned end of the image encoder
-            (maps cached prefix activations to features); ``None`` for linear heads.
+        suffix: partial fine-tuning's trained end of the image encoder (maps prefix
+            activations to features); ``None`` for linear heads.
     """
 
     head: CrossModalHead
     hparams: dict[str, Any]
-    best_iter: int
+    best_step: int
     val_accuracy: float
-    history: list[dict[str, float]]
+    val_loss: float
+    history: dict[str, list]
     grid: list[dict[str, Any]]
     zero_shot_weight: Tensor
     modality: str = "cross"
@@ -554,6 +473,123 @@ class CrossModalResult:
         return CrossModalHead(w, logit_scale=float(self.head.logit_scale))
 
 
+def fit_head(
+    head: CrossModalHead,
+    image_source: Tensor,
+    image_labels: Tensor,
+    text_features: Tensor,
+    text_labels: Tensor,
+    val_source: Tensor,
+    val_labels: Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    iters: int = DEFAULT_ITERS,
+    warmup: int = 50,
+    eval_every: int = 100,
+    image_ratio: float = 0.5,
+    seed: int = 1,
+    suffix: nn.Module | None = None,
+    patience: int | None = None,
+    select_best: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "cross-modal",
+) -> FitResult:
+    """Train one configuration in place: the authors' ``train()`` on the shared loop.
+
+    Step ``k`` draws the next :func:`mixed_batches` batch ``(x, y)`` (the image half
+    through ``suffix`` when given) and takes one AdamW step on
+    ``L = mean_i -log softmax(s * normalize(x_i) @ W.T)[y_i]``, learning rate
+    ``lr * schedule_factor(k - 1, iters, "cosine", warmup)``.  Validation is scored by
+    ``(accuracy, -cross-entropy)`` at step 0 and every ``eval_every`` steps, and the best
+    state of ``head`` (and ``suffix``) is restored; the start stays unless strictly
+    beaten (:func:`fewclip_tutorial.training.fit`).
+
+    Args:
+        head: the head to train (modified in place).
+        image_source: ``(V, N, D)`` or ``(N, D)`` image features; with ``suffix``,
+            ``(V, N, ...)`` inputs of the suffix (cached prefix activations).
+        image_labels: ``(N,)``.
+        text_features: ``(T, D)`` text samples; ``text_labels`` ``(T,)``.
+        val_source: ``(N_val, D)`` validation features (or suffix inputs);
+            ``val_labels`` ``(N_val,)``.
+        lr, weight_decay, batch_size: the configuration.
+        iters: optimiser steps; warmup: linear warm-up steps; eval_every: validation interval.
+        image_ratio: image fraction of each batch; seed: seeds the batch stream.
+        suffix: trainable module mapping ``image_source`` rows to ``(B, D)`` features.
+        patience: stop after this many evaluations without improvement.
+        select_best: restore the best validated state (``False``: keep the last).
+
+    Returns:
+        :class:`~fewclip_tutorial.training.FitResult`; ``best_score`` is
+        ``(accuracy, -loss)`` of the kept state.
+    """
+    device = get_device(device)
+    if suffix is None and image_source.ndim == 2:
+        image_source = image_source.unsqueeze(0)
+    if text_features.ndim != 2 or text_features.shape[-1] != head.dim:
+        raise ValueError(
+            f"text samples have shape {tuple(text_features.shape)} but the head expects "
+            f"(T, {head.dim}); encode text and images with the backbone the head was built for."
+        )
+    text_labels = _check_labels(text_labels, head.num_classes, "text").to(device)
+    pool, pool_labels = _image_pool(
+        image_source, _check_labels(image_labels, head.num_classes, "image")
+    )
+    val_labels = _check_labels(val_labels, head.num_classes, "validation").to(device)
+    modules: list[nn.Module] = [head.to(device)]
+    params = list(head.parameters())
+    if suffix is not None:
+        modules.append(suffix.to(device))
+        params += [p for p in suffix.parameters() if p.requires_grad]
+    batches = mixed_batches(
+        pool.to(device),
+        pool_labels.to(device),
+        text_features.to(device).float(),
+        text_labels,
+        batch_size,
+        torch.Generator().manual_seed(int(seed)),
+        image_ratio,
+        image_encoder=suffix,
+    )
+
+    def step_loss(step: int) -> Tensor:
+        batch = next(batches)
+        return F.cross_entropy(head(batch.x), batch.y)
+
+    def evaluate() -> dict[str, Any]:
+        correct, loss_sum = 0, 0.0
+        for x, y in zip(val_source.split(1024), val_labels.split(1024), strict=True):
+            x = x.to(device)
+            if suffix is not None:
+                with autocast(device):
+                    x = suffix(x)
+            logits = head(x.float())
+            correct += int((logits.argmax(-1) == y).sum())
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        acc, loss = 100.0 * correct / len(val_labels), loss_sum / len(val_labels)
+        return {"score": (acc, -loss), "accuracy": acc, "loss": loss}
+
+    return fit(
+        modules,
+        step_loss,
+        steps=iters,
+        optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        schedule="cosine",
+        warmup=warmup,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        patience=patience,
+        select_best=select_best,
+        device=device,
+        amp=None if suffix is not None else False,
+        progress=progress,
+        desc=desc,
+    )
+
+
 def _resolve_image_ratio(modality: str, image_ratio: float | None) -> float:
     if modality not in ("cross", "image"):
         raise ValueError(
@@ -567,245 +603,120 @@ def _resolve_image_ratio(modality: str, image_ratio: float | None) -> float:
             f"modality='image' trains on images only, so image_ratio must be 1 (or None), "
             f"got {image_ratio}; use modality='cross' to mix in text."
         )
-    return _check_ratio(image_ratio)
+    _split_counts(1, image_ratio)
+    return float(image_ratio)
 
 
-def _resolve_grid(
-    grid: str,
+def _grid_configs(
+    grid: str | dict[str, Sequence[float]],
     lrs: Sequence[float] | None,
     weight_decays: Sequence[float] | None,
     batch_sizes: Sequence[int] | None,
     device: torch.device,
-) -> list[dict[str, Any]]:
-    if grid == "auto":
-        grid = "paper" if device.type == "cuda" else "small"
-    if grid not in GRIDS:
-        raise ValueError(f"grid must be 'auto', 'paper' or 'small', got {grid!r}.")
-    base = GRIDS[grid]
-    lrs = tuple(base["lrs"] if lrs is None else lrs)
-    wds = tuple(base["weight_decays"] if weight_decays is None else weight_decays)
-    bss = tuple(base["batch_sizes"] if batch_sizes is None else batch_sizes)
-    if not lrs or not wds or not bss:
+    num_images: int,
+    num_text: int,
+    image_ratio: float,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The configurations to train, and the batch sizes skipped because a half is too big.
+
+    A batch size is kept when each half is empty or smaller than its pool (the authors'
+    ``get_valid_batch_sizes``).  Where none is, the smallest is kept, with a warning.
+    """
+    if isinstance(grid, str):
+        if grid == "auto":
+            grid = "paper" if device.type == "cuda" else "small"
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be 'auto', 'paper' or 'small', got {grid!r}.")
+        grid = GRIDS[grid]
+    lrs = tuple(grid["lrs"] if lrs is None else lrs)
+    wds = tuple(grid["weight_decays"] if weight_decays is None else weight_decays)
+    sizes = tuple(grid["batch_sizes"] if batch_sizes is None else batch_sizes)
+    if not lrs or not wds or not sizes:
         raise ValueError("the hyperparameter grid is empty; give at least one lr, wd and batch.")
-    for lr in lrs:
-        if not lr >= 0:
-            raise ValueError(f"learning rates must be >= 0, got {lr}.")
-    return [
-        {"lr": float(lr), "weight_decay": float(wd), "batch_size": int(bs)}
+    if any(not lr >= 0 for lr in lrs):
+        raise ValueError(f"learning rates must be >= 0, got {lrs}.")
+    valid, skipped = [], []
+    for bs in sizes:
+        n_image, n_text = _split_counts(int(bs), image_ratio)
+        fits = (n_image == 0 or n_image < num_images) and (n_text == 0 or n_text < num_text)
+        (valid if fits else skipped).append(int(bs))
+    if not valid:
+        valid, skipped = [min(sizes)], sorted(set(sizes) - {min(sizes)})
+        warnings.warn(
+            f"no batch size in {list(sizes)} fits the authors' rule (with image_ratio="
+            f"{image_ratio} each half smaller than its pool of {num_images} image and "
+            f"{num_text} text samples); training with batch {valid[0]}, whose halves repeat "
+            "samples. Pass smaller batch_sizes, or more templates.",
+            stacklevel=3,
+        )
+    configs = [
+        {"lr": float(lr), "weight_decay": float(wd), "batch_size": bs}
         for lr in lrs
         for wd in wds
-        for bs in bss
+        for bs in valid
     ]
+    return configs, skipped
 
 
-def _evaluate(
-    head: CrossModalHead,
+def _check_val(val_source: Tensor, val_labels: Tensor, num_classes: int) -> Tensor:
+    val_labels = _check_labels(val_labels, num_classes, "validation")
+    if len(val_labels) != len(val_source) or len(val_labels) == 0:
+        raise ValueError(
+            f"{len(val_source)} validation samples and {len(val_labels)} labels; need the "
+            "same non-zero number (selection needs a few-shot validation split)."
+        )
+    return val_labels
+
+
+def _train_grid(
+    configs: Sequence[dict[str, Any]],
+    init_weight: Tensor,
+    logit_scale: float,
     suffix: nn.Module | None,
-    val_source: Tensor,
-    val_labels: Tensor,
-    device: torch.device,
-    chunk: int = 1024,
-) -> tuple[float, float]:
-    """Validation accuracy (percent) and mean cross-entropy."""
-    head.eval()
-    if suffix is not None:
-        suffix.eval()
-    correct, loss_sum = 0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(val_labels), chunk):
-            x = val_source[start : start + chunk].to(device)
-            y = val_labels[start : start + chunk].to(device)
-            if suffix is not None:
-                with autocast(device):
-                    x = suffix(x)
-            logits = head(x.float())
-            correct += int((logits.argmax(-1) == y).sum())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-    n = max(len(val_labels), 1)
-    return 100.0 * correct / n, loss_sum / n
+    desc: str,
+    *data: Tensor,
+    **fit_kw: Any,
+) -> tuple[dict[str, Any], CrossModalHead, nn.Module | None, FitResult, list[dict[str, Any]]]:
+    """:func:`fit_head` once per configuration; keep the best by validation.
 
-
-def _better(acc: float, loss: float, best_acc: float, best_loss: float) -> bool:
-    """Higher accuracy wins; equal accuracy: lower loss wins; otherwise keep the earlier."""
-    return acc > best_acc + 1e-9 or (abs(acc - best_acc) <= 1e-9 and loss < best_loss - 1e-9)
-
-
-def fit_head(
-    head: CrossModalHead,
-    image_source: Tensor,
-    image_labels: Tensor,
-    text_features: Tensor,
-    text_labels: Tensor,
-    val_source: Tensor,
-    val_labels: Tensor,
-    *,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    iters: int = 1000,
-    warmup: int = 50,
-    eval_every: int = 100,
-    image_ratio: float = 0.5,
-    seed: int = 1,
-    suffix: nn.Module | None = None,
-    patience: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "cross-modal",
-    select_best: bool = True,
-) -> tuple[int, float, float, list[dict[str, float]]]:
-    """Train one configuration in place and load its best validation checkpoint.
-
-    The loss is one cross-entropy over each mixed batch (image + text samples).  AdamW,
-    learning rate ``lr * warmup_cosine(step, warmup, iters)``.  The model is evaluated on
-    the validation split at iteration 0 and every ``eval_every`` iterations (and at the
-    end); the best checkpoint (accuracy, then loss) is restored into ``head`` (and
-    ``suffix``).  ``patience`` stops after that many evaluations without improvement.
-
-    Args:
-        head: the head to train (modified in place).
-        image_source: ``(V, N, ...)``: image features ``(V, N, D)`` for a linear head, or
-            cached prefix activations when ``suffix`` is given.
-        image_labels: ``(N,)``.
-        text_features: ``(T, D)`` normalised text samples; ``text_labels`` ``(T,)``.
-        val_source: ``(N_val, ...)`` validation features (or prefix activations).
-        val_labels: ``(N_val,)``.
-        suffix: trainable module mapping ``image_source`` rows to ``(B, D)`` features.
-        select_best: restore the best validation checkpoint (default); ``False`` keeps
-            the final weights and reports the last evaluation.
-
-    Returns:
-        ``(best_iter, best_val_accuracy, best_val_loss, history)``.
+    Each configuration trains a fresh head (and a fresh copy of ``suffix``) from
+    ``init_weight``.  The kept configuration has the highest ``(accuracy, -loss)``;
+    ties go to the earlier one.
     """
-    device = get_device(device)
-    if iters < 0 or warmup < 0 or eval_every < 1:
-        raise ValueError(
-            f"need iters >= 0, warmup >= 0 and eval_every >= 1, got iters={iters}, "
-            f"warmup={warmup}, eval_every={eval_every}."
-        )
-    _check_head_compatible(head, image_source, image_labels, text_features, text_labels, suffix)
-    _check_labels(val_labels, head.num_classes, "validation")
-    head.to(device)
-    params = list(head.parameters())
-    if suffix is not None:
-        suffix.to(device)
-        params += [p for p in suffix.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, iters)
+    best: tuple | None = None
+    log = []
+    for i, cfg in enumerate(configs):
+        head = CrossModalHead(init_weight, logit_scale=logit_scale)
+        trained = copy.deepcopy(suffix) if suffix is not None else None
+        res = fit_head(head, *data, suffix=trained, desc=f"{desc} {i + 1}/{len(configs)}",
+                       **cfg, **fit_kw)  # fmt: skip
+        acc, neg_loss = res.best_score
+        log.append({**cfg, "val_accuracy": acc, "val_loss": -neg_loss, "best_step": res.best_step})
+        if best is None or res.best_score > best[3].best_score:
+            best = (cfg, head, trained, res)
+    assert best is not None
+    return (*best, log)
+
+
+def _result(
+    best: tuple, zero_shot: Tensor, modality: str, ratio: float, extra: dict[str, Any]
+) -> CrossModalResult:
+    cfg, head, suffix, res, log = best
+    acc, neg_loss = res.best_score
+    return CrossModalResult(
+        head=head.eval(),
+        hparams=dict(cfg),
+        best_step=res.best_step,
+        val_accuracy=acc,
+        val_loss=-neg_loss,
+        history=res.history,
+        grid=log,
+        zero_shot_weight=zero_shot,
+        modality=modality,
+        image_ratio=ratio,
+        suffix=suffix,
+        extra=extra,
     )
-    use_scaler = suffix is not None and autocast_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    generator = torch.Generator().manual_seed(int(seed))
-    text_features = text_features.to(device).float()
-    text_labels = text_labels.to(device)
-    image_labels = image_labels.to(device)
-    num_views, num_images = image_source.shape[0], image_source.shape[1]
-
-    def snapshot() -> dict[str, dict[str, Tensor]]:
-        state = {"head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-        if suffix is not None:
-            state["suffix"] = {k: v.detach().clone() for k, v in suffix.state_dict().items()}
-        return state
-
-    acc, loss = _evaluate(head, suffix, val_source, val_labels, device)
-    history = [{"iter": 0, "val_accuracy": acc, "val_loss": loss, "train_loss": float("nan")}]
-    best = (0, acc, loss, snapshot())
-    since_best = 0
-    running, seen = 0.0, 0
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(1, iters + 1), desc=desc, disable=not progress, leave=False)
-    for it in bar:
-        head.train()
-        if suffix is not None:
-            suffix.train()
-        v_idx, i_idx, t_idx = sample_mixed_indices(
-            num_images, len(text_labels), batch_size, generator, image_ratio, num_views
-        )
-        parts, ys = [], []
-        if len(i_idx):
-            src_dev = image_source.device
-            x_img = image_source[v_idx.to(src_dev), i_idx.to(src_dev)].to(device)
-            if suffix is not None:
-                with autocast(device):
-                    x_img = suffix(x_img)
-            parts.append(x_img.float())
-            ys.append(image_labels[i_idx.to(device)])
-        if len(t_idx):
-            t_idx = t_idx.to(device)
-            parts.append(text_features[t_idx])
-            ys.append(text_labels[t_idx])
-        logits = head(torch.cat(parts))
-        batch_loss = F.cross_entropy(logits, torch.cat(ys))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(batch_loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        running += float(batch_loss.detach())
-        seen += 1
-        if it % eval_every == 0 or it == iters:
-            acc, loss = _evaluate(head, suffix, val_source, val_labels, device)
-            history.append(
-                {
-                    "iter": it,
-                    "val_accuracy": acc,
-                    "val_loss": loss,
-                    "train_loss": running / seen,
-                }
-            )
-            running, seen = 0.0, 0
-            bar.set_postfix(val=f"{acc:.1f}")
-            if _better(acc, loss, best[1], best[2]):
-                best = (it, acc, loss, snapshot())
-                since_best = 0
-            else:
-                since_best += 1
-                if patience is not None and since_best >= patience:
-                    break
-    head.eval()
-    if not select_best:
-        last = history[-1]
-        return int(last["iter"]), last["val_accuracy"], last["val_loss"], history
-    head.load_state_dict(best[3]["head"])
-    if suffix is not None:
-        suffix.load_state_dict(best[3]["suffix"])
-    return best[0], best[1], best[2], history
-
-
-def _check_head_compatible(
-    head: CrossModalHead,
-    image_source: Tensor,
-    image_labels: Tensor,
-    text_features: Tensor,
-    text_labels: Tensor,
-    suffix: nn.Module | None,
-) -> None:
-    """Raise a clear ``ValueError`` when the data do not fit the head's (C, D)."""
-    if text_features.ndim != 2 or text_features.shape[-1] != head.dim:
-        raise ValueError(
-            f"text samples have shape {tuple(text_features.shape)} but the head expects "
-            f"(T, {head.dim}); encode text and images with the backbone the head was built for."
-        )
-    if suffix is None and image_source.shape[-1] != head.dim:
-        raise ValueError(
-            f"image features have dimension {image_source.shape[-1]} but the head expects "
-            f"{head.dim}; encode images with the same backbone as the text."
-        )
-    if len(text_labels) and int(text_labels.max()) >= head.num_classes:
-        raise ValueError(
-            f"text samples cover {int(text_labels.max()) + 1} classes but the head has "
-            f"{head.num_classes}; build the head from the prototypes of the same class list."
-        )
-    _check_labels(text_labels, head.num_classes, "text")
-    _check_labels(image_labels, head.num_classes, "image")
-    if image_source.shape[1] != len(image_labels):
-        raise ValueError(
-            f"{image_source.shape[1]} images but {len(image_labels)} image labels; "
-            "pass one label per image (views share labels)."
-        )
 
 
 def train_cross_modal(
@@ -818,26 +729,25 @@ def train_cross_modal(
     modality: str = "cross",
     image_ratio: float | None = None,
     init: str = "text",
-    iters: int = 1000,
+    iters: int = DEFAULT_ITERS,
     warmup: int = 50,
     eval_every: int = 100,
     grid: str = "auto",
     lrs: Sequence[float] | None = None,
     weight_decays: Sequence[float] | None = None,
     batch_sizes: Sequence[int] | None = None,
-    logit_scale: float = LOGIT_SCALE,
+    logit_scale: float = CLIP_LOGIT_SCALE,
     patience: int | None = None,
     seed: int = 1,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> CrossModalResult:
-    """Cross-modal (or image-only) linear probe with a validation grid search.
+    """Cross-modal (or image-only) linear probe with a grid search on validation.
 
-    For every ``(lr, weight_decay, batch_size)`` of the grid, a head initialised from the
-    text prototypes is trained on mixed batches (all configurations side by side by
-    :func:`fit_head_grid`, equivalent to one :func:`fit_head` run each); the configuration
-    and iteration with the best validation accuracy (ties: lower validation loss, then
-    the earlier grid entry) are returned.  No test data enters this function.
+    Every ``(lr, weight_decay, batch_size)`` of the grid trains a head from the same
+    initialisation with :func:`fit_head`; the configuration and step with the best
+    validation ``(accuracy, -loss)`` are kept (ties: the earlier configuration).  No test
+    data enters this function.
 
     Args:
         image_features: ``(N, D)`` or ``(V, N, D)`` K-shot training features (``None``
@@ -847,15 +757,14 @@ def train_cross_modal(
         val_features: ``(N_val, D)`` few-shot validation features; ``val_labels`` ``(N_val,)``.
         modality: ``"cross"`` (image + text samples, half/half) or ``"image"`` (images only).
         image_ratio: override the image fraction of each batch (``0``: text only).
-        init: ``"text"`` (prototypes = zero-shot head) or ``"random"``.
-        iters: training iterations per configuration (paper: 12,800).
-        warmup: linear warm-up iterations (paper: 50).
-        eval_every: validation interval (paper: 100).
-        grid: ``"auto"`` (``"paper"`` on CUDA, ``"small"`` on CPU), ``"paper"`` or
-            ``"small"``; ``lrs``/``weight_decays``/``batch_sizes`` override its axes.
-        logit_scale: fixed head scale (100).
+        init: ``"text"`` (the prototypes: the zero-shot head) or ``"random"`` (random
+            unit rows, the paper's ablation).
+        iters, warmup, eval_every: see :func:`fit_head` (the paper: 12,800, 50, 100).
+        grid: ``"auto"`` (``"paper"`` on CUDA, ``"small"`` on a CPU), ``"paper"`` or
+            ``"small"``; ``lrs`` / ``weight_decays`` / ``batch_sizes`` replace its axes.
+        logit_scale: the fixed head scale (100).
         patience: early-stop a run after this many evaluations without improvement.
-        seed: seeds the head's random init and every configuration's batch sampler.
+        seed: seeds the random initialisation and every configuration's batch stream.
     """
     device = get_device(device)
     ratio = _resolve_image_ratio(modality, image_ratio)
@@ -865,250 +774,83 @@ def train_cross_modal(
     num_classes, _, dim = t.shape
     txt, txt_labels = text_samples(t)
     zero_shot = class_prototypes(t)
-    views, img_labels, txt, txt_labels = _check_training_data(
-        image_features, image_labels, txt, txt_labels, ratio, num_classes=num_classes
-    )
-    val_features, val_labels = _check_val(val_features, val_labels, dim, num_classes)
-    configs = _resolve_grid(grid, lrs, weight_decays, batch_sizes, device)
-
-    if init == "text":
-        init_weight = zero_shot
-    else:
-        gen = torch.Generator().manual_seed(int(seed))
-        init_weight = CrossModalHead.random(num_classes, dim, gen).weight.detach()
-    runs = fit_head_grid(
-        init_weight,
-        configs,
-        views,
-        img_labels,
-        txt,
-        txt_labels,
-        val_features,
-        val_labels,
-        iters=iters,
-        warmup=warmup,
-        eval_every=eval_every,
-        image_ratio=ratio,
-        seed=seed,
-        logit_scale=logit_scale,
-        patience=patience,
-        device=device,
-        progress=progress,
-        desc=f"{modality} x{len(configs)} configs",
-    )
-    grid_log = [
-        {**cfg, "val_accuracy": r.val_accuracy, "val_loss": r.val_loss, "best_iter": r.best_iter}
-        for cfg, r in zip(configs, runs, strict=True)
-    ]
-    best = 0
-    for i, r in enumerate(runs):
-        if _better(r.val_accuracy, r.val_loss, runs[best].val_accuracy, runs[best].val_loss):
-            best = i
-    run = runs[best]
-    return CrossModalResult(
-        head=CrossModalHead(run.weight, logit_scale=logit_scale).eval(),
-        hparams=dict(configs[best]),
-        best_iter=run.best_iter,
-        val_accuracy=run.val_accuracy,
-        history=run.history,
-        grid=grid_log,
-        zero_shot_weight=zero_shot,
-        modality=modality,
-        image_ratio=ratio,
-        extra={"init": init, "iters": iters},
-    )
-
-
-class GridRun(NamedTuple):
-    """One configuration's outcome in :func:`fit_head_grid`."""
-
-    weight: Tensor  # (C, D) best checkpoint
-    best_iter: int
-    val_accuracy: float
-    val_loss: float
-    history: list[dict[str, float]]
-
-
-def fit_head_grid(
-    init_weight: Tensor,
-    configs: Sequence[dict[str, Any]],
-    image_features: Tensor,
-    image_labels: Tensor,
-    text_features: Tensor,
-    text_labels: Tensor,
-    val_features: Tensor,
-    val_labels: Tensor,
-    *,
-    iters: int = 1000,
-    warmup: int = 50,
-    eval_every: int = 100,
-    image_ratio: float = 0.5,
-    seed: int = 1,
-    logit_scale: float = LOGIT_SCALE,
-    patience: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "cross-modal grid",
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> list[GridRun]:
-    """:func:`fit_head` for a whole hyperparameter grid at once (linear heads only).
-
-    The ``G`` configurations are trained side by side as one ``(G, C, D)`` weight: each
-    step gathers every configuration's own mixed batch (same sampler and seed as
-    :func:`fit_head`, padded to the largest batch size), computes all ``G`` losses with
-    one batched matmul, and applies AdamW (torch's update rule, written out so that each
-    configuration has its own learning rate and weight decay).  The results match
-    running :func:`fit_head` once per configuration, up to float rounding, at roughly
-    the cost of one run.
-
-    Args:
-        init_weight: ``(C, D)`` shared initialisation (text prototypes or random rows).
-        configs: ``[{"lr", "weight_decay", "batch_size"}, ...]``.
-        image_features: ``(V, N, D)``; the other tensors as in :func:`fit_head`.
-
-    Returns:
-        One :class:`GridRun` per configuration, in order.
-    """
-    device = get_device(device)
-    if iters < 0 or warmup < 0 or eval_every < 1:
+    if image_features is None:
+        image_features, image_labels = t.new_zeros(1, 0, dim), torch.zeros(0, dtype=torch.long)
+    views = image_features if image_features.ndim == 3 else image_features.unsqueeze(0)
+    if views.shape[-1] != dim:
         raise ValueError(
-            f"need iters >= 0, warmup >= 0 and eval_every >= 1, got iters={iters}, "
-            f"warmup={warmup}, eval_every={eval_every}."
+            f"image features have dimension {views.shape[-1]} but text features {dim}; "
+            "encode both with the same backbone."
         )
-    if not configs:
-        raise ValueError("the hyperparameter grid is empty; give at least one configuration.")
-    probe = CrossModalHead(init_weight, logit_scale=logit_scale)
-    views = _as_views(image_features)
-    _check_head_compatible(probe, views, image_labels, text_features, text_labels, None)
-    _check_labels(val_labels, probe.num_classes, "validation")
-    G = len(configs)
-    lr = torch.tensor([float(c["lr"]) for c in configs], device=device)
-    wd = torch.tensor([float(c["weight_decay"]) for c in configs], device=device)
-    sizes = [int(c["batch_size"]) for c in configs]
-    for b in sizes:
-        _split_counts(b, image_ratio)
-    b_max = max(sizes)
-    mask = torch.zeros(G, b_max, device=device)
-    for g, b in enumerate(sizes):
-        mask[g, :b] = 1.0
-    counts = mask.sum(1)
-
-    weight = init_weight.detach().float().to(device).expand(G, -1, -1).clone()
-    weight.requires_grad_(True)
-    exp_avg = torch.zeros_like(weight)
-    exp_avg_sq = torch.zeros_like(weight)
-    beta1, beta2 = betas
-    scale = float(logit_scale)
-    views = views.float()
-    text_features = text_features.float()
-    image_labels = torch.as_tensor(image_labels).long()
-    val_x = F.normalize(val_features.to(device).float(), dim=-1)
-    val_y = torch.as_tensor(val_labels).to(device).long()
-    generators = [torch.Generator().manual_seed(int(seed)) for _ in configs]
-    num_views, num_images = views.shape[0], views.shape[1]
-    n_val = len(val_y)
-
-    def evaluate() -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            logits = scale * torch.einsum("nd,gcd->gnc", val_x, weight)
-            acc = 100.0 * (logits.argmax(-1) == val_y).double().sum(1) / n_val
-            loss = F.cross_entropy(logits.reshape(G * n_val, -1), val_y.repeat(G), reduction="none")
-            return acc.cpu(), loss.reshape(G, n_val).mean(1).cpu()
-
-    acc0, loss0 = evaluate()
-    histories = [
-        [{"iter": 0, "val_accuracy": float(acc0[g]), "val_loss": float(loss0[g]),
-          "train_loss": float("nan")}]
-        for g in range(G)
-    ]  # fmt: skip
-    best_iter = [0] * G
-    best_acc = [float(a) for a in acc0]
-    best_loss = [float(x) for x in loss0]
-    best_weight = weight.detach().clone()
-    since_best = [0] * G
-    active = [True] * G
-    running = torch.zeros(G)
-    seen = 0
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(1, iters + 1), desc=desc, disable=not progress, leave=False)
-    for it in bar:
-        xs = torch.zeros(G, b_max, views.shape[-1])
-        ys = torch.zeros(G, b_max, dtype=torch.long)
-        for g in range(G):
-            v_idx, i_idx, t_idx = sample_mixed_indices(
-                num_images, len(text_labels), sizes[g], generators[g], image_ratio, num_views
-            )
-            n_img = len(i_idx)
-            xs[g, :n_img] = views[v_idx, i_idx]
-            ys[g, :n_img] = image_labels[i_idx]
-            xs[g, n_img : sizes[g]] = text_features[t_idx]
-            ys[g, n_img : sizes[g]] = text_labels[t_idx]
-        xs, ys = F.normalize(xs.to(device), dim=-1), ys.to(device)
-        logits = scale * torch.bmm(xs, weight.transpose(1, 2))  # (G, B, C)
-        per_sample = F.cross_entropy(
-            logits.reshape(G * b_max, -1), ys.reshape(-1), reduction="none"
-        ).reshape(G, b_max)
-        losses = (per_sample * mask).sum(1) / counts
-        (grad,) = torch.autograd.grad(losses.sum(), weight)
-        step_lr = (lr * warmup_cosine(it - 1, warmup, iters))[:, None, None]
-        with torch.no_grad():
-            # AdamW (Loshchilov & Hutter), torch.optim.AdamW's update, per-config lr and wd.
-            weight.mul_(1.0 - step_lr * wd[:, None, None])
-            exp_avg.lerp_(grad, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            bias1 = 1.0 - beta1**it
-            bias2 = 1.0 - beta2**it
-            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-            weight.sub_((step_lr / bias1) * exp_avg / denom)
-        running += losses.detach().cpu()
-        seen += 1
-        if it % eval_every == 0 or it == iters:
-            acc, loss = evaluate()
-            for g in range(G):
-                if not active[g]:
-                    continue
-                a, l_ = float(acc[g]), float(loss[g])
-                histories[g].append(
-                    {"iter": it, "val_accuracy": a, "val_loss": l_,
-                     "train_loss": float(running[g]) / seen}
-                )  # fmt: skip
-                if _better(a, l_, best_acc[g], best_loss[g]):
-                    best_iter[g], best_acc[g], best_loss[g] = it, a, l_
-                    best_weight[g] = weight.detach()[g]
-                    since_best[g] = 0
-                else:
-                    since_best[g] += 1
-                    if patience is not None and since_best[g] >= patience:
-                        active[g] = False
-            running.zero_()
-            seen = 0
-            bar.set_postfix(val=f"{max(best_acc):.1f}")
-            if not any(active):
-                break
-    return [
-        GridRun(best_weight[g].cpu(), best_iter[g], best_acc[g], best_loss[g], histories[g])
-        for g in range(G)
-    ]
-
-
-def _check_val(
-    val_features: Tensor, val_labels: Tensor, dim: int, num_classes: int
-) -> tuple[Tensor, Tensor]:
     if val_features.ndim != 2 or val_features.shape[1] != dim:
         raise ValueError(
             f"validation features must be (N_val, {dim}), got {tuple(val_features.shape)}; "
             "use the centre-crop features of the few-shot validation split."
         )
-    val_labels = _check_labels(val_labels, num_classes, "validation")
-    if len(val_labels) != len(val_features) or len(val_labels) == 0:
+    val_labels = _check_val(val_features, val_labels, num_classes)
+    if ratio > 0 and views.shape[1] == 0:
         raise ValueError(
-            f"{len(val_features)} validation features and {len(val_labels)} labels; need the "
-            "same non-zero number (selection needs a few-shot validation split)."
+            "the training set has no images but image_ratio > 0; give K-shot image "
+            "features, or set image_ratio=0 to train on text only."
         )
-    return val_features, val_labels
+    configs, skipped = _grid_configs(
+        grid, lrs, weight_decays, batch_sizes, device, views.shape[0] * views.shape[1],
+        len(txt), ratio,
+    )  # fmt: skip
+    if init == "text":
+        init_weight = zero_shot
+    else:
+        gen = torch.Generator().manual_seed(int(seed))
+        init_weight = F.normalize(torch.randn(num_classes, dim, generator=gen), dim=-1)
+    best = _train_grid(
+        configs, init_weight, logit_scale, None, modality,
+        views, image_labels, txt, txt_labels, val_features, val_labels,
+        iters=iters, warmup=warmup, eval_every=eval_every, image_ratio=ratio, seed=seed,
+        patience=patience, device=device, progress=progress,
+    )  # fmt: skip
+    extra = {"init": init, "iters": iters, "skipped_batch_sizes": skipped}
+    return _result(best, zero_shot, modality, ratio, extra)
+
+
+def sweep_templates(
+    image_features: Tensor,
+    image_labels: Tensor,
+    text_features_per_template: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    counts: Sequence[int],
+    **train_kwargs: Any,
+) -> tuple[int, dict[int, CrossModalResult]]:
+    """Train with the first ``m`` templates as text samples, for each ``m`` in ``counts``.
+
+    Each ``m`` is one :func:`train_cross_modal` run (its own grid search); the choice of
+    ``m`` is made on validation like every other choice here: the highest
+    ``(accuracy, -loss)``, ties going to fewer templates.
+
+    Args:
+        text_features_per_template: ``(C, M, D)``; ``counts`` lie in ``[1, M]``.
+        image_features, image_labels, val_features, val_labels, **train_kwargs: as for
+            :func:`train_cross_modal`.
+
+    Returns:
+        ``(chosen m, {m: result})``.
+    """
+    t = _check_text_tensor(text_features_per_template)
+    counts = sorted({int(m) for m in counts})
+    if not counts or counts[0] < 1 or counts[-1] > t.shape[1]:
+        raise ValueError(f"template counts must lie in [1, {t.shape[1]}], got {counts}.")
+    results = {
+        m: train_cross_modal(
+            image_features, image_labels, t[:, :m], val_features, val_labels, **train_kwargs
+        )  # fmt: skip
+        for m in counts
+    }
+    chosen = counts[0]
+    for m in counts[1:]:
+        r, c = results[m], results[chosen]
+        if (r.val_accuracy, -r.val_loss) > (c.val_accuracy, -c.val_loss):
+            chosen = m
+    return chosen, results
 
 
 # --------------------------------------------------------------------------------------
@@ -1319,12 +1061,12 @@ def train_partial_finetune(
     *,
     modality: str = "cross",
     image_ratio: float | None = None,
-    iters: int = 1000,
+    iters: int = DEFAULT_ITERS,
     warmup: int = 50,
     eval_every: int = 100,
     lrs: Sequence[float] = (1e-4,),
     weight_decays: Sequence[float] = (0.0,),
-    batch_sizes: Sequence[int] = (32,),
+    batch_sizes: Sequence[int] = (8,),
     logit_scale: float = PARTIAL_FT_LOGIT_SCALE,
     patience: int | None = None,
     seed: int = 1,
@@ -1333,12 +1075,12 @@ def train_partial_finetune(
     prefix_batch_size: int = 256,
     cached: bool = False,
 ) -> CrossModalResult:
-    """Cross-modal partial fine-tuning: last image-encoder block + head, on mixed batches.
+    """Cross-modal partial fine-tuning: the last image-encoder stage + the head.
 
-    The frozen prefix runs once over the training and validation images; its
-    activations are cached, and each step runs only the trainable suffix on the image
-    half of the batch (text samples go straight to the head).  Grid search and
-    checkpoint selection are on validation, as in :func:`train_cross_modal`.
+    The same trainer as the linear probe (:func:`fit_head`) with the trainable end of
+    the encoder plugged in as ``suffix``.  The frozen prefix runs once over the training
+    and validation images and its activations are cached; each step runs only the suffix
+    on the image half of the batch (text samples go straight to the head).
 
     Args:
         visual: ``model.visual`` (left unchanged: the trainable end is deep-copied).
@@ -1346,12 +1088,13 @@ def train_partial_finetune(
             ``cached=True``, prefix activations ``(V, N, ...)`` instead.
         image_labels: ``(N,)``.
         text_features_per_template: ``(C, M, D)``.
-        val_images: ``(N_val, 3, H, W)`` preprocessed validation images (or, with
-            ``cached=True``, their prefix activations ``(N_val, ...)``).
-        val_labels: ``(N_val,)``.
+        val_images: ``(N_val, 3, H, W)`` (with ``cached=True``: ``(N_val, ...)``
+            activations); ``val_labels`` ``(N_val,)``.
+        lrs, weight_decays, batch_sizes: the grid (default one configuration).
         logit_scale: fixed head scale (``exp(4) ≈ 54.6`` as in the paper).
-        cached: the inputs are already prefix activations (from ``split.prefix`` of
+        cached: the inputs are already prefix activations (``split.prefix`` of
             :func:`split_visual_encoder` on the same ``visual``).
+        Others: as :func:`train_cross_modal`.
 
     Returns:
         :class:`CrossModalResult` whose ``suffix`` maps prefix activations to features;
@@ -1364,266 +1107,188 @@ def train_partial_finetune(
     num_classes, _, dim = t.shape
     txt, txt_labels = text_samples(t)
     zero_shot = class_prototypes(t)
-    image_labels = _check_labels(image_labels, num_classes, "image")
-    val_labels = _check_labels(val_labels, num_classes, "validation")
 
     def cache(x: Tensor) -> Tensor:
-        out = []
-        for start in range(0, len(x), prefix_batch_size):
-            with autocast(device):
-                out.append(split.prefix(x[start : start + prefix_batch_size].to(device)).float())
+        with autocast(device):
+            out = [split.prefix(c.to(device)).float() for c in x.split(prefix_batch_size)]
         return torch.cat(out) if out else x.new_zeros(0)
 
     if train_images.ndim == val_images.ndim:  # no view axis
         train_images = train_images.unsqueeze(0)
-    if cached:
-        train_cache, val_cache = train_images.to(device), val_images.to(device)
-    else:
-        if train_images.shape[-3] != 3 or val_images.shape[-3] != 3:
-            raise ValueError(
-                f"expected preprocessed images (..., 3, H, W), got {tuple(train_images.shape)} "
-                f"and {tuple(val_images.shape)}; pass cached=True for prefix activations."
-            )
-        train_cache = torch.stack([cache(v) for v in train_images])
-        val_cache = cache(val_images)
-    if train_cache.shape[1] != len(image_labels) or len(val_cache) != len(val_labels):
+    if not cached and (train_images.shape[-3] != 3 or val_images.shape[-3] != 3):
         raise ValueError(
-            f"{train_cache.shape[1]} training images for {len(image_labels)} labels and "
-            f"{len(val_cache)} validation images for {len(val_labels)} labels; pass one label "
-            "per image."
+            f"expected preprocessed images (..., 3, H, W), got {tuple(train_images.shape)} "
+            f"and {tuple(val_images.shape)}; pass cached=True for prefix activations."
         )
+    train_cache = (
+        train_images.to(device) if cached else torch.stack([cache(v) for v in train_images])
+    )
+    val_cache = val_images.to(device) if cached else cache(val_images)
+    val_labels = _check_val(val_cache, val_labels, num_classes)
     if train_cache.shape[1] == 0 and ratio > 0:
         raise ValueError("no training images; partial fine-tuning needs K-shot images.")
     with torch.no_grad():
-        probe = split.suffix.to(device)(
-            train_cache[0, :1] if train_cache.shape[1] else val_cache[:1]
-        )
-    if probe.shape[-1] != dim:
+        out_dim = split.suffix.to(device)(val_cache[:1]).shape[-1]
+    if out_dim != dim:
         raise ValueError(
-            f"the image encoder outputs dimension {probe.shape[-1]} but text features have "
+            f"the image encoder outputs dimension {out_dim} but text features have "
             f"{dim}; use text features from the same CLIP model."
         )
-    configs = [
-        {"lr": float(lr), "weight_decay": float(wd), "batch_size": int(bs)}
-        for lr in lrs
-        for wd in weight_decays
-        for bs in batch_sizes
-    ]
-    if not configs:
-        raise ValueError("the hyperparameter grid is empty; give at least one lr, wd and batch.")
-    best: tuple[float, float] | None = None
-    chosen: CrossModalResult | None = None
-    grid_log: list[dict[str, Any]] = []
-    for i, cfg in enumerate(configs):
-        suffix = copy.deepcopy(split.suffix)
-        head = CrossModalHead(zero_shot, logit_scale=logit_scale)
-        best_iter, acc, loss, history = fit_head(
-            head,
-            train_cache,
-            image_labels,
-            txt,
-            txt_labels,
-            val_cache,
-            val_labels,
-            iters=iters,
-            warmup=warmup,
-            eval_every=eval_every,
-            image_ratio=ratio,
-            seed=seed,
-            suffix=suffix,
-            patience=patience,
-            device=device,
-            progress=progress,
-            desc=f"partial {i + 1}/{len(configs)}",
-            **cfg,
-        )
-        grid_log.append({**cfg, "val_accuracy": acc, "val_loss": loss, "best_iter": best_iter})
-        if best is None or _better(acc, loss, best[0], best[1]):
-            best = (acc, loss)
-            chosen = CrossModalResult(
-                head=head,
-                hparams=dict(cfg),
-                best_iter=best_iter,
-                val_accuracy=acc,
-                history=history,
-                grid=grid_log,
-                zero_shot_weight=zero_shot,
-                modality=modality,
-                image_ratio=ratio,
-                suffix=suffix,
-                extra={"prefix": split.prefix, "iters": iters},
-            )
-    assert chosen is not None
-    return chosen
+    configs, skipped = _grid_configs(
+        {}, lrs, weight_decays, batch_sizes, device,
+        train_cache.shape[0] * train_cache.shape[1], len(txt), ratio,
+    )  # fmt: skip
+    best = _train_grid(
+        configs, zero_shot, logit_scale, split.suffix, "partial",
+        train_cache, image_labels, txt, txt_labels, val_cache, val_labels,
+        iters=iters, warmup=warmup, eval_every=eval_every, image_ratio=ratio, seed=seed,
+        patience=patience, device=device, progress=progress,
+    )  # fmt: skip
+    extra = {"prefix": split.prefix, "iters": iters, "skipped_batch_sizes": skipped}
+    return _result(best, zero_shot, modality, ratio, extra)
 
 
 # --------------------------------------------------------------------------------------
 # Runner integration (``fewclip run cross-modal``) and exercises
 # --------------------------------------------------------------------------------------
 
+#: The runner's options, declared once: ``run_method``, the CLI and the docs read them.
+OPTIONS: dict[str, Option] = {
+    "variant": Option(
+        str,
+        "linear",
+        "linear head, its WiSE-FT average with the zero-shot head, or partial fine-tuning",
+        choices=["linear", "wise-ft", "partial"],
+    ),
+    "modality": Option(
+        str,
+        "cross",
+        "'cross': image + text samples; 'image': the uni-modal probe, same head",
+        choices=["cross", "image"],
+    ),
+    "iters": Option(int, DEFAULT_ITERS, "optimiser steps per configuration (paper: 12800)"),
+    "wise_weight": Option(float, 0.5, "WiSE-FT weight of the learned head, in [0, 1]"),
+    "templates": Option(int, 0, "text samples per class: the first N templates (0: all)"),
+    "flip": Option(
+        bool,
+        None,
+        "add the horizontally flipped view of each training image (default: the paper's "
+        "yes, unless the dataset's classes are not mirror-invariant, as ShapeWorld's)",
+    ),
+    "init": Option(str, "text", "head initialisation", choices=["text", "random"]),
+    "grid": Option(
+        str,
+        "auto",
+        "hyperparameter grid: 'paper' (12 configs), 'small' (4), 'auto' (paper on CUDA)",
+        choices=["auto", "paper", "small"],
+    ),
+}
+
 
 def _train_views(ctx: Context, flip: bool, progress: bool) -> Tensor:
     """``(V, N, D)`` training features: the cached centre crop, plus its mirror image."""
-    train = ctx.features("train")
-    feats = train.features if train.features.ndim == 3 else train.features.unsqueeze(0)
-    feats = feats.cpu().float()
+    feats = ctx.features("train").features.cpu().float()
+    feats = feats if feats.ndim == 3 else feats.unsqueeze(0)
     if not flip:
         return feats
-    backbone = ctx.backbone
+    bb = ctx.backbone
     flipped = encode_split_through(
-        backbone.encode_images,
-        ctx.splits.train,
-        backbone.preprocess,
-        backbone.device,
-        flip=True,
-        progress=progress,
+        bb.encode_images, ctx.splits.train, bb.preprocess, bb.device, flip=True, progress=progress
     )
     return torch.cat([feats, F.normalize(flipped, dim=-1).unsqueeze(0)])
 
 
+def _run_partial(ctx: Context, text: Tensor, modality: str, iters: int, flip: bool,
+                 progress: bool) -> tuple[CrossModalResult, dict[str, Any]]:  # fmt: skip
+    """Partial fine-tuning on the episode; returns the result and ``ctx.report``."""
+    device, pre = ctx.backbone.device, ctx.backbone.preprocess
+    visual = ctx.backbone.model.visual
+    split = split_visual_encoder(visual)
+
+    def cache(s: Any, f: bool = False) -> Tensor:
+        return encode_split_through(
+            split.prefix, s, pre, device, flip=f, progress=progress, out_device=device
+        )
+
+    train_cache = torch.stack([cache(ctx.splits.train, f) for f in [False, True][: 1 + flip]])
+    result = train_partial_finetune(
+        visual, train_cache, torch.as_tensor(ctx.splits.train.labels), text,
+        cache(ctx.splits.val), torch.as_tensor(ctx.splits.val.labels), modality=modality,
+        iters=iters, seed=ctx.seed, device=device, progress=progress, cached=True,
+    )  # fmt: skip
+    suffix = result.suffix.eval()
+
+    def encode(images: Tensor) -> Tensor:
+        return suffix(split.prefix(images))
+
+    named = {"val": ctx.splits.val, "test": ctx.splits.test}
+    named.update({f"ood:{d}": s for d, s in ctx.splits.ood_test.items()})
+    features = {
+        name: FeatureSet(
+            features=F.normalize(encode_split_through(encode, s, pre, device), dim=-1),
+            labels=torch.as_tensor(s.labels, dtype=torch.long),
+        )
+        for name, s in named.items()
+    }
+    return result, ctx.report(result.predict, features_by_split=features)
+
+
 @register_method(
     "cross-modal",
-    options={
-        "variant": Option(
-            str,
-            "linear",
-            "linear head, its WiSE-FT average with the zero-shot head, or partial fine-tuning",
-            choices=["linear", "wise-ft", "partial"],
-        ),
-        "modality": Option(
-            str,
-            "cross",
-            "'cross': image + text samples; 'image': the uni-modal probe, same head",
-            choices=["cross", "image"],
-        ),
-        "iters": Option(int, 1000, "training iterations per configuration (paper: 12800)"),
-        "wise_weight": Option(float, 0.5, "WiSE-FT weight of the learned head, in [0, 1]"),
-        "templates": Option(int, 0, "text samples per class: the first N templates (0: all)"),
-        "flip": Option(
-            bool,
-            None,
-            "add the horizontally flipped view of each training image (default: the paper's "
-            "yes, unless the dataset's classes are not mirror-invariant, as ShapeWorld's)",
-        ),
-        "init": Option(str, "text", "head initialisation", choices=["text", "random"]),
-        "grid": Option(
-            str,
-            "auto",
-            "hyperparameter grid: 'paper' (12 configs), 'small' (4), 'auto' (paper on CUDA)",
-            choices=["auto", "paper", "small"],
-        ),
-    },
+    options=OPTIONS,
     help="Cross-modal adaptation (Lin et al., CVPR 2023): class-name text embeddings as "
     "extra training samples of a linear head initialised from the zero-shot classifier.",
 )
 def run_cross_modal(
     ctx: Context,
-    variant: str = "linear",
-    modality: str = "cross",
-    iters: int = 1000,
-    wise_weight: float = 0.5,
-    templates: int = 0,
-    flip: bool | None = None,
-    init: str = "text",
-    grid: str = "auto",
+    *,
+    variant: str,
+    modality: str,
+    iters: int,
+    wise_weight: float,
+    templates: int,
+    flip: bool | None,
+    init: str,
+    grid: str,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-modal linear probe / WiSE-FT / partial fine-tuning on one few-shot episode.
 
-    Text samples are the dataset's templates filled with each class name (``(C, M, D)``);
-    image samples are the K-shot centre-crop features plus their flipped view (``flip=None``:
-    unless ``dataset.info["hflip_invariant"]`` is ``False``, as for ShapeWorld, whose
-    mirrored arrows and crescents point where no image of the world does).  Selection
-    (hyperparameters and iteration) uses the few-shot validation split only.
-    ``variant="partial"`` re-encodes images through the fine-tuned end of the encoder,
-    so its val/test/OOD features are recomputed here.
+    The options and their defaults are :data:`OPTIONS` (call through ``run_method``).
+    Text samples are the dataset's templates filled with each class name
+    (``(C, M, D)``); image samples are the K-shot centre-crop features plus their
+    flipped view (``flip=None``: unless ``dataset.info["hflip_invariant"]`` is
+    ``False``, as for ShapeWorld).  Selection uses the few-shot validation split only.
+    ``variant="partial"`` re-encodes the evaluation images through the fine-tuned end
+    of the encoder.
 
     Returns:
-        ``ctx.report``'s accuracies plus ``hparams``, ``best_iter``,
+        ``ctx.report``'s accuracies plus ``hparams``, ``best_step``,
         ``selection_val_accuracy``, ``grid``, ``variant``, ``modality``, ``templates``.
     """
-    if variant not in ("linear", "wise-ft", "partial"):
-        raise ValueError(f"variant must be 'linear', 'wise-ft' or 'partial', got {variant!r}.")
+    if variant == "partial" and init != "text":
+        raise ValueError("variant='partial' supports init='text' only.")
     if variant == "wise-ft" and not 0.0 <= wise_weight <= 1.0:
         raise ValueError(f"wise_weight must be in [0, 1], got {wise_weight}.")
-    if flip is None:
-        flip = bool(ctx.dataset.info.get("hflip_invariant", True))
-    backbone = ctx.backbone
+    flip = bool(ctx.dataset.info.get("hflip_invariant", True)) if flip is None else flip
     all_templates = list(ctx.dataset.templates)
     if templates < 0:
         raise ValueError(
             f"templates must be >= 0 (0: all {len(all_templates)} templates), got {templates}."
         )
     used = all_templates[:templates] if templates else all_templates
-    text = prompt_text_features(backbone, ctx.dataset.classnames, used).cpu()
-    device = backbone.device
-    out: dict[str, Any] = {
-        "variant": variant,
-        "modality": modality,
-        "templates": len(used),
-        "flip": flip,
-    }
-
+    text = prompt_text_features(ctx.backbone, ctx.dataset.classnames, used).cpu()
+    out: dict[str, Any] = {"variant": variant, "modality": modality, "templates": len(used),
+                           "flip": flip}  # fmt: skip
     if variant == "partial":
-        if init != "text":
-            raise ValueError("variant='partial' supports init='text' only.")
-        visual = backbone.model.visual
-        split = split_visual_encoder(visual)
-        pre = backbone.preprocess
-
-        def cache(s: Any, f: bool = False) -> Tensor:
-            return encode_split_through(
-                split.prefix, s, pre, device, flip=f, progress=progress, out_device=device
-            )
-
-        train_cache = torch.stack([cache(ctx.splits.train, f) for f in ([False, True][: 1 + flip])])
-        result = train_partial_finetune(
-            visual,
-            train_cache,
-            torch.as_tensor(ctx.splits.train.labels),
-            text,
-            cache(ctx.splits.val),
-            torch.as_tensor(ctx.splits.val.labels),
-            modality=modality,
-            iters=iters,
-            seed=ctx.seed,
-            device=device,
-            progress=progress,
-            cached=True,
-        )
-        suffix = result.suffix
-        assert suffix is not None
-        suffix.eval()
-
-        def encode(images: Tensor) -> Tensor:
-            return suffix(split.prefix(images))
-
-        named = {"val": ctx.splits.val, "test": ctx.splits.test}
-        named.update({f"ood:{d}": s for d, s in ctx.splits.ood_test.items()})
-        features_by_split = {
-            name: FeatureSet(
-                features=F.normalize(encode_split_through(encode, s, pre, device), dim=-1),
-                labels=torch.as_tensor(s.labels, dtype=torch.long),
-            )
-            for name, s in named.items()
-        }
-        report = ctx.report(result.predict, features_by_split=features_by_split)
+        result, report = _run_partial(ctx, text, modality, iters, flip, progress)
     else:
         val = ctx.features("val")
         result = train_cross_modal(
-            _train_views(ctx, flip, progress),
-            torch.as_tensor(ctx.features("train").labels),
-            text,
-            val.features,
-            val.labels,
-            modality=modality,
-            init=init,
-            iters=iters,
-            grid=grid,
-            seed=ctx.seed,
-            device=device,
-            progress=progress,
-        )
+            _train_views(ctx, flip, progress), torch.as_tensor(ctx.features("train").labels),
+            text, val.features, val.labels, modality=modality, init=init, iters=iters,
+            grid=grid, seed=ctx.seed, device=ctx.backbone.device, progress=progress,
+        )  # fmt: skip
         head = result.wise_ft_head(wise_weight) if variant == "wise-ft" else result.head
         if variant == "wise-ft":
             out["wise_weight"] = wise_weight
@@ -1632,16 +1297,14 @@ def run_cross_modal(
             return head(features.to(head.weight.device)).cpu()
 
         report = ctx.report(predict)
-    out.update(report)
-    out.update(
-        {
-            "hparams": result.hparams,
-            "best_iter": result.best_iter,
-            "selection_val_accuracy": result.val_accuracy,
-            "grid": result.grid,
-        }
-    )
-    return out
+    return {
+        **out,
+        **report,
+        "hparams": result.hparams,
+        "best_step": result.best_step,
+        "selection_val_accuracy": result.val_accuracy,
+        "grid": result.grid,
+    }
 
 
 def _batch_exercise_inputs(gen: torch.Generator) -> tuple[Any, ...]:
@@ -1652,27 +1315,15 @@ def _batch_exercise_inputs(gen: torch.Generator) -> tuple[Any, ...]:
     image_features = F.normalize(torch.randn(n, d, generator=gen), dim=-1)
     image_labels = torch.randint(c, (n,), generator=gen)
     text_features, text_labels = text_samples(torch.randn(c, m, d, generator=gen))
-    batch_size = 2 * int(torch.randint(1, 5, (1,), generator=gen))
-    _, image_index, text_index = sample_mixed_indices(n, c * m, batch_size, gen)
+    half = int(torch.randint(1, min(n, c * m) + 1, (1,), generator=gen))
+    image_index = next(epoch_batches(n, half, gen))
+    text_index = next(epoch_batches(c * m, half, gen))
     return image_features, image_labels, text_features, text_labels, image_index, text_index
 
 
-def _reference_batch(
-    image_features: Tensor,
-    image_labels: Tensor,
-    text_features: Tensor,
-    text_labels: Tensor,
-    image_index: Tensor,
-    text_index: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather a half-image, half-text batch: images first, then text samples.
-
-    Returns ``x`` ``(B, D)`` float32, ``y`` ``(B,)`` int64, ``is_text`` ``(B,)`` bool.
-    """
-    batch = build_mixed_batch(
-        image_features, image_labels, text_features, text_labels, image_index, text_index
-    )
-    return batch.x, batch.y, batch.is_text
+def _reference_batch(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The exercise's answer: :func:`build_mixed_batch` as a plain tuple ``(x, y, is_text)``."""
+    return tuple(build_mixed_batch(*inputs))
 
 
 def _wise_exercise_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
@@ -1685,10 +1336,9 @@ def register_exercises() -> None:
     """Register this chapter's exercises with :mod:`fewclip_tutorial.exercises`.
 
     * ``"cross_modal_batch"``: ``fn(image_features (N, D), image_labels (N,),
-      text_features (T, D), text_labels (T,), image_index (B/2,), text_index (B/2,)) ->
-      (x (B, D), y (B,), is_text (B,))``: gather the image samples, then the text samples.
-      The indices are given so the answer is deterministic (drawing them is
-      :func:`sample_mixed_indices`).
+      text_features (T, D), text_labels (T,), image_index (B_img,), text_index (B_txt,))
+      -> (x (B, D), y (B,), is_text (B,))``: the image rows, then the text rows
+      (what :func:`build_mixed_batch` does for every training batch).
     * ``"wise_ft"``: ``fn(head_weight (C, D), zero_shot_weight (C, D), weight) -> (C, D)``.
 
     Called by :mod:`fewclip_tutorial.methods` on import; calling it again is harmless.

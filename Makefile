@@ -1,6 +1,7 @@
 # fewclip-tutorial: every target sets up its own .venv first (see scripts/setup.sh).
 # The two commands a new user needs:  make book   and   make test
 PY := .venv/bin/python
+ACTIONLINT ?= .venv/bin/actionlint
 export PYTHONHASHSEED := 0
 
 .PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean assignments
@@ -29,9 +30,11 @@ book-from-tests: setup  ## build the book from the committed (nbval-checked) out
 notebooks: setup  ## re-execute every notebook in place (after changing the package), then commit the outputs
 	$(PY) scripts/execute_notebooks.py book/*.ipynb
 
-lint: setup  ## ruff lint and format check
+lint: setup  ## ruff lint and format check; actionlint on .github/workflows (the [lint] extra)
 	.venv/bin/ruff check fewclip_tutorial tests benchmarks scripts
 	.venv/bin/ruff format --check fewclip_tutorial tests benchmarks scripts
+	@test -x $(ACTIONLINT) || $(PY) -m pip install -q -e ".[lint]"
+	$(ACTIONLINT) .github/workflows/*.yml
 
 format: setup  ## ruff auto-fix and format
 	.venv/bin/ruff check --fix fewclip_tutorial tests benchmarks scripts

@@ -169,3 +169,66 @@ def test_register_exercise_conflicts() -> None:
         assert not get_exercise("_test_double").check(_other, verbose=False)
     finally:
         exmod._EXERCISES.pop("_test_double", None)
+
+
+# --------------------------------------------------------------------------- grading support
+
+
+def test_check_seed_draws_other_trials_than_the_notebook() -> None:
+    ex = get_exercise("prompt_ensemble")
+    seen = {t[0].numpy().tobytes(): prompt_ensemble(t[0]) for t in ex.trial_inputs(0)}
+
+    def memorised(t: torch.Tensor) -> torch.Tensor:  # right only on the notebook's trials
+        return seen.get(t.numpy().tobytes(), torch.zeros(t.shape[0], t.shape[2]))
+
+    assert ex.check(memorised, verbose=False)  # seeds 0-4, as printed in the book
+    assert not ex.check(memorised, verbose=False, seed=1000)
+    assert ex.check(prompt_ensemble, verbose=False, seed=1000, n_trials=2)
+    a = ex.trial_inputs(7, 3)
+    assert len(a) == 3 and torch.equal(a[1][0], ex.example_inputs(8)[0])
+
+
+def test_forbidden_functions_reach_through_thin_wrappers() -> None:
+    from fewclip_tutorial.methods import clap, fd_align
+
+    ocd = get_exercise("prompt_augmentation").forbidden_functions()
+    assert ocd[0] is get_exercise("prompt_augmentation").reference_fn
+    assert clap.delete_color in ocd  # the wrapper's same-module callee is the real answer
+    protos = get_exercise("spurious_prototypes").forbidden_functions()
+    assert fd_align.spurious_prototypes in protos
+    assert prompt_ensemble not in protos  # an earlier chapter's building block stays allowed
+    assert get_exercise("zero_shot_logits").forbidden_functions() == [zero_shot_logits]
+
+
+def test_register_exercise_points_and_explicit_forbidden() -> None:
+    def _ref_for_points(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    try:
+        ex = register_exercise(
+            "_test_points",
+            _ref_for_points,
+            lambda g: (torch.randn(2, generator=g),),
+            points=2.5,
+            forbidden=[prompt_ensemble],
+        )
+        assert ex.points == 2.5
+        assert ex.forbidden_functions() == [_ref_for_points, prompt_ensemble]
+        assert get_exercise("_test_points").check(lambda x: 1 + x, verbose=False)
+    finally:
+        exmod._EXERCISES.pop("_test_points", None)
+
+
+def test_editions_and_opaque_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exmod, "_EDITION", None)
+    monkeypatch.setenv("FEWCLIP_EDITION", "nonsense")
+    assert exmod.edition() == "book"
+    with pytest.raises(ValueError, match="Unknown edition 'teacher'"):
+        exmod.set_edition("teacher")
+    exmod.set_edition("student")
+    assert exmod.edition() == "student"
+    with pytest.raises(exmod.SolutionsHiddenError, match="prompt_ensemble"):
+        get_exercise("prompt_ensemble").solution_source()
+    weird = exmod.Opaque("Generator")
+    assert "should be a torch.Tensor, but it is Generator" in compare_outputs(weird, torch.ones(1))
+    assert "expected 'x'" in compare_outputs(weird, "x")

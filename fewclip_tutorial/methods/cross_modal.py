@@ -703,20 +703,9 @@ def _result(
 ) -> CrossModalResult:
     cfg, head, suffix, res, log = best
     acc, neg_loss = res.best_score
-    return CrossModalResult(
-        head=head.eval(),
-        hparams=dict(cfg),
-        best_step=res.best_step,
-        val_accuracy=acc,
-        val_loss=-neg_loss,
-        history=res.history,
-        grid=log,
-        zero_shot_weight=zero_shot,
-        modality=modality,
-        image_ratio=ratio,
-        suffix=suffix,
-        extra=extra,
-    )
+    # fields in CrossModalResult's order
+    return CrossModalResult(head.eval(), dict(cfg), res.best_step, acc, -neg_loss, res.history,
+                            log, zero_shot, modality, ratio, suffix, extra)  # fmt: skip
 
 
 def train_cross_modal(
@@ -1264,7 +1253,9 @@ def run_cross_modal(
 
     Returns:
         ``ctx.report``'s accuracies plus ``hparams``, ``best_step``,
-        ``selection_val_accuracy``, ``grid``, ``variant``, ``modality``, ``templates``.
+        ``selection_val_accuracy``, ``grid``, ``variant``, ``modality``, ``templates``,
+        the selected run's validation ``history`` and ``final_train_loss`` (its mean
+        training loss over the last 100 steps).
     """
     if variant == "partial" and init != "text":
         raise ValueError("variant='partial' supports init='text' only.")
@@ -1297,6 +1288,7 @@ def run_cross_modal(
             return head(features.to(head.weight.device)).cpu()
 
         report = ctx.report(predict)
+    last_losses = result.history["loss"][-100:]
     return {
         **out,
         **report,
@@ -1304,6 +1296,8 @@ def run_cross_modal(
         "best_step": result.best_step,
         "selection_val_accuracy": result.val_accuracy,
         "grid": result.grid,
+        "history": {k: result.history[k] for k in ("val_step", "val_accuracy", "val_loss")},
+        "final_train_loss": sum(last_losses) / max(len(last_losses), 1),
     }
 
 

@@ -40,9 +40,8 @@ format: setup  ## ruff auto-fix and format
 	.venv/bin/ruff check --fix fewclip_tutorial tests benchmarks scripts
 	.venv/bin/ruff format fewclip_tutorial tests benchmarks scripts
 
-bench: setup  ## speed benchmarks (print ratios measured in one run)
-	$(PY) benchmarks/bench_tip_adapter.py
-	$(PY) benchmarks/bench_shapeworld.py
+bench: setup  ## speed benchmarks: one JSON line each, a ratio against the reference-style baseline measured in the same run
+	$(PY) benchmarks/bench.py
 
 pretrain: setup  ## re-train shapeworld-tiny from scratch (about 15 minutes on 2 cores) and export it
 	$(PY) -m fewclip_tutorial.pretrain --out runs/pretrain

@@ -147,7 +147,7 @@ def exercise_seed(run_seed: int, name: str) -> int:
 # --------------------------------------------------------------------------- notebooks
 
 _MAGIC = re.compile(r"^\s*[%!]")
-_EXERCISE_CALL = re.compile(r"get_exercise\s*\(\s*['\"]([A-Za-z0-9_]+)['\"]\s*\)\s*\.\s*check\s*\(")
+_EXERCISE_CALL = re.compile(r"get_exercise\s*\(\s*['\"]([A-Za-z0-9_]+)['\"]\s*\)")
 _KEEP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
@@ -199,7 +199,7 @@ def notebook_code(nb: Mapping[str, Any], run_all: bool = False) -> list[tuple[st
 
 
 def exercises_in(nb: Mapping[str, Any]) -> list[str]:
-    """Names of the exercises a notebook checks, in order of first appearance."""
+    """Names a notebook's code passes to ``get_exercise``, in order of first appearance."""
     names: list[str] = []
     for cell in nb.get("cells", []):
         if cell.get("cell_type") == "code":

@@ -213,3 +213,27 @@ def test_mark_solutions_tags_only(tmp_path: Path) -> None:
     assert [c.source for c in marked.cells] == [c.source for c in nb.cells]
     again = subprocess.run([sys.executable, script, "--check", str(path)], capture_output=True)
     assert again.returncode == 0
+
+
+@pytest.mark.slow
+def test_the_instructor_edition_gets_full_marks_and_the_student_edition_none(
+    editions: Path, tmp_path: Path
+) -> None:
+    """The book's own solutions are correct answers; the handed-out stubs answer nothing."""
+    from fewclip_tutorial.grading import GradeConfig, grade_directory
+
+    subs = tmp_path / "subs"
+    for edition in ("instructor", "student"):
+        (subs / edition).mkdir(parents=True)
+        for path in BOOK:
+            (subs / edition / path.name).write_bytes((editions / edition / path.name).read_bytes())
+    grades = {
+        g.student: g
+        for g in grade_directory(subs, GradeConfig(seed=4321, timeout=30, setup_timeout=120))
+    }
+    teacher, student = grades["instructor"], grades["student"]
+    assert len(teacher.grades) >= 10
+    lost = {n: g.reason for n, g in teacher.grades.items() if g.score < g.points}
+    assert lost == {}, f"the book's solutions lose points: {lost}"
+    assert student.total == 0
+    assert all("NotImplementedError" in g.reason for g in student.grades.values())

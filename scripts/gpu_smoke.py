@@ -184,19 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("FEWCLIP_SMOKE_TINY", "") not in ("", "0"),
         help="a tiny model and data set (runs on a CPU in about a minute)",
     )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help="open_clip architecture (default: ViT-B-32; --tiny: a tiny ViT)",
+    )
+    parser.add_argument("--per-class", type=int, default=None, help="fake images per class")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--workdir", default=None, help="folder for the fake data (default: temp)")
     args = parser.parse_args(argv)
 
-    size = SIZES["tiny" if args.tiny else "full"]
+    size = dict(SIZES["tiny" if args.tiny else "full"])
+    if args.per_class is not None:
+        size["per_class"] = args.per_class
     device = get_device()
-    if args.tiny:
+    arch = args.arch or (TINY_ARCH if args.tiny else "ViT-B-32")
+    if arch == TINY_ARCH:
         folder = Path(tempfile.mkdtemp(prefix="fewclip-smoke-cfg-"))
         (folder / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_CONFIG))
         open_clip.add_model_config(folder)
-        arch = TINY_ARCH
-    else:
-        arch = "ViT-B-32"
     report: dict[str, Any] = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "",

@@ -1,14 +1,16 @@
 """GPU smoke test: every method once through the CLI, plus feature-extraction throughput.
 
-Run it with ``bash scripts/gpu_smoke.sh`` on a machine with one CUDA GPU (about 5 minutes,
-nothing is downloaded): a random-init ViT-B-32 on a fake EuroSAT written in torchvision's
-exact layout (``<root>/eurosat/2750/<Class>/<Class>_<i>.jpg``, 64 px JPEGs).  It checks the
-code paths a GPU takes and a CPU does not (autocast dtype, a fp16 model, image-decoding
-workers, pinned memory, GradScaler), not accuracy: the model is untrained.
+Run it with ``bash scripts/gpu_smoke.sh`` on a machine with one CUDA GPU (sized to finish
+well within 10 minutes, though not yet timed on a GPU; nothing is downloaded): a random-init
+ViT-B-32 on a fake EuroSAT written in torchvision's exact layout
+(``<root>/eurosat/2750/<Class>/<Class>_<i>.jpg``, 64 px JPEGs).  It checks the code paths a
+GPU takes and a CPU does not (autocast dtype, a fp16 model, image-decoding workers, pinned
+memory, GradScaler), not accuracy: the model is untrained.
 
 ``--tiny`` (or ``FEWCLIP_SMOKE_TINY=1``) shrinks everything (a 2-layer ViT on 32 px images,
-a few images per class, a few training steps) so that it also runs on a CPU in about a
-minute; ``tests/test_gpu_paths.py`` runs it that way.
+a few images per class, a few training steps) so that it also runs on a CPU in about 30 s;
+``tests/test_gpu_paths.py`` runs it that way.  ``--arch`` and ``--per-class`` change the
+model and the data size (``--tiny --arch ViT-B-32``: the real architecture, small data).
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny",
         action="store_true",
         default=os.environ.get("FEWCLIP_SMOKE_TINY", "") not in ("", "0"),
-        help="a tiny model and data set (runs on a CPU in about a minute)",
+        help="a tiny model and data set (runs on a CPU in about 30 s)",
     )
     parser.add_argument(
         "--arch",

@@ -291,8 +291,13 @@ class SandboxViolation(PermissionError):
     """A submission tried something the grader does not allow."""
 
 
-def _install_sandbox(sandbox: Path, package_files: set[str]) -> None:
+def _install_sandbox(sandbox: Path, package_files: set[str], private: Sequence[str] = ()) -> None:
+    """Install the audit hook: writes only under ``sandbox``, nothing at all under ``private``."""
     root = os.path.realpath(sandbox)
+    hidden = [os.path.realpath(p) for p in private]
+
+    def under(real: str, top: str) -> bool:
+        return real == top or real.startswith(top + os.sep)
 
     def inside(path: Any) -> bool:
         if isinstance(path, int):  # an already open descriptor
@@ -301,11 +306,22 @@ def _install_sandbox(sandbox: Path, package_files: set[str]) -> None:
             real = os.path.realpath(os.fsdecode(path))
         except (TypeError, ValueError):
             return False
-        return real == root or real.startswith(root + os.sep)
+        return under(real, root)
+
+    def is_private(path: Any) -> bool:
+        if isinstance(path, int) or path is None:
+            return False
+        try:
+            real = os.path.realpath(os.fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return any(under(real, top) for top in hidden)
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event.startswith(_FORBIDDEN_EVENTS_PREFIX):
             raise SandboxViolation(f"sandbox: {event} is not allowed in a graded submission")
+        if event in ("open", "os.listdir", "os.scandir") and args and is_private(args[0]):
+            raise SandboxViolation("sandbox: the submissions are not readable from a submission")
         if event == "open":
             path, mode, flags = (list(args) + [None, None, None])[:3]
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
@@ -343,7 +359,7 @@ def _sanitize(x: Any, depth: int = 0) -> Any:
     if depth > 20:
         return {"__opaque__": "a structure nested too deeply"}
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().clone()
+        return x.detach().cpu().clone().as_subclass(torch.Tensor)
     if x is None or isinstance(x, (bool, int, float, str, complex)):
         return x
     if isinstance(x, np.ndarray) and x.dtype != object:
@@ -393,6 +409,7 @@ def _child_main(
     jobs: list[tuple[str, list[Any]]],
     output_limit: int,
     memory_limit: int,
+    private: Sequence[str] = (),
 ) -> None:  # pragma: no cover - runs in the forked student process (covered by the tests)
     import resource
     import threading
@@ -459,7 +476,7 @@ def _child_main(
     get_profile = sys.getprofile  # kept before the student's code can replace it
     sys.setprofile(profiler)
     threading.setprofile(profiler)
-    _install_sandbox(sandbox_path, package_files)
+    _install_sandbox(sandbox_path, package_files, private)
 
     conn.send_bytes(_pack({"event": "setup"}))
     namespace: dict[str, Any] = {"__name__": "__main__", "display": print}
@@ -502,7 +519,11 @@ def _child_main(
                 if isinstance(err, OSError) and err.errno == errno.EFBIG:
                     error = f"printed more than the output limit ({output_limit} bytes)"
                 else:
-                    error = f"trial {t + 1} raised {type(err).__name__}: {err}"[:500]
+                    try:
+                        message = str(err)
+                    except BaseException:  # noqa: BLE001 - a hostile __str__
+                        message = "(no message)"
+                    error = f"trial {t + 1} raised {type(err).__name__}: {message}"[:500]
                 break
             if hits or get_profile() is not profiler:
                 break
@@ -582,6 +603,7 @@ def _run_notebook(
     nb: Mapping[str, Any],
     jobs: list[tuple[str, list[Any]]],
     config: GradeConfig,
+    private: Sequence[str] = (),
 ) -> tuple[dict[str, tuple[str, Any]], str]:
     """Run one notebook's code and its exercises; ``{name: (error, outputs)}`` and the log."""
     ctx = _context()
@@ -601,6 +623,7 @@ def _run_notebook(
                 remaining,
                 config.output_limit,
                 config.memory_limit,
+                list(private),
             ),
             daemon=True,
         )
@@ -626,7 +649,10 @@ def _run_notebook(
                 continue
             try:
                 raw = parent_conn.recv_bytes(maxlength=64 << 20)
-            except (EOFError, OSError):
+            except OSError:
+                problem = "returned more data than the grader accepts (64 MiB)"
+                break
+            except EOFError:
                 proc.join(1)
                 problem = _describe_exit(proc.exitcode)
                 break
@@ -690,11 +716,14 @@ def grade_notebooks(
     exercises: Sequence[str],
     config: GradeConfig,
     student: str = "",
+    private: Sequence[str | os.PathLike[str]] = (),
 ) -> StudentGrades:
     """Grade one student's notebooks on ``exercises`` (see the module docstring).
 
     An exercise answered in several notebooks is graded in the first one that
     checks it.  A notebook that cannot be read gives zero with the reason.
+    ``private``: folders the student's code may not even read or list (the class's
+    submissions).
     """
     from fewclip_tutorial.exercises import _call, _clone, compare_outputs, get_exercise
 
@@ -717,7 +746,7 @@ def grade_notebooks(
         if not checked:
             continue
         jobs = [(n, [_clone(x) for x in inputs[n]]) for n in checked]
-        outcomes, log = _run_notebook(nb, jobs, config)
+        outcomes, log = _run_notebook(nb, jobs, config, [os.fspath(p) for p in private])
         if log:
             logs.append(f"--- {Path(path).name}\n{log}")
         for name in checked:
@@ -790,7 +819,9 @@ def grade_directory(
         for student, paths in copies.items():
             if progress:
                 progress(student)
-            g = grade_notebooks(paths, exercises, config, student=student)
+            g = grade_notebooks(
+                paths, exercises, config, student=student, private=[staged, Path(root)]
+            )
             g.notebooks = [str(p) for p in submissions[student]]
             grades.append(g)
         return grades

@@ -119,6 +119,10 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "        shutil.rmtree(_p) if os.path.isdir(_p) else os.remove(_p)\n"
         "    except OSError as e:\n"
         "        print('blocked:', e)\n"
+        "try:\n"
+        f"    print(open({str(subs / 'correct.ipynb')!r}).read()[:20])\n"
+        "except OSError as e:\n"
+        "    print('blocked:', e)\n"
     )
     _write(
         mal / "part1.ipynb",
@@ -230,6 +234,7 @@ def test_the_sandbox_keeps_the_graders_and_other_students_files(graded: dict) ->
     assert (graded["subs"] / "correct.ipynb").is_file()
     assert "blocked:" in graded["grades"]["malicious"].log
     assert "sandbox" in graded["grades"]["malicious"].log
+    assert "not readable from a submission" in graded["grades"]["malicious"].log
 
 
 def test_fresh_inputs_catch_an_answer_learnt_from_the_notebooks_trials(graded: dict) -> None:

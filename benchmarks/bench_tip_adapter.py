@@ -1,189 +1,262 @@
-"""Benchmark: Tip-Adapter's vectorised hyperparameter search against the plain loop.
+"""Benchmark: Tip-Adapter's (beta, alpha) search against the authors' loop.
 
-Builds random unit-norm features with class structure, runs the paper's
-200 x 20 (beta, alpha) grid with :func:`search_hparams_loop` (nested Python
-loops, as in the reference code) and with :func:`search_hparams` (vectorised),
-checks that both return the same accuracy grid and the same chosen pair, and
-prints the speed-up (PASS when >= the required ratio, 20x by default).  It also
-times one Tip-Adapter-F epoch on cached augmented features.
+The baseline is the loop of the authors' ``search_hp`` (Tip-Adapter ``utils.py``),
+re-stated here in their style: for every grid point it recomputes the affinity product
+``features @ keys``, the exponentials, the cache logits ``A @ values`` (an ``M x N x C``
+matmul), the CLIP logits and the top-1 accuracy, and keeps the first best with a strict
+``>``.  Ours is :func:`fewclip_tutorial.methods.tip_adapter.search_hparams` (one affinity
+product, per beta a segment sum over each class's keys, per pair an ``M x C`` mix).
+
+Cases (:func:`bench_tip_search`):
+
+* ``"shapeworld"``: the book's features (shapeworld-tiny, ShapeWorld, 16 shots, seed 1,
+  cache of 10 augmented views, as chapter 2 builds them), the authors' 200 x 20 grid; both
+  searches run in full.
+* ``"imagenet_sized"``: synthetic class-structured unit features with ImageNet's 16-shot
+  sizes (D 1024, C 1000, 16,000 keys, 10,000 validation images), grid 200 x 20.  Ours runs
+  in full; the reference's time is a few of its grid points, timed, times the grid size
+  (``reference_extrapolated``: about 11 hours would be needed otherwise).  The choice is
+  compared on a sub-grid (a few betas x all alphas) computed both ways.
 
 Usage::
 
-    python benchmarks/bench_tip_adapter.py                 # CPU sizes, < 2 min on 2 cores
-    python benchmarks/bench_tip_adapter.py --device cuda   # paper-like sizes on a GPU
+    python benchmarks/bench_tip_adapter.py [shapeworld|imagenet_sized ...] [--tiny]
 
-Exit status 0 on PASS, 1 on FAIL (results differ or speed-up too small).
+prints one JSON line per case.  ``make bench`` runs it through ``benchmarks/bench.py``.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from fewclip_tutorial.methods.tip_adapter import (  # noqa: E402
-    SearchResult,
     build_cache_keys,
     build_cache_values,
     default_search_grid,
     search_hparams,
-    search_hparams_loop,
-    train_tip_adapter_f,
 )
 
-#: Problem sizes per device: (val images M, classes C, shots K, feature dim D).
-DEFAULT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "cpu": (200, 10, 16, 256),
-    "cuda": (1000, 100, 16, 512),
-}
+CASES = ("shapeworld", "imagenet_sized")
 
 
-def make_problem(
-    num_val: int,
-    num_classes: int,
-    shots: int,
-    dim: int,
-    views: int,
-    device: torch.device,
-    seed: int = 0,
-    noise: float = 4.0,
-    text_noise: float = 2.0,
-) -> dict[str, torch.Tensor]:
-    """Random class-structured unit features: cache views, validation set, text classifier."""
+# ---------------------------------------------------------------------- the authors' loop
+
+
+def _top1_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    # As the authors' cls_acc: top-1 by topk, percent, read back to the host every call.
+    pred = logits.topk(1, 1, True, True)[1].t()
+    return 100.0 * float(pred.eq(labels.view(1, -1)).float().sum().cpu()) / labels.shape[0]
+
+
+def reference_cell(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    clip_weights_dc: torch.Tensor,
+    cache_keys_dn: torch.Tensor,
+    cache_values: torch.Tensor,
+    beta: float,
+    alpha: float,
+) -> float:
+    """One grid point of the authors' loop: everything recomputed. Returns accuracy (%).
+
+    ``clip_weights_dc`` is ``(D, C)`` and ``cache_keys_dn`` is ``(D, N)``, the authors' layout.
+    """
+    affinity = features @ cache_keys_dn
+    cache_logits = ((-1) * (beta - beta * affinity)).exp() @ cache_values
+    clip_logits = 100.0 * features @ clip_weights_dc
+    return _top1_percent(clip_logits + cache_logits * alpha, labels)
+
+
+def reference_search(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    clip_weights_dc: torch.Tensor,
+    cache_keys_dn: torch.Tensor,
+    cache_values: torch.Tensor,
+    beta_list: list[float],
+    alpha_list: list[float],
+) -> tuple[tuple[int, int], list[list[float]]]:
+    """The authors' nested loop (beta outer, alpha inner, strict ``>``, best_acc from 0).
+
+    Returns the chosen ``(beta index, alpha index)`` and the accuracy grid.
+    """
+    best_acc, best = 0.0, (0, 0)
+    grid = []
+    for i, beta in enumerate(beta_list):
+        row = []
+        for j, alpha in enumerate(alpha_list):
+            acc = reference_cell(
+                features, labels, clip_weights_dc, cache_keys_dn, cache_values, beta, alpha
+            )
+            row.append(acc)
+            if acc > best_acc:
+                best_acc, best = acc, (i, j)
+        grid.append(row)
+    return best, grid
+
+
+def _authors_grid(scale: float, steps: int) -> list[float]:
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def _shapeworld_inputs(device: torch.device) -> dict[str, Any]:
+    from fewclip_tutorial.experiment import build_context
+
+    ctx = build_context("shapeworld", "shapeworld-tiny", shots=16, seed=1, progress=False)
+    train = ctx.features("train", views=10, augment=True)
+    val = ctx.features("val")
+    return {
+        "features": val.features.to(device),
+        "labels": val.labels.to(device),
+        "clip_weights": ctx.text_classifier.to(device=device, dtype=val.features.dtype),
+        "keys": build_cache_keys(train.features).to(device),
+        "values": build_cache_values(train.labels, ctx.num_classes).to(device),
+    }
+
+
+def _synthetic_inputs(
+    num_val: int, num_classes: int, shots: int, dim: int, device: torch.device, seed: int = 0
+) -> dict[str, Any]:
+    """Class-structured unit features: class means plus noise; a noisier text classifier."""
     g = torch.Generator().manual_seed(seed)
     means = F.normalize(torch.randn(num_classes, dim, generator=g), dim=-1)
-    text = F.normalize(
-        means + text_noise * torch.randn(num_classes, dim, generator=g) / dim**0.5, dim=-1
-    )
+
+    def around(centres: torch.Tensor, noise: float) -> torch.Tensor:
+        jitter = torch.randn(centres.shape, generator=g) * (noise / dim**0.5)
+        return F.normalize(centres + jitter, dim=-1)
+
     train_labels = torch.arange(num_classes).repeat_interleave(shots)
-    train_views = F.normalize(
-        means[train_labels]
-        + noise * torch.randn(views, len(train_labels), dim, generator=g) / dim**0.5,
-        dim=-1,
-    )
     val_labels = torch.randint(num_classes, (num_val,), generator=g)
-    val = F.normalize(
-        means[val_labels] + noise * torch.randn(num_val, dim, generator=g) / dim**0.5, dim=-1
-    )
-    tensors = {
-        "train_views": train_views,
-        "train_labels": train_labels,
-        "val": val,
-        "val_labels": val_labels,
-        "clip_weights": text,
+    out = {
+        "features": around(means[val_labels], 1.5),
+        "labels": val_labels,
+        "clip_weights": around(means, 1.5),
+        "keys": around(means[train_labels], 1.5),
+        "values": build_cache_values(train_labels, num_classes),
     }
-    return {k: v.to(device) for k, v in tensors.items()}
+    return {k: v.to(device) for k, v in out.items()}
 
 
-def best_time(
-    fn: Callable[[], SearchResult], repeats: int, device: torch.device
-) -> tuple[float, SearchResult]:
-    """Best wall time of ``repeats`` calls (after the caller's warm-up), and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    assert result is not None
-    return best, result
+# ---------------------------------------------------------------------- timing
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--val", type=int, default=None, help="validation images M")
-    parser.add_argument("--classes", type=int, default=None, help="classes C")
-    parser.add_argument("--shots", type=int, default=None, help="shots per class K")
-    parser.add_argument("--dim", type=int, default=None, help="feature dimension D")
-    parser.add_argument("--views", type=int, default=10, help="augmented views per image")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (best is kept)")
-    parser.add_argument("--min-speedup", type=float, default=20.0, help="PASS threshold")
-    parser.add_argument("--f-classes", type=int, default=100, help="classes for the -F epoch")
-    parser.add_argument("--f-epochs", type=int, default=3, help="epochs timed for -F")
-    args = parser.parse_args(argv)
-    started, cpu_started = time.perf_counter(), time.process_time()
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but no CUDA GPU is available; use --device cpu.")
-    m, c, k, d = DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"]
-    m, c, k, d = args.val or m, args.classes or c, args.shots or k, args.dim or d
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    print(f"search: M={m} val, C={c} classes, N={c * k} cache entries ({k} shots), D={d}")
-    data = make_problem(m, c, k, d, args.views, device)
-    keys = build_cache_keys(data["train_views"])
-    values = build_cache_values(data["train_labels"], c)
-    betas, alphas = default_search_grid()
-    print(f"grid: {len(betas)} betas x {len(alphas)} alphas = {len(betas) * len(alphas)} pairs")
-    inputs = (data["val"], data["val_labels"], data["clip_weights"], keys, values)
+def _peak_rss_gb() -> float | None:
+    try:
+        import resource
 
-    # Warm-up on a small grid (allocator, kernels, BLAS threads).
-    search_hparams_loop(*inputs, betas[:2], alphas[:2])
-    search_hparams(*inputs, betas[:2], alphas[:2])
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+    except (ImportError, AttributeError):
+        return None
 
-    t_loop, r_loop = best_time(
-        lambda: search_hparams_loop(*inputs, betas, alphas), args.repeats, device
+
+def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Time our search against the authors' loop on one case; a JSON-able dict.
+
+    Keys: ``name``, ``ours_s``, ``reference_s``, ``ratio`` (reference / ours),
+    ``reference_extrapolated``, ``same_choice`` (the same (beta, alpha) as the authors'
+    loop: on the whole grid, or on the checked sub-grid when extrapolated),
+    ``same_accuracy_grid``, the sizes, the chosen pair and the torch thread count.
+    ``tiny`` shrinks the case to seconds (a smaller grid; for imagenet_sized also smaller
+    sizes), for tests of the harness.
+    """
+    if case not in CASES:
+        raise ValueError(f"case={case!r}: use one of {CASES}.")
+    dev = torch.device(device)
+    beta_steps, alpha_steps = (20, 5) if tiny else (200, 20)
+    if case == "shapeworld":
+        data = _shapeworld_inputs(dev)
+    elif tiny:
+        data = _synthetic_inputs(500, 50, 16, 64, dev)
+    else:
+        data = _synthetic_inputs(10_000, 1000, 16, 1024, dev)
+    f, y, w, keys, values = (
+        data[k] for k in ("features", "labels", "clip_weights", "keys", "values")
     )
-    t_vec, r_vec = best_time(lambda: search_hparams(*inputs, betas, alphas), args.repeats, device)
-    same = (
-        torch.equal(r_loop.accuracy, r_vec.accuracy)
-        and r_loop.best_alpha == r_vec.best_alpha
-        and r_loop.best_beta == r_vec.best_beta
-        and r_loop.best_accuracy == r_vec.best_accuracy
-    )
-    ratio = t_loop / t_vec
-    print(f"loop      : {t_loop:8.3f} s  (best of {args.repeats})")
-    print(f"vectorised: {t_vec:8.3f} s  (best of {args.repeats})")
-    print(
-        f"chosen    : alpha={r_vec.best_alpha:.4f} beta={r_vec.best_beta:.4f} "
-        f"val acc={r_vec.best_accuracy:.2f}%  identical results: {same}"
-    )
-    print(f"speed-up  : {ratio:.1f}x (required >= {args.min_speedup:g}x)")
+    beta_list, alpha_list = _authors_grid(7.0, beta_steps), _authors_grid(3.0, alpha_steps)
+    betas, alphas = default_search_grid(7.0, 3.0, beta_steps, alpha_steps)
+    w_dc, keys_dn = w.T, keys.T  # the authors' layouts (transposed views, as they store them)
+    ref_args = (f, y, w_dc, keys_dn, values)
 
-    # Tip-Adapter-F: time per epoch on cached augmented features (no image re-encoding).
-    fc = args.f_classes
-    f_data = make_problem(4 * fc, fc, k, d, args.views, device, seed=1)
-    f_keys = build_cache_keys(f_data["train_views"])
-    f_values = build_cache_values(f_data["train_labels"], fc)
-    trained = train_tip_adapter_f(
-        f_data["train_views"],
-        f_data["train_labels"],
-        f_data["val"],
-        f_data["val_labels"],
-        f_data["clip_weights"],
-        f_keys,
-        f_values,
-        alpha=1.0,
-        beta=1.0,
-        epochs=args.f_epochs,
-        progress=False,
-        search_grid=(betas[:1], alphas[:1]),
-    )
-    seconds = [h["seconds"] for h in trained.history]
-    print(
-        f"Tip-Adapter-F: {k} shots x {fc} classes x {args.views} views (N={fc * k}, D={d}), "
-        f"val {4 * fc}: {min(seconds) * 1000:.1f} ms per epoch (best of {len(seconds)}; "
-        f"mean {sum(seconds) / len(seconds) * 1000:.1f} ms)"
-    )
+    # Warm-up of both (allocator, kernels, thread pool) on one grid point / a 1 x 2 grid.
+    reference_cell(*ref_args, beta_list[0], alpha_list[0])
+    search_hparams(f, y, w, keys, values, betas[:1], alphas[:2])
 
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    print(f"total     : {wall:.1f} s wall, {cpu:.1f} s CPU time of this process")
-    ok = same and ratio >= args.min_speedup
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    ours_s, ours = _timed(lambda: search_hparams(f, y, w, keys, values, betas, alphas), dev)
+    cells = len(beta_list) * len(alpha_list)
+    out: dict[str, Any] = {"name": f"tip_search_{case}"}
+    if case == "shapeworld":
+        reference_s, (choice, grid) = _timed(
+            lambda: reference_search(*ref_args, beta_list, alpha_list), dev
+        )
+        ref_grid = torch.tensor(grid, dtype=torch.float64)
+        out.update(reference_extrapolated=False, reference_cells_timed=cells)
+        ours_sub, beta_idx = ours, list(range(len(beta_list)))
+    else:
+        timed_cells = 3
+        reference_s = 0.0
+        for j in range(timed_cells):  # a few literal grid points of the authors' loop
+            t, _ = _timed(lambda j=j: reference_cell(*ref_args, beta_list[0], alpha_list[j]), dev)
+            reference_s += t
+        reference_s *= cells / timed_cells
+        # The choice on a sub-grid: a few betas x all alphas, both ways.
+        beta_idx = sorted({0, len(beta_list) // 3, 2 * len(beta_list) // 3, len(beta_list) - 1})
+        sub_betas = [beta_list[i] for i in beta_idx]
+        choice, grid = reference_search(*ref_args, sub_betas, alpha_list)
+        ref_grid = torch.tensor(grid, dtype=torch.float64)
+        ours_sub = search_hparams(f, y, w, keys, values, betas[beta_idx], alphas)
+        out.update(reference_extrapolated=True, reference_cells_timed=timed_cells)
+        out["checked_beta_indices"] = beta_idx
+    ours_choice = (
+        beta_idx.index(int((betas == ours_sub.best_beta).nonzero()[0])),
+        int((alphas == ours_sub.best_alpha).nonzero()[0]),
+    )
+    out.update(
+        ours_s=round(ours_s, 4),
+        reference_s=round(reference_s, 2),
+        ratio=round(reference_s / ours_s, 1),
+        same_choice=ours_choice == tuple(choice),
+        same_accuracy_grid=bool(torch.allclose(ours_sub.accuracy, ref_grid, rtol=0, atol=1e-9)),
+        chosen={"beta": ours.best_beta, "alpha": ours.best_alpha, "val_acc": ours.best_accuracy},
+        grid=[len(beta_list), len(alpha_list)],
+        sizes={
+            "val_M": int(f.shape[0]),
+            "keys_N": int(keys.shape[0]),
+            "dim_D": int(f.shape[1]),
+            "classes_C": int(w.shape[0]),
+        },
+        threads=torch.get_num_threads(),
+        device=str(dev),
+        peak_rss_gb=_peak_rss_gb(),
+    )
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    for name in args or CASES:
+        print(json.dumps(bench_tip_search(name, tiny="--tiny" in sys.argv)), flush=True)

@@ -144,165 +144,251 @@ def test_alpha_zero_gives_exact_zero_shot_logits(beta: float) -> None:
     assert torch.equal(logits, zero_shot_logits(f, w, 100.0))  # the package's zero-shot
 
 
+def test_tip_logits_are_the_paper_equation_on_random_inputs() -> None:
+    # logits = 100 f W^T + alpha exp(-beta (1 - f F^T)) L, written out element by element.
+    data = problem(4)
+    f, w, keys, values = data["val"][:5], data["clip_weights"], data["keys"], data["values"]
+    alpha, beta = 1.7, 3.2
+    expected = torch.zeros(5, w.shape[0], dtype=torch.float64)
+    for m in range(5):
+        for c in range(w.shape[0]):
+            cache = sum(
+                math.exp(-beta * (1 - float(f[m] @ keys[n]))) * float(values[n, c])
+                for n in range(keys.shape[0])
+            )
+            expected[m, c] = 100 * float(f[m] @ w[c]) + alpha * cache
+    got = tip_logits(f, w, keys, values, alpha, beta).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # Tip-Adapter-F's untrained forward is the same equation.
+    model = TipAdapterF(keys, values)
+    torch.testing.assert_close(model(f, w, alpha, beta).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_logit_scale_is_zeroshots() -> None:
+    from fewclip_tutorial import zeroshot
+
+    assert ta.CLIP_LOGIT_SCALE is zeroshot.CLIP_LOGIT_SCALE and ta.CLIP_LOGIT_SCALE == 100.0
+
+
+# ------------------------------------------------------------------ search grid
+
+
+def authors_grid(scale: float, steps: int) -> list[float]:
+    # Tip-Adapter utils.py, search_hp: the list comprehension for beta_list / alpha_list.
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+@pytest.mark.parametrize(
+    ("bs", "as_", "bn", "an"), [(7, 3, 200, 20), (12, 10, 200, 20), (5, 1, 7, 3)]
+)
+def test_default_grid_is_the_authors_grid(bs: float, as_: float, bn: int, an: int) -> None:
+    betas, alphas = default_search_grid(bs, as_, bn, an)
+    assert torch.equal(betas, torch.tensor(authors_grid(bs, bn), dtype=torch.float32))
+    assert torch.equal(alphas, torch.tensor(authors_grid(as_, an), dtype=torch.float32))
+    # The endpoint is excluded: the last value is one step short of the scale.
+    assert betas[-1].item() == pytest.approx(bs - (bs - 0.1) / bn)
+    assert betas[0].item() == pytest.approx(0.1)
+
+
+def test_linspace_grid_is_kept_as_an_option() -> None:
+    betas, alphas = default_search_grid(7, 3, 200, 20, spacing="linspace")
+    assert betas[-1].item() == pytest.approx(7.0) and alphas[-1].item() == pytest.approx(3.0)
+    assert not torch.equal(betas, default_search_grid()[0])
+    with pytest.raises(TipAdapterError, match="spacing"):
+        default_search_grid(spacing="log")
+
+
 # ------------------------------------------------------------------ search
 
 
-def test_default_grid_matches_the_paper_ranges() -> None:
-    betas, alphas = default_search_grid()
-    assert betas.shape == (200,) and alphas.shape == (20,)
-    assert betas[0].item() == pytest.approx(0.1) and betas[-1].item() == pytest.approx(7.0)
-    assert alphas[0].item() == pytest.approx(0.1) and alphas[-1].item() == pytest.approx(3.0)
-    assert bool((betas.diff() > 0).all()) and bool((alphas.diff() > 0).all())
+def authors_search(f, labels, w, keys, values, beta_list, alpha_list):
+    """The authors' search_hp loop, in their style: (D, N) keys, (D, C) weights, topk
+    accuracy in percent, best_acc starting at 0 and a strict '>'."""
+    cache_keys, clip_weights = keys.T, w.T
+    best_acc, best = 0.0, (0, 0)
+    grid = torch.zeros(len(beta_list), len(alpha_list), dtype=torch.float64)
+    for i, beta in enumerate(beta_list):
+        for j, alpha in enumerate(alpha_list):
+            aff = f @ cache_keys
+            cache_logits = ((-1) * (beta - beta * aff)).exp() @ values
+            clip_logits = 100.0 * f @ clip_weights
+            pred = (clip_logits + cache_logits * alpha).topk(1, 1, True, True)[1].t()
+            acc = 100 * float(pred.eq(labels.view(1, -1)).float().sum()) / labels.shape[0]
+            grid[i, j] = acc
+            if acc > best_acc:
+                best_acc, best = acc, (i, j)
+    return best, grid
 
 
-def _first_best_in_scan_order(acc: torch.Tensor) -> tuple[int, int]:
-    best, pair = -1.0, (0, 0)
-    for i in range(acc.shape[0]):
-        for j in range(acc.shape[1]):
-            if acc[i, j].item() > best:
-                best, pair = acc[i, j].item(), (i, j)
-    return pair
+def _args(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return data["val"], data["val_labels"], data["clip_weights"], data["keys"], data["values"]
+
+
+def check_against_authors(args, beta_list, alpha_list) -> None:
+    (i, j), grid = authors_search(*args, beta_list, alpha_list)
+    betas, alphas = torch.tensor(beta_list), torch.tensor(alpha_list)
+    for search in (search_hparams, search_hparams_loop):
+        res = search(*args, betas, alphas)
+        torch.testing.assert_close(res.accuracy, grid, rtol=0, atol=1e-9)
+        assert (res.best_beta, res.best_alpha) == (betas[i].item(), alphas[j].item())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("num_val_per_class", [1, 6])  # 1: few values -> many exact ties
-def test_vectorised_search_equals_loop(seed: int, num_val_per_class: int) -> None:
-    data = problem(seed, noise=3.0, val_per_class=num_val_per_class)
-    betas, alphas = default_search_grid(beta_steps=25, alpha_steps=8)
-    args = (data["val"], data["val_labels"], data["clip_weights"], data["keys"], data["values"])
-    loop = search_hparams_loop(*args, betas, alphas)
-    fast = search_hparams(*args, betas, alphas)
-    assert fast.accuracy.shape == (25, 8)
-    assert torch.equal(loop.accuracy, fast.accuracy)
-    assert (fast.best_alpha, fast.best_beta) == (loop.best_alpha, loop.best_beta)
-    assert fast.best_accuracy == loop.best_accuracy == fast.accuracy.max().item()
-    i, j = _first_best_in_scan_order(fast.accuracy)
-    assert fast.best_beta == betas[i].item() and fast.best_alpha == alphas[j].item()
-    # The grid is the accuracy of tip_logits at each pair.
-    acc = accuracy(tip_logits(*args[:1], *args[2:], alphas[j].item(), betas[i].item()), args[1])
-    assert fast.accuracy[i, j].item() == pytest.approx(acc)
+@pytest.mark.parametrize("val_per_class", [1, 6])  # 1: a few images -> many tied pairs
+def test_search_chooses_what_the_authors_loop_chooses(seed: int, val_per_class: int) -> None:
+    data = problem(seed, noise=3.0, val_per_class=val_per_class)
+    check_against_authors(_args(data), authors_grid(7, 25), authors_grid(3, 8))
 
 
-def test_search_ties_pick_the_first_pair_in_beta_major_order() -> None:
+def test_ties_keep_the_first_best_pair_in_the_authors_order() -> None:
     data = problem(0, val_per_class=1)  # 4 validation images: accuracies tie a lot
-    args = (data["val"], data["val_labels"], data["clip_weights"], data["keys"], data["values"])
-    betas, alphas = SMALL_GRID
-    fast = search_hparams(*args, betas, alphas)
-    loop = search_hparams_loop(*args, betas, alphas)
-    assert int((fast.accuracy == fast.accuracy.max()).sum()) > 1  # the best is tied
-    i, j = _first_best_in_scan_order(fast.accuracy)
-    assert (fast.best_beta, fast.best_alpha) == (betas[i].item(), alphas[j].item())
-    assert (loop.best_beta, loop.best_alpha) == (betas[i].item(), alphas[j].item())
-    # Duplicated grid values give duplicated rows / columns of the accuracy grid.
-    dup = search_hparams(*args, torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0.5, 0.5]))
-    assert torch.equal(dup.accuracy[0], dup.accuracy[1])
-    assert torch.equal(dup.accuracy[:, 0], dup.accuracy[:, 1])
+    beta_list, alpha_list = authors_grid(7, 12), authors_grid(3, 6)
+    (i, j), grid = authors_search(*_args(data), beta_list, alpha_list)
+    tied = (grid == grid.max()).nonzero().tolist()
+    assert len(tied) > 1 and tied[0] == [i, j]  # the best is tied; the authors keep the first
+    res = search_hparams(*_args(data), torch.tensor(beta_list), torch.tensor(alpha_list))
+    betas, alphas = torch.tensor(beta_list), torch.tensor(alpha_list)  # float32, as searched
+    assert (res.best_beta, res.best_alpha) == (betas[i].item(), alphas[j].item())
+
+
+def test_exact_logit_ties_between_classes_follow_argmax() -> None:
+    # Classes 1 and 2 are copies (same text weight, same keys): their logits tie exactly, and
+    # the authors' top-1 and our search both give the first class.
+    g = torch.Generator().manual_seed(5)
+    w = unit(3, 8, generator=g)
+    w[2] = w[1]
+    keys1 = unit(3, 8, generator=g)
+    keys = torch.cat([unit(3, 8, generator=g), keys1, keys1])
+    values = build_cache_values(torch.arange(3).repeat_interleave(3), 3)
+    f = F.normalize(torch.cat([w[0:1], w[1:2], w[1:2], keys1[:2]]) + 0.3 * unit(5, 8, generator=g))
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    check_against_authors((f, labels, w, keys, values), authors_grid(7, 10), authors_grid(3, 5))
+
+
+def test_search_in_small_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = problem(2, noise=3.0, num_classes=5, shots=3, val_per_class=7)
+    args, grid = _args(data), default_search_grid(beta_steps=17, alpha_steps=5)
+    whole = search_hparams(*args, *grid)
+    monkeypatch.setitem(ta._BLOCK_ELEMENTS, "cpu", 40)  # one row, one beta per block
+    blocks = search_hparams(*args, *grid)
+    assert torch.equal(whole.accuracy, blocks.accuracy)
+    check_against_authors(args, grid[0].tolist(), grid[1].tolist())
+
+
+def test_unequal_classes_and_soft_values() -> None:
+    data = problem(1, noise=3.0)
+    keep = torch.ones(len(data["train_labels"]), dtype=torch.bool)
+    keep[[0, 1, 2, 9]] = False  # class 0 keeps 5 keys, class 1 keeps 7, others 8
+    labels = data["train_labels"][keep]
+    keys, values = data["keys"][keep], build_cache_values(labels, 4)
+    args = (data["val"], data["val_labels"], data["clip_weights"], keys, values)
+    check_against_authors(args, authors_grid(7, 15), authors_grid(3, 6))
+    soft = values * 0.8 + 0.05  # label smoothing: not one-hot, the search uses A @ L
+    check_against_authors(args[:4] + (soft,), authors_grid(7, 15), authors_grid(3, 6))
+
+
+@pytest.mark.parametrize("drop", [[], [0, 5, 6]])
+def test_segment_sum_equals_the_matmul(drop: list[int]) -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(4).repeat_interleave(4)[torch.randperm(16, generator=g)]
+    labels = labels[[i for i in range(16) if i not in drop]]
+    values = build_cache_values(labels, 4)
+    a = torch.rand(2, 6, len(labels), generator=g)
+    per_class = torch.stack([a[..., labels == c].sum(-1) for c in range(4)], dim=-1)
+    torch.testing.assert_close(ta.class_sums(a, values), per_class)
+    torch.testing.assert_close(ta.class_sums(a, values), a @ values)
+    soft = values * 0.5 + 0.1
+    torch.testing.assert_close(ta.class_sums(a, soft), a @ soft)
 
 
 def test_search_alpha_zero_column_is_zero_shot_accuracy() -> None:
     # With alpha = 0 the cache cannot change predictions: every beta gives zero-shot accuracy.
     data = problem(1)
     zs = accuracy(data["val"] @ data["clip_weights"].T, data["val_labels"])
-    res = search_hparams(
-        data["val"],
-        data["val_labels"],
-        data["clip_weights"],
-        data["keys"],
-        data["values"],
-        betas=torch.tensor([0.5, 3.0]),
-        alphas=torch.tensor([0.0]),
-    )
+    res = search_hparams(*_args(data), betas=torch.tensor([0.5, 3.0]), alphas=torch.tensor([0.0]))
     torch.testing.assert_close(res.accuracy, torch.full((2, 1), zs, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ Tip-Adapter-F
 
 
-def test_tip_adapter_f_initial_forward_equals_tip_logits() -> None:
-    data = problem(2)
-    model = TipAdapterF(data["keys"], data["values"])
-    params = list(model.parameters())
-    assert len(params) == 1 and params[0].shape == data["keys"].shape  # only the keys train
-    assert isinstance(model.cache_keys, torch.nn.Linear) and model.cache_keys.bias is None
-    out = model(data["val"], data["clip_weights"], 1.7, 3.2)
-    ref = tip_logits(data["val"], data["clip_weights"], data["keys"], data["values"], 1.7, 3.2)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    # The model owns copies: training it does not modify the caller's cache.
-    with torch.no_grad():
-        model.cache_keys.weight.add_(1.0)
-    assert not torch.equal(model.keys, data["keys"])
-
-
 def _train(data: dict[str, torch.Tensor], val_labels: torch.Tensor, **kw: object):
+    options = dict(alpha=10.0, beta=5.0, epochs=10, lr=1e-2, batch_size=8, min_steps=0)
+    options.update(kw)
     return train_tip_adapter_f(
-        data["train_views"],
-        data["train_labels"],
-        data["val"],
-        val_labels,
-        data["clip_weights"],
-        data["keys"],
-        data["values"],
-        alpha=10.0,
-        beta=5.0,
-        epochs=10,
-        lr=1e-2,
-        batch_size=8,
-        progress=False,
-        search_grid=SMALL_GRID,
-        **kw,
-    )
+        data["train_views"], data["train_labels"], data["val"], val_labels,
+        data["clip_weights"], data["keys"], data["values"],
+        progress=False, search_grid=SMALL_GRID, **options,
+    )  # fmt: skip
 
 
-def test_training_raises_validation_accuracy_and_selects_best_epoch() -> None:
+def test_training_length_rule() -> None:
+    # max(epochs * ceil(N / batch), min_steps): the floor only binds on small sets.
+    assert ta.tip_f_steps(192, 256, 20, 100) == 100  # one batch per epoch -> the floor
+    assert ta.tip_f_steps(16_000, 256, 20, 100) == 20 * 63  # 16-shot ImageNet: the authors'
+    assert ta.tip_f_steps(160, 256, 100, 100) == 100  # EuroSAT's 100 epochs of one batch
+    data = problem(3)  # N = 32 training images
+    run = _train(data, data["val_labels"], batch_size=8, epochs=10, min_steps=50)
+    assert run.steps == 50 and run.history["step"] == list(range(1, 51))
+    # Validation at the start and after every epoch (4 steps), and at the end.
+    assert run.history["val_step"] == [0, *range(4, 50, 4), 50]
+
+
+def test_lr_follows_a_cosine_per_step() -> None:
+    data = problem(3)
+    run = _train(data, data["val_labels"], epochs=3, lr=0.02)  # 12 steps
+    total = 12
+    expected = [0.02 * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total)]
+    assert run.history["lr"] == pytest.approx(expected)
+
+
+def test_lr_zero_keeps_the_start() -> None:
+    data = problem(3)
+    run = _train(data, data["val_labels"], lr=0.0)
+    assert run.best_step == 0 and torch.equal(run.cache_keys, data["keys"])
+    start = search_hparams(*_args(data), *SMALL_GRID)
+    assert (run.alpha, run.beta) == (start.best_alpha, start.best_beta)
+    assert len(set(run.history["val_score"])) == 1  # nothing moved
+
+
+def test_training_raises_validation_accuracy_and_keeps_the_best_step() -> None:
     data = problem(3)
     before = accuracy(
         tip_logits(data["val"], data["clip_weights"], data["keys"], data["values"], 10.0, 5.0),
         data["val_labels"],
     )
-    result = _train(data, data["val_labels"])
-    val_accs = [h["val_accuracy"] for h in result.history]
-    assert len(result.history) == 10 and [h["epoch"] for h in result.history] == list(range(1, 11))
-    assert result.best_val_accuracy > before
-    # First best epoch, and the returned keys are that epoch's keys.
-    assert result.best_epoch == 1 + val_accs.index(max(val_accs))
-    assert result.best_val_accuracy == max(val_accs)
-    after = accuracy(result.model(data["val"], data["clip_weights"], 10.0, 5.0), data["val_labels"])
-    assert after == pytest.approx(result.best_val_accuracy)
-    # alpha/beta re-searched on validation with the trained keys.
-    assert (result.alpha, result.beta) == (result.search.best_alpha, result.search.best_beta)
-    assert torch.equal(result.cache_keys, result.model.keys)
-    # The learning rate follows a cosine decay over the iterations.
-    lrs = [h["lr"] for h in result.history]
-    assert lrs[0] == pytest.approx(1e-2) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    run = _train(data, data["val_labels"])
+    scores, steps = run.history["val_score"], run.history["val_step"]
+    assert scores[0] == pytest.approx(before)  # step 0 is the starting keys
+    assert run.best_val_accuracy > before and run.best_step > 0
+    assert run.best_step == steps[scores.index(max(scores))]  # first best
+    after = accuracy(run.model(data["val"], data["clip_weights"], 10.0, 5.0), data["val_labels"])
+    assert after == pytest.approx(run.best_val_accuracy)
+    assert torch.equal(run.cache_keys, run.model.keys) and not torch.equal(
+        run.cache_keys, data["keys"]
+    )
+    assert (run.alpha, run.beta) == (run.search.best_alpha, run.search.best_beta)
 
 
 def test_selection_uses_validation_only() -> None:
-    # No test split can even be passed.
     params = inspect.signature(train_tip_adapter_f).parameters
-    assert not [p for p in params if "test" in p]
+    assert not [p for p in params if "test" in p]  # no test split can even be passed
     data = problem(3)
     honest = _train(data, data["val_labels"])
-    # Corrupt the validation labels: make them the untrained adapter's own predictions, so
-    # training (which fits the true training labels) can only move away from them.
+    # Validation labels = the untrained adapter's own predictions: training (on the true
+    # training labels) can only move away from them, so the start is kept.
     untrained = tip_logits(data["val"], data["clip_weights"], data["keys"], data["values"], 10, 5)
     corrupted = _train(data, untrained.argmax(1))
-    # Training itself is identical (same seed, never sees validation data) ...
-    assert [h["train_loss"] for h in honest.history] == [h["train_loss"] for h in corrupted.history]
-    # ... but the chosen epoch, and so the returned keys, follow the validation labels.
-    assert honest.best_epoch != corrupted.best_epoch
-    assert not torch.equal(honest.cache_keys, corrupted.cache_keys)
-    for run in (honest, corrupted):
-        accs = [h["val_accuracy"] for h in run.history]
-        assert run.best_epoch == 1 + accs.index(max(accs))
+    assert honest.history["loss"] == corrupted.history["loss"]  # training never sees val
+    assert honest.best_step > 0 and corrupted.best_step == 0
+    assert torch.equal(corrupted.cache_keys, data["keys"])
 
 
 def test_training_is_deterministic_on_cpu() -> None:
     data = problem(1)
     a = _train(data, data["val_labels"], seed=7)
     b = _train(data, data["val_labels"], seed=7)
-    assert torch.equal(a.cache_keys, b.cache_keys)
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.history]
-    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.history]
+    assert torch.equal(a.cache_keys, b.cache_keys) and a.history == b.history
 
 
 # ------------------------------------------------------------------ errors
@@ -360,7 +446,10 @@ def test_runners_and_exercises_are_registered() -> None:
     assert set(METHODS["tip-adapter"].options) == {
         "views", "beta_scale", "alpha_scale", "beta_steps", "alpha_steps",
     }  # fmt: skip
-    assert {"epochs", "lr", "batch_size"} <= set(METHODS["tip-adapter-f"].options)
+    assert METHODS["tip-adapter"].options == ta.SEARCH_OPTIONS  # declared once
+    assert METHODS["tip-adapter-f"].options == ta.FINETUNE_OPTIONS
+    assert ta.SEARCH_OPTIONS.items() <= ta.FINETUNE_OPTIONS.items()
+    assert {"epochs", "min_steps", "lr", "batch_size"} <= set(ta.FINETUNE_OPTIONS)
     assert METHODS["tip-adapter"].options["views"].default == 10
     assert METHODS["tip-adapter-f"].options["epochs"].default == 20
 
@@ -398,12 +487,15 @@ def test_runners_end_to_end_on_a_tiny_episode() -> None:
     assert (tip["alpha"], tip["beta"]) == (best.best_alpha, best.best_beta)
     assert tip["val_accuracy"] == pytest.approx(best.best_accuracy)
     assert set(tip["ood_accuracy"]) == {"sketch"} and tip["cache_size"] == 6
-    tip_f = run_method("tip-adapter-f", context=ctx, epochs=2, batch_size=4, **grid)
-    assert tip_f["best_epoch"] in (1, 2) and len(tip_f["history"]) == 2
+    tip_f = run_method("tip-adapter-f", context=ctx, epochs=2, batch_size=4, min_steps=5, **grid)
+    assert tip_f["steps"] == 5 and tip_f["history"]["step"] == [1, 2, 3, 4, 5]
+    assert tip_f["best_step"] in tip_f["history"]["val_step"]
+    with pytest.raises(ValueError, match="no option"):
+        run_method("tip-adapter", context=ctx, epochs=3)
     # The reported validation accuracy is the one the selection saw.
     assert tip["val_accuracy"] == pytest.approx(tip["selection_val_accuracy"])
     assert tip_f["val_accuracy"] == pytest.approx(tip_f["selection_val_accuracy"])
     # Training starts at the searched pair, which is in the final grid too: the final search
-    # can only match or beat the best epoch.
-    best_epoch_acc = max(h["val_accuracy"] for h in tip_f["history"])
-    assert tip_f["selection_val_accuracy"] >= best_epoch_acc - 1e-6
+    # can only match or beat the kept step, which is at least the training-free start.
+    assert tip_f["selection_val_accuracy"] >= max(tip_f["history"]["val_score"]) - 1e-6
+    assert max(tip_f["history"]["val_score"]) >= tip_f["history"]["val_score"][0]

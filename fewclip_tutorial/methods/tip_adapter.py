@@ -1,48 +1,44 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022).
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., "Tip-Adapter: Training-free Adaption of
+CLIP for Few-shot Classification", ECCV 2022; code: github.com/gaopengcuhk/Tip-Adapter).
 
 Tip-Adapter turns the few-shot training set into a *cache model*: a key-value
 memory whose keys are the CLIP image features of the training images and whose
 values are their one-hot labels.  A test feature ``f`` reads the cache through
-an exponential affinity and the result is added to the zero-shot CLIP logits:
+the paper's exponential affinity and the result is added to the zero-shot CLIP
+logits (Sec. 3.1 of the paper):
 
 .. math::
 
     A = \\exp(-\\beta (1 - f F_{train}^\\top))                \\quad \\text{[affinity]}
 
-    \\mathrm{logits} = 100 \\, f W^\\top + \\alpha \\, A L_{train}   \\quad \\text{[Tip logits]}
+    \\mathrm{logits} = 100 \\, f W_c^\\top + \\alpha \\, A L_{train}   \\quad \\text{[Tip logits]}
 
 where ``F_train`` are the cache keys ``(N, D)``, ``L_train`` the cache values
-``(N, C)`` and ``W`` the zero-shot text classifier ``(C, D)``.  Only the CLIP
-branch is scaled by 100 (the fixed CLIP temperature of the paper; we use 100 rather
-than a backbone's learned ``logit_scale`` so that alpha keeps the paper's meaning).
-The docstrings below refer to these two equations as *[affinity]* and *[Tip logits]*.
+``(N, C)`` and ``W_c`` the zero-shot text classifier ``(C, D)``.  Only the CLIP branch
+is scaled by 100 (:data:`~fewclip_tutorial.zeroshot.CLIP_LOGIT_SCALE`), so alpha keeps
+the paper's meaning.  The docstrings below name these two equations *[affinity]* and
+*[Tip logits]*; the arithmetic follows the authors' code (``main.py``, ``search_hp`` in
+``utils.py``): ``((-1) * (beta - beta * f @ keys.T)).exp() @ values``.
 
-Tip-Adapter-F makes the keys a trainable linear layer initialised
-from the cache and fine-tunes only them for a few epochs; the values and the
-text classifier stay frozen.
+Tip-Adapter-F makes the keys a trainable linear layer initialised from the cache and
+fine-tunes only them (authors' ``run_tip_adapter_F``); values and text classifier stay
+frozen.  It trains through the book's one loop, :func:`fewclip_tutorial.training.fit`.
 
-The module has a *functional core* (pure tensor functions, usable with any
-image encoder because they only see features) and a thin trainer.  Unlike the
-public reference code, which picks Tip-Adapter-F's epoch and Tip-Adapter's
-hyperparameters on test data for some datasets, everything here is selected on
-the few-shot *validation* split: the trainer has no test argument at all.
+Unlike the authors' code, which picks Tip-Adapter-F's epoch and, for ImageNet, the
+hyperparameters on test data, everything here is selected on the few-shot
+*validation* split: no function has a test argument.
 
-Example:
-    >>> keys = build_cache_keys(train_views)            # (V, N, D) -> (N, D)
-    >>> values = build_cache_values(train_labels, C)    # (N,) -> (N, C)
-    >>> betas, alphas = default_search_grid()
-    >>> best = search_hparams(val_f, val_y, W, keys, values, betas, alphas)
-    >>> logits = tip_logits(test_f, W, keys, values, best.best_alpha, best.best_beta)
+Example: ``keys = build_cache_keys(views)`` ``(V, N, D) -> (N, D)``, ``values =
+build_cache_values(labels, C)``, ``best = search_hparams(val_f, val_y, W, keys, values)``,
+``tip_logits(test_f, W, keys, values, best.best_alpha, best.best_beta)``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +46,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fewclip_tutorial.experiment import Context, Option, register_method
+from fewclip_tutorial.training import fit
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE
 
 __all__ = [
     "CLIP_LOGIT_SCALE",
@@ -60,6 +58,7 @@ __all__ = [
     "affinity",
     "build_cache_keys",
     "build_cache_values",
+    "class_sums",
     "default_search_grid",
     "register_exercises",
     "run_tip_adapter",
@@ -70,11 +69,9 @@ __all__ = [
     "train_tip_adapter_f",
 ]
 
-#: The fixed CLIP temperature of the paper's zero-shot branch ([Tip logits]).
-CLIP_LOGIT_SCALE: float = 100.0
-
-# Upper bound on the number of floats of one (M, alphas, C) block in the vectorised search.
-_MAX_BLOCK_ELEMENTS: int = 1 << 25
+#: Elements of one work block of the vectorised search (beta chunk x rows x width); it
+#: bounds the search's extra memory (4 bytes each) and keeps a block in the CPU's cache.
+_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
 
 
 class TipAdapterError(ValueError):
@@ -98,13 +95,9 @@ def _require_tensor(name: str, x: Any) -> Tensor:
 def _require_2d(name: str, x: Any, rows: str, cols: str) -> Tensor:
     x = _require_tensor(name, x)
     if x.dim() != 2:
-        hint = (
-            " (for augmented views (V, N, D) build the keys with build_cache_keys first)"
-            if x.dim() == 3
-            else " (for a single vector use x.unsqueeze(0))"
-            if x.dim() == 1
-            else ""
-        )
+        hints = {3: " (for views (V, N, D) build the keys with build_cache_keys first)",
+                 1: " (for a single vector use x.unsqueeze(0))"}  # fmt: skip
+        hint = hints.get(x.dim(), "")
         raise TipAdapterError(
             f"{name} must be 2-D ({rows}, {cols}), got shape {tuple(x.shape)}{hint}."
         )
@@ -165,6 +158,12 @@ def _check_clip_weights(clip_weights: Tensor, dim: int) -> None:
         )
 
 
+def _check_logit_inputs(f: Tensor, clip_weights: Tensor, keys: Tensor, values: Tensor) -> None:
+    _check_features_and_keys(f, keys)
+    _check_clip_weights(clip_weights, f.shape[1])
+    _check_cache(keys, values, clip_weights.shape[0])
+
+
 def _check_labels(name: str, labels: Any, length: int, num_classes: int) -> Tensor:
     labels = torch.as_tensor(labels)
     if labels.dim() != 1:
@@ -194,18 +193,11 @@ def _check_labels(name: str, labels: Any, length: int, num_classes: int) -> Tens
 
 
 def build_cache_keys(view_features: Tensor) -> Tensor:
-    """Cache keys ``F_train``: one L2-normalised key per training image.
+    """Cache keys ``F_train``: ``(V, N, D)`` views (or ``(N, D)``) -> ``(N, D)`` unit keys.
 
-    Each view is L2-normalised, the ``V`` augmented views of an image are averaged,
-    and the average is normalised again (the paper encodes every image 10 times
-    with random crops and flips).
-
-    Args:
-        view_features: ``(V, N, D)`` features of ``V`` augmented views of ``N`` images,
-            or ``(N, D)`` for a single view.
-
-    Returns:
-        ``(N, D)`` unit-norm keys, same dtype and device as the input.
+    Each view is L2-normalised, the ``V`` augmented views of an image are averaged and the
+    average is normalised again (the authors encode every image 10 times with random
+    crops and flips, ``build_cache_model`` in ``utils.py``).
     """
     view_features = _require_tensor("view_features", view_features)
     if view_features.dim() == 2:
@@ -226,15 +218,7 @@ def build_cache_keys(view_features: Tensor) -> Tensor:
 def build_cache_values(
     labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Cache values ``L_train``: one-hot labels.
-
-    Args:
-        labels: ``(N,)`` integer class indices of the cached images.
-        num_classes: ``C``.
-        dtype: floating dtype of the result.
-
-    Returns:
-        ``(N, C)`` one-hot matrix on the labels' device.
+    """Cache values ``L_train``: ``(N,)`` integer labels -> ``(N, C)`` one-hot ``dtype`` matrix.
 
     Raises:
         TipAdapterError: labels out of range, or a class without any cache entry.
@@ -248,24 +232,28 @@ def build_cache_values(
 
 
 def _similarity(f: Tensor, cache_keys: Tensor) -> Tensor:
-    # (M, D) @ (D, N) -> (M, N): cosine similarity of unit vectors.
+    # (M, D) @ (D, N) -> (M, N): cosine similarity of unit vectors (authors: features @ keys).
     return f @ cache_keys.T
 
 
 def _affinity_from_similarity(similarity: Tensor, beta: float) -> Tensor:
-    # [affinity].  Kept as one function so every code path rounds identically.
-    return torch.exp((1.0 - similarity) * -beta)
+    # [affinity] with the authors' rounding: ((-1) * (beta - beta * S)).exp().
+    return torch.exp(-(beta - beta * similarity))
 
 
 def _clip_logits(f: Tensor, clip_weights: Tensor, logit_scale: float) -> Tensor:
-    # Same expression (and rounding) as zeroshot.zero_shot_logits and the reference code.
+    # Same expression (and rounding) as zeroshot.zero_shot_logits and the authors' code.
     return logit_scale * f @ clip_weights.T
 
 
-def _combine(clip_logits: Tensor, cache_logits: Tensor, alpha: float) -> Tensor:
-    # [Tip logits]: the residual blend.  Multiplication then addition, never a fused op,
-    # so the vectorised search reproduces the loop bit for bit.
-    return clip_logits + cache_logits * alpha
+def _tip(
+    sim: Tensor, f: Tensor, w: Tensor, v: Tensor, alpha: float, beta: float, s: float
+) -> Tensor:
+    # [Tip logits] as the authors write them: clip_logits + cache_logits * alpha.
+    beta = float(beta)
+    _check_beta(beta)
+    cache = _affinity_from_similarity(sim, beta) @ v
+    return _clip_logits(f, w, s) + cache * float(alpha)
 
 
 def affinity(f: Tensor, cache_keys: Tensor, beta: float) -> Tensor:
@@ -294,7 +282,7 @@ def tip_logits(
     beta: float,
     logit_scale: float = CLIP_LOGIT_SCALE,
 ) -> Tensor:
-    """[Tip logits]: ``logit_scale * f @ W.T + alpha * A @ L``.
+    """[Tip logits]: ``logit_scale * f @ W.T + alpha * A @ L`` (authors' order of operations).
 
     Args:
         f: ``(M, D)`` L2-normalised image features (any encoder, fine-tuned or not).
@@ -308,13 +296,8 @@ def tip_logits(
     Returns:
         ``(M, C)`` logits.
     """
-    _check_features_and_keys(f, cache_keys)
-    _check_clip_weights(clip_weights, f.shape[1])
-    _check_cache(cache_keys, cache_values, clip_weights.shape[0])
-    beta = float(beta)
-    _check_beta(beta)
-    cache = _affinity_from_similarity(_similarity(f, cache_keys), beta) @ cache_values
-    return _combine(_clip_logits(f, clip_weights, logit_scale), cache, float(alpha))
+    _check_logit_inputs(f, clip_weights, cache_keys, cache_values)
+    return _tip(_similarity(f, cache_keys), f, clip_weights, cache_values, alpha, beta, logit_scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,24 +310,36 @@ def default_search_grid(
     alpha_scale: float = 3.0,
     beta_steps: int = 200,
     alpha_steps: int = 20,
+    spacing: Literal["authors", "linspace"] = "authors",
 ) -> tuple[Tensor, Tensor]:
-    """The paper's search grid: ``beta`` and ``alpha`` from 0.1 to their scale.
+    """The search grid of the authors' ``search_hp`` (Tip-Adapter ``utils.py``).
 
-    The defaults are the ImageNet scales (7 for beta, 3 for alpha) with 200 and 20
-    steps.  Both ends are included (``torch.linspace``).
+    ``spacing="authors"`` (default): ``[i * (scale - 0.1) / steps + 0.1 for i in
+    range(steps)]``, which starts at 0.1 and stops one step *short* of the scale.
+    ``spacing="linspace"``: ``torch.linspace(0.1, scale, steps)``, both ends included.
+    The defaults are the authors' ImageNet scales (7 for beta, 3 for alpha; their
+    configs use other scales for other datasets, e.g. 12 and 10 for EuroSAT) with
+    200 and 20 steps.  Values are computed in double precision, as the authors' Python
+    floats are, then stored as float32 (the precision every search multiplies in).
 
     Returns:
         ``(betas (beta_steps,), alphas (alpha_steps,))`` float32 tensors.
     """
+    if spacing not in ("authors", "linspace"):
+        raise TipAdapterError(f"spacing={spacing!r}: use 'authors' or 'linspace'.")
     for name, steps in (("beta_steps", beta_steps), ("alpha_steps", alpha_steps)):
         if steps < 1:
             raise TipAdapterError(f"{name} must be >= 1, got {steps}.")
     for name, scale in (("beta_scale", beta_scale), ("alpha_scale", alpha_scale)):
         if scale < 0.1:
             raise TipAdapterError(f"{name} must be >= 0.1 (the grid starts at 0.1), got {scale}.")
-    betas = torch.linspace(0.1, float(beta_scale), int(beta_steps))
-    alphas = torch.linspace(0.1, float(alpha_scale), int(alpha_steps))
-    return betas, alphas
+
+    def grid(scale: float, steps: int) -> Tensor:
+        if spacing == "linspace":
+            return torch.linspace(0.1, float(scale), int(steps))
+        return torch.tensor([i * (scale - 0.1) / steps + 0.1 for i in range(int(steps))])
+
+    return grid(float(beta_scale), beta_steps), grid(float(alpha_scale), alpha_steps)
 
 
 @dataclass
@@ -352,13 +347,9 @@ class SearchResult:
     """Outcome of a grid search over ``(beta, alpha)`` on the validation split.
 
     Attributes:
-        best_alpha: chosen residual ratio.
-        best_beta: chosen sharpness.
-        best_accuracy: validation accuracy (percent) at the chosen pair.
-        accuracy: ``(len(betas), len(alphas))`` validation accuracy grid in percent (CPU,
-            float64).
-        betas: ``(B,)`` searched betas (CPU, float32).
-        alphas: ``(A,)`` searched alphas (CPU, float32).
+        best_alpha, best_beta: the chosen pair; best_accuracy: its validation accuracy (%).
+        accuracy: ``(B, A)`` validation accuracy grid in percent (CPU, float64).
+        betas, alphas: ``(B,)``, ``(A,)`` the searched grid (CPU, float32).
     """
 
     best_alpha: float
@@ -378,9 +369,7 @@ def _prepare_search(
     betas: Sequence[float] | Tensor | None,
     alphas: Sequence[float] | Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_features_and_keys(val_features, cache_keys)
-    _check_clip_weights(clip_weights, val_features.shape[1])
-    _check_cache(cache_keys, cache_values, clip_weights.shape[0])
+    _check_logit_inputs(val_features, clip_weights, cache_keys, cache_values)
     labels = _check_labels(
         "val_labels", val_labels, val_features.shape[0], clip_weights.shape[0]
     ).to(val_features.device)
@@ -397,18 +386,10 @@ def _prepare_search(
     return labels, betas_t.to(val_features.dtype), alphas_t.to(val_features.dtype)
 
 
-def _result(
-    correct: Tensor,
-    betas: Tensor,
-    alphas: Tensor,
-    num_val: int,
-    best: tuple[int, int] | None = None,
-) -> SearchResult:
+def _result(correct: Tensor, betas: Tensor, alphas: Tensor, num_val: int) -> SearchResult:
     correct = correct.cpu()
-    if best is None:
-        flat = int(torch.argmax(correct.flatten()))  # first maximum in beta-major order
-        best = divmod(flat, correct.shape[1])
-    b, a = best
+    # First maximum in beta-major order: the authors' nested loop with a strict ``>``.
+    b, a = divmod(int(torch.argmax(correct.flatten())), correct.shape[1])
     accuracy = correct.double() * (100.0 / num_val)
     return SearchResult(
         best_alpha=float(alphas[a]),
@@ -431,18 +412,17 @@ def search_hparams_loop(
     alphas: Sequence[float] | Tensor | None = None,
     logit_scale: float = CLIP_LOGIT_SCALE,
 ) -> SearchResult:
-    """Reference search: a plain nested loop, recomputing [Tip logits] for every pair.
+    """The authors' search (``search_hp`` in Tip-Adapter ``utils.py``), loop for loop.
 
-    This mirrors the reference implementation (beta outer, alpha inner, strict
-    ``>`` so the first best pair wins).  It exists to test and benchmark
-    :func:`search_hparams`; use that one in practice.
+    Beta outer, alpha inner; every grid point recomputes the affinity product, the
+    cache logits ``A @ L`` and the CLIP logits, as the authors' code does; a strict
+    ``>`` keeps the first best pair.  It is the reference that tests and benchmarks
+    compare :func:`search_hparams` with; use that one in practice.
 
     Args:
-        val_features: ``(M, D)`` validation features.
-        val_labels: ``(M,)`` validation labels.
+        val_features: ``(M, D)``; val_labels: ``(M,)``.
         clip_weights: ``(C, D)``; cache_keys: ``(N, D)``; cache_values: ``(N, C)``.
-        betas: ``(B,)`` grid (default: :func:`default_search_grid`).
-        alphas: ``(A,)`` grid (default: :func:`default_search_grid`).
+        betas, alphas: ``(B,)``, ``(A,)`` grids (default: :func:`default_search_grid`).
 
     Returns:
         :class:`SearchResult` with a ``(B, A)`` accuracy grid.
@@ -451,18 +431,81 @@ def search_hparams_loop(
         val_features, val_labels, clip_weights, cache_keys, cache_values, betas, alphas
     )
     correct = torch.zeros(len(betas_t), len(alphas_t), dtype=torch.long)
-    best, best_pair = -1, (0, 0)
     for i, beta in enumerate(betas_t.tolist()):
         for j, alpha in enumerate(alphas_t.tolist()):
-            clip = _clip_logits(val_features, clip_weights, logit_scale)
-            similarity = _similarity(val_features, cache_keys)
-            cache = _affinity_from_similarity(similarity, beta) @ cache_values
-            logits = _combine(clip, cache, alpha)
-            n_correct = int((logits.argmax(dim=1) == labels).sum())
-            correct[i, j] = n_correct
-            if n_correct > best:  # strict: the first best pair wins
-                best, best_pair = n_correct, (i, j)
-    return _result(correct, betas_t, alphas_t, val_features.shape[0], best_pair)
+            logits = tip_logits(
+                val_features, clip_weights, cache_keys, cache_values, alpha, beta, logit_scale
+            )
+            correct[i, j] = int((logits.argmax(dim=1) == labels).sum())
+    return _result(correct, betas_t, alphas_t, val_features.shape[0])
+
+
+def _one_hot_layout(cache_values: Tensor) -> tuple[Tensor, Tensor | None, int] | None:
+    """Keys grouped by class: ``(index (C*K,), mask (C*K,) or None, K)``; None if not one-hot.
+
+    Slot ``k * C + c`` holds the ``k``-th key of class ``c`` (``K`` = the largest class), so
+    the class sums add ``K`` contiguous blocks of ``C``; smaller classes get masked slots.
+    """
+    v = cache_values
+    if not (((v == 0) | (v == 1)).all() and (v.sum(dim=1) == 1).all()):
+        return None
+    labels = v.argmax(dim=1)
+    num_keys, num_classes = v.shape
+    counts = torch.bincount(labels, minlength=num_classes)
+    k = int(counts.max())
+    if num_classes * k > 4 * num_keys:  # very unequal classes: padding would cost more
+        return None
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slots = (torch.arange(num_keys, device=v.device) - starts[sorted_labels]) * num_classes
+    slots += sorted_labels
+    index = torch.zeros(num_classes * k, dtype=torch.long, device=v.device)
+    index[slots] = order
+    if bool((counts == k).all()):
+        return index, None, k
+    mask = torch.zeros(num_classes * k, dtype=v.dtype, device=v.device)
+    mask[slots] = 1.0
+    return index, mask, k
+
+
+def class_sums(affinities: Tensor, cache_values: Tensor) -> Tensor:
+    """``A @ L`` for one-hot ``L`` as a segment sum: each class adds up its keys' affinities.
+
+    Equal to the matmul up to float rounding (order of the additions), at ``M * N`` additions
+    instead of ``M * N * C`` multiply-adds.  Non-one-hot values fall back to the matmul.
+
+    Args:
+        affinities: ``(..., N)``; cache_values: ``(N, C)``.
+
+    Returns:
+        ``(..., C)`` cache logits before ``alpha``.
+    """
+    layout = _one_hot_layout(cache_values)
+    if layout is None:
+        return affinities @ cache_values
+    index, mask, k = layout
+    grouped = affinities[..., index] if mask is None else affinities[..., index] * mask
+    return grouped.unflatten(-1, (k, cache_values.shape[1])).sum(-2)
+
+
+def _argmax_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """``logits.argmax(-1) == labels`` for ``(b, m, A, C)`` logits and ``(m,)`` labels.
+
+    Same answer as argmax, first index on ties, via a max (vectorised, unlike argmax):
+    the label's logit is read, replaced by -inf, and compared with the other classes'
+    maximum.  An exact tie is a hit only if no earlier class reaches it.  Overwrites
+    ``logits`` at the labels.
+    """
+    idx = labels.view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+    own = logits.gather(3, idx).squeeze(3)  # (b, m, A)
+    other = logits.scatter_(3, idx, -math.inf).amax(dim=3)
+    hits, ties = own > other, own == other
+    if bool(ties.any()):
+        cells = ties.nonzero(as_tuple=True)
+        first = (logits[cells] == own[cells].unsqueeze(1)).int().argmax(dim=1)
+        hits[cells] = first > labels[cells[1]]
+    return hits
 
 
 @torch.no_grad()
@@ -477,26 +520,30 @@ def search_hparams(
     logit_scale: float = CLIP_LOGIT_SCALE,
     progress: bool = False,
 ) -> SearchResult:
-    """Vectorised grid search of ``(beta, alpha)`` for [Tip logits] on validation data.
+    """Grid search of ``(beta, alpha)`` for [Tip logits] on validation data, near the least work.
 
-    The CLIP logits and the similarity ``f @ keys.T`` do not depend on the
-    hyperparameters and are computed once.  For each beta, one affinity matrix
-    and one ``A @ L`` product are computed, and every alpha is then evaluated at
-    once by broadcasting ``(M, 1, C) + alphas (1, A, 1) * (M, 1, C)``.  The
-    arithmetic is the same as in :func:`search_hparams_loop`, so the accuracy
-    grid and the chosen pair (first best in beta-major, alpha-minor order) are
-    identical.  Everything runs on ``val_features``' device.
+    * one affinity product ``S = f @ keys.T`` ``(M, N)`` and one CLIP product, for the
+      whole grid (the authors' loop recomputes both at every grid point);
+    * per beta, the exponentials ``exp(-(beta - beta * S))`` with the authors' rounding,
+      and, because the values are one-hot, the class sums as a segment sum over each
+      class's keys (:func:`class_sums`; non-one-hot values fall back to ``A @ L``);
+    * per (beta, alpha), one ``(M, C)`` mix ``clip + cache * alpha`` and its argmax.
+
+    Work is done in blocks of rows and betas (at most ``_BLOCK_ELEMENTS`` floats each), so
+    the extra memory is ``S`` plus one block.  The chosen pair is the first best in
+    beta-major, alpha-minor order, as in the authors' loop (:func:`search_hparams_loop`);
+    the accuracy grid equals the loop's except where a validation image's two best class
+    logits agree to float rounding (the class sums are added in another order).
 
     Args:
         val_features: ``(M, D)`` validation features (never test features).
         val_labels: ``(M,)`` validation labels.
         clip_weights: ``(C, D)`` zero-shot classifier.
         cache_keys: ``(N, D)`` keys (trained ones for Tip-Adapter-F).
-        cache_values: ``(N, C)`` one-hot values.
-        betas: ``(B,)`` grid (default: :func:`default_search_grid`).
-        alphas: ``(A,)`` grid (default: :func:`default_search_grid`).
+        cache_values: ``(N, C)`` values (one-hot for the fast path).
+        betas, alphas: ``(B,)``, ``(A,)`` grids (default: :func:`default_search_grid`).
         logit_scale: scale of the CLIP branch (100).
-        progress: show a progress bar over betas.
+        progress: show a progress bar over row blocks.
 
     Returns:
         :class:`SearchResult` with a ``(B, A)`` accuracy grid in percent.
@@ -504,26 +551,41 @@ def search_hparams(
     labels, betas_t, alphas_t = _prepare_search(
         val_features, val_labels, clip_weights, cache_keys, cache_values, betas, alphas
     )
-    device = val_features.device
-    num_val, num_classes = val_features.shape[0], clip_weights.shape[0]
-    clip = _clip_logits(val_features, clip_weights, logit_scale).unsqueeze(1)  # (M, 1, C)
-    similarity = _similarity(val_features, cache_keys)  # (M, N)
-    alphas_dev = alphas_t.to(device)
-    chunk = max(1, min(len(alphas_t), _MAX_BLOCK_ELEMENTS // max(1, num_val * num_classes)))
-    correct = torch.zeros(len(betas_t), len(alphas_t), dtype=torch.long, device=device)
-    target = labels.unsqueeze(1)  # (M, 1)
-    for i, beta in enumerate(tqdm(betas_t.tolist(), desc="search", disable=not progress)):
-        cache = (_affinity_from_similarity(similarity, beta) @ cache_values).unsqueeze(1)
-        for start in range(0, len(alphas_t), chunk):
-            a = alphas_dev[start : start + chunk].view(1, -1, 1)  # (1, A, 1)
-            logits = clip + cache * a  # (M, A, C), same rounding as _combine
-            correct[i, start : start + chunk] = (logits.argmax(dim=2) == target).sum(dim=0)
+    device, num_val, num_classes = val_features.device, val_features.shape[0], clip_weights.shape[0]
+    clip = _clip_logits(val_features, clip_weights, logit_scale)  # (M, C)
+    layout = _one_hot_layout(cache_values)
+    if layout is not None:  # keys grouped by class: slot k*C + c holds class c's k-th key
+        index, mask, k = layout
+        cache_keys = cache_keys[index]  # (C*K, D)
+    # The one affinity product, shifted once: T = S - 1 = f @ keys.T - 1, (M, W).
+    shifted = _similarity(val_features, cache_keys).sub_(1.0)
+    width, n_b, n_a = shifted.shape[1], len(betas_t), len(alphas_t)
+    betas_dev, alphas_dev = betas_t.to(device), alphas_t.to(device).view(1, 1, -1, 1)
+    budget = _BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    per_row = max(width, n_a * num_classes)
+    rows = max(1, min(num_val, budget // per_row))
+    chunk = max(1, min(n_b, budget // (rows * per_row)))
+    correct = torch.zeros(n_b, n_a, dtype=torch.long, device=device)
+    e_buf = shifted.new_empty(chunk * rows * width)  # reused: no allocation per block
+    l_buf = shifted.new_empty(chunk * rows * n_a * num_classes)
+    c_buf = shifted.new_empty(chunk * rows * num_classes)
+    for r0 in tqdm(range(0, num_val, rows), desc="search", disable=not progress):
+        t, clip_r, y = shifted[r0 : r0 + rows], clip[r0 : r0 + rows], labels[r0 : r0 + rows]
+        m = t.shape[0]
+        for b0 in range(0, n_b, chunk):
+            beta = betas_dev[b0 : b0 + chunk].view(-1, 1, 1)
+            nb = beta.shape[0]
+            e = torch.mul(t, beta, out=e_buf[: nb * m * width].view(nb, m, width)).exp_()
+            if layout is None:
+                cache = e @ cache_values  # (b, m, C)
+            else:  # segment sum over each class's K slots
+                e = e.mul_(mask) if mask is not None else e
+                cache = c_buf[: nb * m * num_classes].view(nb, m, num_classes)
+                torch.sum(e.view(nb, m, k, num_classes), dim=2, out=cache)
+            logits = l_buf[: nb * m * n_a * num_classes].view(nb, m, n_a, num_classes)
+            torch.mul(cache.unsqueeze(2), alphas_dev, out=logits).add_(clip_r.unsqueeze(1))
+            correct[b0 : b0 + nb] += _argmax_hits(logits, y).sum(dim=1)  # (b, A)
     return _result(correct, betas_t, alphas_t, num_val)
-
-
-# --------------------------------------------------------------------------------------
-# Tip-Adapter-F
-# --------------------------------------------------------------------------------------
 
 
 class TipAdapterF(nn.Module):
@@ -561,19 +623,9 @@ class TipAdapterF(nn.Module):
         logit_scale: float = CLIP_LOGIT_SCALE,
     ) -> Tensor:
         """[Tip logits] with trainable keys: ``(M, D) -> (M, C)`` logits."""
-        _check_features_and_keys(f, self.cache_keys.weight)
-        _check_clip_weights(clip_weights, f.shape[1])
-        if clip_weights.shape[0] != self.cache_values.shape[1]:
-            raise TipAdapterError(
-                f"class count mismatch: clip_weights has {clip_weights.shape[0]} rows but the "
-                f"cache has C={self.cache_values.shape[1]} classes; use the classifier of "
-                f"the same dataset."
-            )
-        beta = float(beta)
-        _check_beta(beta)
-        similarity = self.cache_keys(f)  # (M, N) = f @ keys.T
-        cache = _affinity_from_similarity(similarity, beta) @ self.cache_values
-        return _combine(_clip_logits(f, clip_weights, logit_scale), cache, float(alpha))
+        _check_logit_inputs(f, clip_weights, self.cache_keys.weight, self.cache_values)
+        similarity = self.cache_keys(f)  # (M, N) = f @ keys.T, the authors' adapter(f)
+        return _tip(similarity, f, clip_weights, self.cache_values, alpha, beta, logit_scale)
 
 
 @dataclass
@@ -581,18 +633,18 @@ class TipAdapterFResult:
     """Outcome of :func:`train_tip_adapter_f`.
 
     Attributes:
-        model: the adapter with the best-validation-epoch keys loaded.
-        cache_keys: ``(N, D)`` those trained keys (detached).
-        alpha: residual ratio re-searched on validation with the trained keys.
-        beta: sharpness re-searched on validation with the trained keys.
-        train_alpha: the alpha used during training.
-        train_beta: the beta used during training.
-        best_epoch: 1-based epoch with the best validation accuracy (first best wins).
-        best_val_accuracy: validation accuracy (percent) of that epoch at the training
-            alpha/beta.
+        model: the adapter holding the kept keys (those of ``best_step``).
+        cache_keys: ``(N, D)`` those keys (detached).
+        alpha, beta: re-searched on validation with the kept keys.
+        train_alpha, train_beta: the pair used during training.
+        best_step: the optimiser step whose keys were kept (0: the starting keys, i.e.
+            training-free Tip-Adapter; a later step is kept only if strictly better).
+        steps: optimiser steps taken.
+        best_val_accuracy: validation accuracy (percent) of the kept keys at the training
+            pair.
         search: the final :class:`SearchResult` (its best_accuracy is at alpha, beta).
-        history: one dict per epoch: ``epoch``, ``train_loss``, ``val_accuracy``, ``lr``
-            (at the epoch's start) and ``seconds`` (wall time, training + validation).
+        history: :class:`fewclip_tutorial.training.FitResult` history (``step``, ``loss``,
+            ``lr`` per step; ``val_step``, ``val_score`` = validation accuracy per epoch).
     """
 
     model: TipAdapterF
@@ -601,19 +653,33 @@ class TipAdapterFResult:
     beta: float
     train_alpha: float
     train_beta: float
-    best_epoch: int
+    best_step: int
+    steps: int
     best_val_accuracy: float
     search: SearchResult
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def logits(self, f: Tensor, clip_weights: Tensor) -> Tensor:
-        """``(M, D) -> (M, C)`` logits of the trained adapter at the searched alpha, beta."""
-        with torch.no_grad():
-            return self.model(f, clip_weights, self.alpha, self.beta)
+    history: dict[str, list] = field(default_factory=dict)
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).double().mean() * 100.0)
+
+
+def tip_f_steps(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Tip-Adapter-F's training length: ``max(epochs * ceil(N / batch_size), min_steps)``.
+
+    The authors train ``epochs`` passes (20; 100 for EuroSAT) in batches of 256.  On a
+    set smaller than a batch that is one optimiser step per epoch, and the authors'
+    own fix for their one-batch dataset (EuroSAT, 16 shots x 10 classes = 160 images) is
+    100 epochs, i.e. 100 steps.  So the length is the authors' schedule, but never
+    fewer than ``min_steps`` (100) optimiser steps; sets of ``N >= 5 * batch_size``
+    images (e.g. 16-shot ImageNet, 63 steps per epoch) keep the authors' schedule unchanged.
+    """
+    if min(num_train, batch_size, epochs) < 1 or min_steps < 0:
+        raise TipAdapterError(
+            f"need num_train, batch_size, epochs >= 1 and min_steps >= 0, got {num_train}, "
+            f"{batch_size}, {epochs}, {min_steps}."
+        )
+    return max(epochs * math.ceil(num_train / batch_size), min_steps)
 
 
 def train_tip_adapter_f(
@@ -634,17 +700,20 @@ def train_tip_adapter_f(
     progress: bool = True,
     search_grid: tuple[Tensor, Tensor] | None = None,
     weight_decay: float = 0.01,
+    min_steps: int = 100,
 ) -> TipAdapterFResult:
     """Fine-tune the cache keys (Tip-Adapter-F) on cached augmented features.
 
-    Each epoch visits every training image once in random order, each time
-    through one randomly chosen augmented view of its cached features (so no
-    image is re-encoded).  Loss: cross-entropy of [Tip logits].  Optimiser: AdamW
-    (``lr``, ``eps``), cosine schedule stepped per iteration over
-    ``epochs * iterations_per_epoch``.  After each epoch the adapter is evaluated
-    on the *validation* split only; the best epoch's keys are kept (first best
-    wins) and alpha/beta are then re-searched on validation with those keys.
-    There is deliberately no test argument.
+    Runs :func:`fewclip_tutorial.training.fit` for :func:`tip_f_steps` optimiser steps:
+    each epoch visits every training image once in random order (batches of
+    ``min(batch_size, N)``), each time through one randomly chosen augmented view of its
+    cached features, so no image is re-encoded.  Loss: cross-entropy of [Tip logits] at
+    the training ``alpha``, ``beta``.  AdamW (``lr``, ``eps``, ``weight_decay``) with a
+    cosine schedule stepped per iteration, as in the authors' ``run_tip_adapter_F``.
+    Validation accuracy is measured at step 0 and after every epoch; the starting keys
+    (training-free Tip-Adapter) are kept unless a later epoch is strictly better.  Alpha
+    and beta are then re-searched on validation with the kept keys.  There is
+    deliberately no test argument.
 
     Args:
         train_view_features: ``(V, N, D)`` cached features of ``V`` augmented views
@@ -654,107 +723,79 @@ def train_tip_adapter_f(
         clip_weights: ``(C, D)`` frozen zero-shot classifier.
         cache_keys: ``(N, D)`` initial keys; cache_values: ``(N, C)`` one-hot values.
         alpha, beta: hyperparameters used while training.
-        epochs, lr, eps, batch_size, weight_decay: optimisation settings (paper: 20, 1e-3,
-            1e-4, 256; AdamW's default weight decay).
+        epochs, lr, eps, batch_size, weight_decay: the authors' settings (20, 1e-3, 1e-4,
+            256; AdamW's default weight decay 0.01).
+        min_steps: floor on the number of optimiser steps (see :func:`tip_f_steps`).
         seed: seeds the shuffling and the choice of views (deterministic on CPU).
-        progress: show a tqdm bar over epochs.
+        progress: show a progress bar.
         search_grid: ``(betas, alphas)`` for the final search (default grid if None).
 
     Returns:
         :class:`TipAdapterFResult`.
     """
     views = _require_tensor("train_view_features", train_view_features)
-    if views.dim() == 2:
-        views = views.unsqueeze(0)
+    views = views.unsqueeze(0) if views.dim() == 2 else views
     if views.dim() != 3:
         raise TipAdapterError(
             f"train_view_features must be (V, N, D), got shape {tuple(views.shape)}."
         )
-    _check_features_and_keys(val_features, cache_keys)
-    _check_clip_weights(clip_weights, cache_keys.shape[1])
-    _check_cache(cache_keys, cache_values, clip_weights.shape[0])
+    _check_logit_inputs(val_features, clip_weights, cache_keys, cache_values)
     if views.shape[1:] != cache_keys.shape:
         raise TipAdapterError(
             f"train_view_features has (N, D) = {tuple(views.shape[1:])} but cache_keys is "
             f"{tuple(cache_keys.shape)}; the cache must be built from these training features."
         )
-    num_classes = clip_weights.shape[0]
-    device = cache_keys.device
+    num_classes, device = clip_weights.shape[0], cache_keys.device
     train_y = _check_labels("train_labels", train_labels, views.shape[1], num_classes).to(device)
     val_y = _check_labels("val_labels", val_labels, val_features.shape[0], num_classes).to(device)
-    _check_beta(float(beta))
-    if epochs < 1 or batch_size < 1:
-        raise TipAdapterError(
-            f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}."
-        )
-    views = views.to(device)
-    val_features = val_features.to(device)
-    clip_weights = clip_weights.to(device)
+    alpha, beta = float(alpha), float(beta)
+    _check_beta(beta)
+    num_views, num_train = views.shape[0], views.shape[1]
+    steps = tip_f_steps(num_train, batch_size, epochs, min_steps)
+    batch = min(batch_size, num_train)
+    per_epoch = math.ceil(num_train / batch)
+    views, val_f, w = views.to(device), val_features.to(device), clip_weights.to(device)
 
     generator = torch.Generator().manual_seed(int(seed))
     model = TipAdapterF(cache_keys, cache_values).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=weight_decay)
-    num_views, num_train = views.shape[0], views.shape[1]
-    iters_per_epoch = math.ceil(num_train / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=epochs * iters_per_epoch
+    epoch: dict[str, Tensor] = {}
+
+    def step_loss(step: int) -> Tensor:
+        b = (step - 1) % per_epoch
+        if b == 0:  # a new epoch: new order, one random view per image
+            epoch["order"] = torch.randperm(num_train, generator=generator).to(device)
+            epoch["view"] = torch.randint(num_views, (num_train,), generator=generator).to(device)
+        idx = epoch["order"][b * batch : (b + 1) * batch]
+        logits = model(views[epoch["view"][idx], idx], w, alpha, beta)  # (B, C)
+        return F.cross_entropy(logits, train_y[idx])
+
+    fitted = fit(
+        model,
+        step_loss,
+        steps=steps,
+        optimizer=optimizer,
+        schedule="cosine",
+        evaluate=lambda: _accuracy(model(val_f, w, alpha, beta), val_y),
+        eval_every=per_epoch,
+        device=device,
+        progress=progress,
+        desc="Tip-Adapter-F",
     )
-
-    history: list[dict[str, float]] = []
-    best_acc, best_epoch = -1.0, 0
-    best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(1, epochs + 1), desc="Tip-Adapter-F", disable=not progress)
-    for epoch in bar:
-        epoch_start = time.perf_counter()
-        model.train()
-        order = torch.randperm(num_train, generator=generator).to(device)
-        chosen_view = torch.randint(num_views, (num_train,), generator=generator).to(device)
-        loss_sum = 0.0
-        lr_now = optimizer.param_groups[0]["lr"]
-        for start in range(0, num_train, batch_size):
-            idx = order[start : start + batch_size]
-            x = views[chosen_view[idx], idx]  # (B, D): one random view per image
-            logits = model(x, clip_weights, alpha, beta)
-            loss = F.cross_entropy(logits, train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(idx)
-        model.eval()
-        with torch.no_grad():
-            val_acc = _accuracy(model(val_features, clip_weights, alpha, beta), val_y)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss_sum / num_train,
-                "val_accuracy": val_acc,
-                "lr": lr_now,
-                "seconds": time.perf_counter() - epoch_start,
-            }
-        )
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(loss=f"{loss_sum / num_train:.3f}", val=f"{val_acc:.1f}")
-
-    model.load_state_dict(best_state)
-    model.eval()
     betas, alphas = search_grid if search_grid is not None else default_search_grid()
-    search = search_hparams(
-        val_features, val_y, clip_weights, model.keys, model.cache_values, betas, alphas
-    )
+    search = search_hparams(val_f, val_y, w, model.keys, model.cache_values, betas, alphas)
     return TipAdapterFResult(
         model=model,
         cache_keys=model.keys.clone(),
         alpha=search.best_alpha,
         beta=search.best_beta,
-        train_alpha=float(alpha),
-        train_beta=float(beta),
-        best_epoch=best_epoch,
-        best_val_accuracy=best_acc,
+        train_alpha=alpha,
+        train_beta=beta,
+        best_step=fitted.best_step,
+        steps=fitted.steps_run,
+        best_val_accuracy=float(fitted.best_score),
         search=search,
-        history=history,
+        history=fitted.history,
     )
 
 
@@ -762,166 +803,105 @@ def train_tip_adapter_f(
 # Runner integration (fewclip run tip-adapter / tip-adapter-f)
 # --------------------------------------------------------------------------------------
 
-_SEARCH_OPTIONS: dict[str, Option] = {
+#: The options of ``tip-adapter``, declared once (CLI, runner and docs read them here).
+SEARCH_OPTIONS: dict[str, Option] = {
     "views": Option(int, 10, "augmented views per training image averaged into a cache key"),
-    "beta_scale": Option(float, 7.0, "largest beta of the search grid (the grid starts at 0.1)"),
-    "alpha_scale": Option(float, 3.0, "largest alpha of the search grid (starts at 0.1)"),
+    "beta_scale": Option(float, 7.0, "beta grid scale: authors' grid 0.1 + i*(scale-0.1)/steps"),
+    "alpha_scale": Option(float, 3.0, "alpha grid scale: authors' grid 0.1 + i*(scale-0.1)/steps"),
     "beta_steps": Option(int, 200, "number of betas in the search grid"),
     "alpha_steps": Option(int, 20, "number of alphas in the search grid"),
 }
+#: The options of ``tip-adapter-f``: the search's plus training (see train_tip_adapter_f).
+FINETUNE_OPTIONS: dict[str, Option] = {
+    **SEARCH_OPTIONS,
+    "epochs": Option(int, 20, "training epochs (authors: 20; 100 for EuroSAT)"),
+    "min_steps": Option(int, 100, "at least this many optimiser steps (small training sets)"),
+    "lr": Option(float, 1e-3, "AdamW learning rate (eps 1e-4, cosine schedule per step)"),
+    "batch_size": Option(int, 256, "mini-batch size (capped at the training-set size)"),
+}
 
 
-@dataclass
-class _Episode:
-    """Tensors of one episode on the compute device."""
+def _run(
+    ctx: Context, declared: dict[str, Option], given: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    """Tip-Adapter, and Tip-Adapter-F when ``declared`` has the training options."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise TipAdapterError(f"unknown option(s) {unknown}; the options are {sorted(declared)}.")
+    o = {name: opt.coerce(name, given.get(name, opt.default)) for name, opt in declared.items()}
+    if o["views"] < 1:
+        raise TipAdapterError(f"views must be >= 1, got {o['views']}.")
+    dev, train = ctx.device, ctx.features("train", views=o["views"], augment=True)
+    train_views = torch.as_tensor(train.features).to(dev)  # (V, N, D)
+    train_views = train_views.unsqueeze(0) if train_views.dim() == 2 else train_views
+    train_labels = torch.as_tensor(train.labels).to(dev)
+    val_set = ctx.features("val")
+    val_f = torch.as_tensor(val_set.features).to(dev)
+    val_f = val_f.mean(0) if val_f.dim() == 3 else val_f  # (M, D)
+    w = ctx.text_classifier.to(device=dev, dtype=train_views.dtype)  # (C, D)
+    val = (val_f, torch.as_tensor(val_set.labels).to(dev), w)
+    keys, values = build_cache_keys(train_views), build_cache_values(train_labels, w.shape[0])
+    grid = default_search_grid(o["beta_scale"], o["alpha_scale"], o["beta_steps"], o["alpha_steps"])
+    search, extra = search_hparams(*val, keys, values, *grid), {}
+    if "epochs" in declared:
+        trained = train_tip_adapter_f(
+            train_views, train_labels, *val, keys, values,
+            alpha=search.best_alpha, beta=search.best_beta, epochs=o["epochs"], lr=o["lr"],
+            batch_size=o["batch_size"], min_steps=o["min_steps"], seed=ctx.seed,
+            progress=progress, search_grid=grid,
+        )  # fmt: skip
+        keys = trained.cache_keys
+        extra = dict(
+            best_step=trained.best_step,
+            steps=trained.steps,
+            train_alpha=trained.train_alpha,
+            train_beta=trained.train_beta,
+            training_free_val_accuracy=search.best_accuracy,
+            history=trained.history,
+        )
+        search = trained.search
+    alpha, beta = search.best_alpha, search.best_beta
 
-    train_views: Tensor  # (V, N, D)
-    train_labels: Tensor  # (N,)
-    val_features: Tensor  # (M, D)
-    val_labels: Tensor  # (M,)
-    clip_weights: Tensor  # (C, D)
-    cache_keys: Tensor  # (N, D)
-    cache_values: Tensor  # (N, C)
-
-
-def _episode(ctx: Context, views: int) -> _Episode:
-    if views < 1:
-        raise TipAdapterError(f"views must be >= 1, got {views}.")
-    device = ctx.device
-    train = ctx.features("train", views=views, augment=True)
-    train_views = torch.as_tensor(train.features).to(device)
-    if train_views.dim() == 2:
-        train_views = train_views.unsqueeze(0)
-    train_labels = torch.as_tensor(train.labels).to(device)
-    val = ctx.features("val")
-    val_features = torch.as_tensor(val.features).to(device)
-    if val_features.dim() == 3:
-        val_features = val_features.mean(0)
-    clip_weights = ctx.text_classifier.to(device=device, dtype=train_views.dtype)
-    return _Episode(
-        train_views=train_views,
-        train_labels=train_labels,
-        val_features=val_features,
-        val_labels=torch.as_tensor(val.labels).to(device),
-        clip_weights=clip_weights,
-        cache_keys=build_cache_keys(train_views),
-        cache_values=build_cache_values(train_labels, clip_weights.shape[0]),
-    )
-
-
-def _predictor(fn: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
-    """Wrap ``fn`` so that CPU features from ``ctx.report`` are scored on ``device``."""
-
-    def predict(f: Tensor) -> Tensor:
+    def predict(f: Tensor) -> Tensor:  # CPU features from ctx.report, scored on ctx.device
         with torch.no_grad():
-            return fn(f.to(device)).to(f.device)
+            return tip_logits(f.to(ctx.device), w, keys, values, alpha, beta).to(f.device)
 
-    return predict
+    result = ctx.report(predict)
+    result.update(
+        alpha=alpha,
+        beta=beta,
+        selection_val_accuracy=search.best_accuracy,
+        zero_shot_val_accuracy=_accuracy(_clip_logits(*val[0::2], CLIP_LOGIT_SCALE), val[1]),
+        cache_size=int(keys.shape[0]),
+        views=int(train_views.shape[0]),
+        logit_scale=CLIP_LOGIT_SCALE,
+        **extra,
+    )
+    return result
 
 
 @register_method(
     "tip-adapter",
-    options=dict(_SEARCH_OPTIONS),
+    options=SEARCH_OPTIONS,
     help="Training-free Tip-Adapter: cache model, alpha/beta searched on the few-shot val split.",
 )
-def run_tip_adapter(
-    ctx: Context,
-    views: int = 10,
-    beta_scale: float = 7.0,
-    alpha_scale: float = 3.0,
-    beta_steps: int = 200,
-    alpha_steps: int = 20,
-) -> dict[str, Any]:
-    """Tip-Adapter ([Tip logits]) with alpha and beta searched on validation (CLIP branch scale 100)."""
-    ep = _episode(ctx, views)
-    grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
-    best = search_hparams(
-        ep.val_features, ep.val_labels, ep.clip_weights, ep.cache_keys, ep.cache_values, *grid
-    )
-
-    def logits(f: Tensor) -> Tensor:
-        return tip_logits(
-            f, ep.clip_weights, ep.cache_keys, ep.cache_values, best.best_alpha, best.best_beta
-        )
-
-    result = ctx.report(_predictor(logits, ctx.device))
-    zero_shot = _clip_logits(ep.val_features, ep.clip_weights, CLIP_LOGIT_SCALE)
-    result.update(
-        alpha=best.best_alpha,
-        beta=best.best_beta,
-        selection_val_accuracy=best.best_accuracy,
-        zero_shot_val_accuracy=_accuracy(zero_shot, ep.val_labels),
-        cache_size=int(ep.cache_keys.shape[0]),
-        views=int(ep.train_views.shape[0]),
-        logit_scale=CLIP_LOGIT_SCALE,
-    )
-    return result
+def run_tip_adapter(ctx: Context, progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Tip-Adapter ([Tip logits]) with alpha, beta searched on validation (:data:`SEARCH_OPTIONS`)."""
+    return _run(ctx, SEARCH_OPTIONS, options, progress)
 
 
 @register_method(
     "tip-adapter-f",
-    options={
-        **_SEARCH_OPTIONS,
-        "epochs": Option(int, 20, "training epochs (paper: 20; 100 for EuroSAT)"),
-        "lr": Option(float, 1e-3, "AdamW learning rate (eps 1e-4, cosine schedule)"),
-        "batch_size": Option(int, 256, "mini-batch size"),
-    },
-    help="Tip-Adapter-F: fine-tune the cache keys; best epoch and alpha/beta chosen on val.",
+    options=FINETUNE_OPTIONS,
+    help="Tip-Adapter-F: fine-tune the cache keys; kept step and alpha/beta chosen on val.",
 )
-def run_tip_adapter_f(
-    ctx: Context,
-    views: int = 10,
-    beta_scale: float = 7.0,
-    alpha_scale: float = 3.0,
-    beta_steps: int = 200,
-    alpha_steps: int = 20,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Tip-Adapter-F: train the keys on cached augmented views, select everything on val.
+def run_tip_adapter_f(ctx: Context, progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Tip-Adapter-F (:data:`FINETUNE_OPTIONS`): keys trained from the searched pair.
 
-    Training starts from the alpha/beta of the training-free search on validation
-    (the reference code starts from fixed per-dataset values instead).
+    Training starts at the alpha/beta of the training-free search on validation (the
+    authors start from fixed per-dataset values instead).
     """
-    ep = _episode(ctx, views)
-    grid = default_search_grid(beta_scale, alpha_scale, beta_steps, alpha_steps)
-    init = search_hparams(
-        ep.val_features, ep.val_labels, ep.clip_weights, ep.cache_keys, ep.cache_values, *grid
-    )
-    trained = train_tip_adapter_f(
-        ep.train_views,
-        ep.train_labels,
-        ep.val_features,
-        ep.val_labels,
-        ep.clip_weights,
-        ep.cache_keys,
-        ep.cache_values,
-        alpha=init.best_alpha,
-        beta=init.best_beta,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=ctx.seed,
-        progress=progress,
-        search_grid=grid,
-    )
-    result = ctx.report(_predictor(lambda f: trained.logits(f, ep.clip_weights), ctx.device))
-    result.update(
-        alpha=trained.alpha,
-        beta=trained.beta,
-        best_epoch=trained.best_epoch,
-        selection_val_accuracy=trained.search.best_accuracy,
-        train_alpha=trained.train_alpha,
-        train_beta=trained.train_beta,
-        training_free_val_accuracy=init.best_accuracy,
-        history=trained.history,
-        cache_size=int(ep.cache_keys.shape[0]),
-        views=int(ep.train_views.shape[0]),
-        logit_scale=CLIP_LOGIT_SCALE,
-    )
-    return result
+    return _run(ctx, FINETUNE_OPTIONS, options, progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -929,33 +909,21 @@ def run_tip_adapter_f(
 # --------------------------------------------------------------------------------------
 
 
-def _exercise_sizes(gen: torch.Generator) -> tuple[int, int, int, int]:
+def _tip_logits_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
     m, c, k, d = (int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in
                   ((1, 6), (2, 5), (1, 3), (3, 8)))  # fmt: skip
-    return m, c, k, d
-
-
-def _affinity_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
-    m, c, k, d = _exercise_sizes(gen)
-    f = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
-    keys = F.normalize(torch.randn(c * k, d, generator=gen), dim=-1)
-    keys[0] = f[0]  # one exact match: its affinity must be 1
-    beta = float(torch.empty(1).uniform_(0.5, 8.0, generator=gen))
-    return f, keys, beta
-
-
-def _tip_logits_inputs(
-    gen: torch.Generator,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
-    m, c, k, d = _exercise_sizes(gen)
     f = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
     clip_weights = F.normalize(torch.randn(c, d, generator=gen), dim=-1)
     keys = F.normalize(torch.randn(c * k, d, generator=gen), dim=-1)
+    keys[0] = f[0]  # one exact match: its affinity must be 1
     labels = torch.arange(c).repeat_interleave(k)[torch.randperm(c * k, generator=gen)]
-    values = F.one_hot(labels, c).float()
-    alpha = float(torch.empty(1).uniform_(0.5, 5.0, generator=gen))
-    beta = float(torch.empty(1).uniform_(0.5, 8.0, generator=gen))
-    return f, clip_weights, keys, values, alpha, beta
+    alpha, beta = (float(torch.empty(1).uniform_(0.5, hi, generator=gen)) for hi in (5.0, 8.0))
+    return f, clip_weights, keys, F.one_hot(labels, c).float(), alpha, beta
+
+
+def _affinity_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    f, _, keys, _, _, beta = _tip_logits_inputs(gen)
+    return f, keys, beta
 
 
 def register_exercises() -> None:

@@ -43,7 +43,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fewclip_tutorial.experiment import Context, Option, register_method
 from fewclip_tutorial.training import fit
@@ -472,14 +471,9 @@ def _one_hot_layout(cache_values: Tensor) -> tuple[Tensor, Tensor | None, int] |
 def class_sums(affinities: Tensor, cache_values: Tensor) -> Tensor:
     """``A @ L`` for one-hot ``L`` as a segment sum: each class adds up its keys' affinities.
 
-    Equal to the matmul up to float rounding (order of the additions), at ``M * N`` additions
-    instead of ``M * N * C`` multiply-adds.  Non-one-hot values fall back to the matmul.
-
-    Args:
-        affinities: ``(..., N)``; cache_values: ``(N, C)``.
-
-    Returns:
-        ``(..., C)`` cache logits before ``alpha``.
+    ``(..., N)`` affinities and ``(N, C)`` values -> ``(..., C)``.  Equal to the matmul up to
+    float rounding (the order of the additions), with ``M * N`` additions instead of
+    ``M * N * C`` multiply-adds.  Non-one-hot values fall back to the matmul.
     """
     layout = _one_hot_layout(cache_values)
     if layout is None:
@@ -518,7 +512,6 @@ def search_hparams(
     betas: Sequence[float] | Tensor | None = None,
     alphas: Sequence[float] | Tensor | None = None,
     logit_scale: float = CLIP_LOGIT_SCALE,
-    progress: bool = False,
 ) -> SearchResult:
     """Grid search of ``(beta, alpha)`` for [Tip logits] on validation data, near the least work.
 
@@ -536,14 +529,11 @@ def search_hparams(
     logits agree to float rounding (the class sums are added in another order).
 
     Args:
-        val_features: ``(M, D)`` validation features (never test features).
-        val_labels: ``(M,)`` validation labels.
-        clip_weights: ``(C, D)`` zero-shot classifier.
-        cache_keys: ``(N, D)`` keys (trained ones for Tip-Adapter-F).
-        cache_values: ``(N, C)`` values (one-hot for the fast path).
+        val_features: ``(M, D)`` validation features (never test); val_labels: ``(M,)``.
+        clip_weights: ``(C, D)``; cache_keys: ``(N, D)`` (trained ones for Tip-Adapter-F);
+            cache_values: ``(N, C)`` (one-hot for the segment sums).
         betas, alphas: ``(B,)``, ``(A,)`` grids (default: :func:`default_search_grid`).
         logit_scale: scale of the CLIP branch (100).
-        progress: show a progress bar over row blocks.
 
     Returns:
         :class:`SearchResult` with a ``(B, A)`` accuracy grid in percent.
@@ -569,7 +559,7 @@ def search_hparams(
     e_buf = shifted.new_empty(chunk * rows * width)  # reused: no allocation per block
     l_buf = shifted.new_empty(chunk * rows * n_a * num_classes)
     c_buf = shifted.new_empty(chunk * rows * num_classes)
-    for r0 in tqdm(range(0, num_val, rows), desc="search", disable=not progress):
+    for r0 in range(0, num_val, rows):
         t, clip_r, y = shifted[r0 : r0 + rows], clip[r0 : r0 + rows], labels[r0 : r0 + rows]
         m = t.shape[0]
         for b0 in range(0, n_b, chunk):
@@ -589,16 +579,11 @@ def search_hparams(
 
 
 class TipAdapterF(nn.Module):
-    """Tip-Adapter-F: the cache keys become a trainable linear layer.
+    """Tip-Adapter-F: the ``(N, D)`` cache keys become a trainable linear layer.
 
-    ``self.cache_keys`` is ``nn.Linear(D, N, bias=False)`` whose weight ``(N, D)``
-    starts as the cache keys, so ``self.cache_keys(f) == f @ keys.T`` and the
-    untrained forward equals :func:`tip_logits`.  The values ``(N, C)`` are a
-    frozen buffer.  The trained keys are not renormalised (as in the paper).
-
-    Args:
-        cache_keys: ``(N, D)`` initial keys.
-        cache_values: ``(N, C)`` one-hot values.
+    ``self.cache_keys`` is ``nn.Linear(D, N, bias=False)`` whose weight starts as the keys
+    (the authors' ``adapter``), so the untrained forward equals :func:`tip_logits`.  The
+    ``(N, C)`` values are a frozen buffer; trained keys are not renormalised (as the authors).
     """
 
     def __init__(self, cache_keys: Tensor, cache_values: Tensor) -> None:
@@ -633,17 +618,14 @@ class TipAdapterFResult:
     """Outcome of :func:`train_tip_adapter_f`.
 
     Attributes:
-        model: the adapter holding the kept keys (those of ``best_step``).
-        cache_keys: ``(N, D)`` those keys (detached).
-        alpha, beta: re-searched on validation with the kept keys.
+        model, cache_keys: the adapter holding the kept ``(N, D)`` keys, and those keys.
+        alpha, beta: re-searched on validation with the kept keys (``search``).
         train_alpha, train_beta: the pair used during training.
-        best_step: the optimiser step whose keys were kept (0: the starting keys, i.e.
+        best_step: the optimiser step whose keys were kept (0: the starting keys, that is
             training-free Tip-Adapter; a later step is kept only if strictly better).
-        steps: optimiser steps taken.
-        best_val_accuracy: validation accuracy (percent) of the kept keys at the training
-            pair.
-        search: the final :class:`SearchResult` (its best_accuracy is at alpha, beta).
-        history: :class:`fewclip_tutorial.training.FitResult` history (``step``, ``loss``,
+        steps: optimiser steps taken; best_val_accuracy: the kept keys' validation
+            accuracy (%) at the training pair.
+        history: :class:`~fewclip_tutorial.training.FitResult` history (``step``, ``loss``,
             ``lr`` per step; ``val_step``, ``val_score`` = validation accuracy per epoch).
     """
 
@@ -667,18 +649,16 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
 def tip_f_steps(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
     """Tip-Adapter-F's training length: ``max(epochs * ceil(N / batch_size), min_steps)``.
 
-    The authors train ``epochs`` passes (20; 100 for EuroSAT) in batches of 256.  On a
-    set smaller than a batch that is one optimiser step per epoch, and the authors'
-    own fix for their one-batch dataset (EuroSAT, 16 shots x 10 classes = 160 images) is
-    100 epochs, i.e. 100 steps.  So the length is the authors' schedule, but never
-    fewer than ``min_steps`` (100) optimiser steps; sets of ``N >= 5 * batch_size``
-    images (e.g. 16-shot ImageNet, 63 steps per epoch) keep the authors' schedule unchanged.
+    The authors train ``epochs`` passes (20; 100 for EuroSAT) in batches of 256.  On a set
+    smaller than a batch that is one optimiser step per epoch, and the authors' own
+    schedule for their one-batch dataset (EuroSAT, 16 shots x 10 classes = 160 images) is
+    100 epochs, i.e. 100 steps.  So the length is the authors' schedule, but never fewer
+    than ``min_steps`` (100) steps; where the authors' schedule already has 100 steps (20
+    epochs of 5 or more batches, e.g. 63 for 16-shot ImageNet) it is unchanged.
     """
     if min(num_train, batch_size, epochs) < 1 or min_steps < 0:
-        raise TipAdapterError(
-            f"need num_train, batch_size, epochs >= 1 and min_steps >= 0, got {num_train}, "
-            f"{batch_size}, {epochs}, {min_steps}."
-        )
+        raise TipAdapterError(f"need N, batch_size, epochs >= 1, min_steps >= 0; got "
+                              f"{num_train}, {batch_size}, {epochs}, {min_steps}.")  # fmt: skip
     return max(epochs * math.ceil(num_train / batch_size), min_steps)
 
 
@@ -716,22 +696,14 @@ def train_tip_adapter_f(
     deliberately no test argument.
 
     Args:
-        train_view_features: ``(V, N, D)`` cached features of ``V`` augmented views
-            (``(N, D)`` is taken as ``V = 1``).
-        train_labels: ``(N,)`` labels of the training images.
-        val_features: ``(M, D)``; val_labels: ``(M,)``.
-        clip_weights: ``(C, D)`` frozen zero-shot classifier.
-        cache_keys: ``(N, D)`` initial keys; cache_values: ``(N, C)`` one-hot values.
-        alpha, beta: hyperparameters used while training.
+        train_view_features: ``(V, N, D)`` cached views (``(N, D)``: ``V = 1``);
+            train_labels: ``(N,)``; val_features: ``(M, D)``; val_labels: ``(M,)``.
+        clip_weights: ``(C, D)`` frozen; cache_keys: ``(N, D)`` initial; cache_values: ``(N, C)``.
+        alpha, beta: the pair used while training.
         epochs, lr, eps, batch_size, weight_decay: the authors' settings (20, 1e-3, 1e-4,
-            256; AdamW's default weight decay 0.01).
-        min_steps: floor on the number of optimiser steps (see :func:`tip_f_steps`).
-        seed: seeds the shuffling and the choice of views (deterministic on CPU).
-        progress: show a progress bar.
-        search_grid: ``(betas, alphas)`` for the final search (default grid if None).
-
-    Returns:
-        :class:`TipAdapterFResult`.
+            256; AdamW's default weight decay 0.01); min_steps: see :func:`tip_f_steps`.
+        seed: seeds the shuffling and the views (deterministic on CPU); progress: a bar.
+        search_grid: ``(betas, alphas)`` of the final search (default grid if None).
     """
     views = _require_tensor("train_view_features", train_view_features)
     views = views.unsqueeze(0) if views.dim() == 2 else views

@@ -399,9 +399,6 @@ def register_exercises() -> None:
     )
 
 
-register_exercises()  # importing this module (the appendix does) makes its exercises available
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fewclip pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/pretrain", help="run directory (checkpoints and log)")

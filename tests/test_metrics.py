@@ -12,8 +12,6 @@ from fewclip_tutorial import metrics
 from fewclip_tutorial.exercises import get_exercise
 from fewclip_tutorial.sweep import summarise
 
-metrics.register_exercises()  # until the exercise registry discovers this module itself
-
 
 def _table(seed: int, seeds: int = 3, methods: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

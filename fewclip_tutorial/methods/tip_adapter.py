@@ -139,12 +139,10 @@ def _check_cache(cache_keys: Tensor, cache_values: Tensor, num_classes: int | No
         )
     empty = (cache_values.sum(dim=0) == 0).nonzero().flatten().tolist()
     if empty:
-        shown = empty[:10]
-        more = "" if len(empty) <= 10 else f" (and {len(empty) - 10} more)"
         raise TipAdapterError(
-            f"class(es) {shown}{more} have no cache entries (all-zero columns in "
-            f"cache_values), so the cache can never vote for them; sample at least one "
-            f"training shot per class."
+            f"class(es) {empty[:10]}{' ...' if len(empty) > 10 else ''} have no cache entries "
+            f"(all-zero columns in cache_values), so the cache can never vote for them; "
+            f"sample at least one training shot per class."
         )
 
 
@@ -517,16 +515,18 @@ def search_hparams(
 
     * one affinity product ``S = f @ keys.T`` ``(M, N)`` and one CLIP product, for the
       whole grid (the authors' loop recomputes both at every grid point);
-    * per beta, the exponentials ``exp(-(beta - beta * S))`` with the authors' rounding,
-      and, because the values are one-hot, the class sums as a segment sum over each
-      class's keys (:func:`class_sums`; non-one-hot values fall back to ``A @ L``);
-    * per (beta, alpha), one ``(M, C)`` mix ``clip + cache * alpha`` and its argmax.
+    * per beta, the exponentials ``exp(beta * (S - 1))`` (``S - 1`` computed once) and,
+      because the values are one-hot, the class sums as a segment sum over each class's
+      keys (:func:`class_sums`; non-one-hot values fall back to ``A @ L``);
+    * per (beta, alpha), one ``(M, C)`` mix ``clip + cache * alpha`` and its argmax
+      (first index on ties, computed from a max: :func:`_argmax_hits`).
 
     Work is done in blocks of rows and betas (at most ``_BLOCK_ELEMENTS`` floats each), so
     the extra memory is ``S`` plus one block.  The chosen pair is the first best in
-    beta-major, alpha-minor order, as in the authors' loop (:func:`search_hparams_loop`);
-    the accuracy grid equals the loop's except where a validation image's two best class
-    logits agree to float rounding (the class sums are added in another order).
+    beta-major, alpha-minor order, as in the authors' loop (:func:`search_hparams_loop`).
+    The accuracy grid equals the loop's except where two class logits of a validation
+    image agree to within float rounding (the exponent and the class sums are rounded in
+    another order than ``-(beta - beta * S)`` and ``A @ L``).
 
     Args:
         val_features: ``(M, D)`` validation features (never test); val_labels: ``(M,)``.
@@ -551,9 +551,8 @@ def search_hparams(
     shifted = _similarity(val_features, cache_keys).sub_(1.0)
     width, n_b, n_a = shifted.shape[1], len(betas_t), len(alphas_t)
     betas_dev, alphas_dev = betas_t.to(device), alphas_t.to(device).view(1, 1, -1, 1)
-    budget = _BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-    per_row = max(width, n_a * num_classes)
-    rows = max(1, min(num_val, budget // per_row))
+    budget, per_row = _BLOCK_ELEMENTS.get(device.type, 1 << 21), max(width, n_a * num_classes)
+    rows = max(1, min(num_val, budget // per_row))  # a block: `chunk` betas x `rows` rows
     chunk = max(1, min(n_b, budget // (rows * per_row)))
     correct = torch.zeros(n_b, n_a, dtype=torch.long, device=device)
     e_buf = shifted.new_empty(chunk * rows * width)  # reused: no allocation per block
@@ -708,9 +707,7 @@ def train_tip_adapter_f(
     views = _require_tensor("train_view_features", train_view_features)
     views = views.unsqueeze(0) if views.dim() == 2 else views
     if views.dim() != 3:
-        raise TipAdapterError(
-            f"train_view_features must be (V, N, D), got shape {tuple(views.shape)}."
-        )
+        raise TipAdapterError(f"train_view_features must be (V, N, D), got {tuple(views.shape)}.")
     _check_logit_inputs(val_features, clip_weights, cache_keys, cache_values)
     if views.shape[1:] != cache_keys.shape:
         raise TipAdapterError(
@@ -742,33 +739,15 @@ def train_tip_adapter_f(
         logits = model(views[epoch["view"][idx], idx], w, alpha, beta)  # (B, C)
         return F.cross_entropy(logits, train_y[idx])
 
-    fitted = fit(
-        model,
-        step_loss,
-        steps=steps,
-        optimizer=optimizer,
-        schedule="cosine",
-        evaluate=lambda: _accuracy(model(val_f, w, alpha, beta), val_y),
-        eval_every=per_epoch,
-        device=device,
-        progress=progress,
-        desc="Tip-Adapter-F",
-    )
+    fitted = fit(model, step_loss, steps=steps, optimizer=optimizer, schedule="cosine",
+                 evaluate=lambda: _accuracy(model(val_f, w, alpha, beta), val_y),
+                 eval_every=per_epoch, device=device, progress=progress, desc="Tip-Adapter-F")  # fmt: skip
     betas, alphas = search_grid if search_grid is not None else default_search_grid()
     search = search_hparams(val_f, val_y, w, model.keys, model.cache_values, betas, alphas)
     return TipAdapterFResult(
-        model=model,
-        cache_keys=model.keys.clone(),
-        alpha=search.best_alpha,
-        beta=search.best_beta,
-        train_alpha=alpha,
-        train_beta=beta,
-        best_step=fitted.best_step,
-        steps=fitted.steps_run,
-        best_val_accuracy=float(fitted.best_score),
-        search=search,
-        history=fitted.history,
-    )
+        model, model.keys.clone(), search.best_alpha, search.best_beta, alpha, beta,
+        fitted.best_step, fitted.steps_run, float(fitted.best_score), search, fitted.history,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -823,14 +802,9 @@ def _run(
             progress=progress, search_grid=grid,
         )  # fmt: skip
         keys = trained.cache_keys
-        extra = dict(
-            best_step=trained.best_step,
-            steps=trained.steps,
-            train_alpha=trained.train_alpha,
-            train_beta=trained.train_beta,
-            training_free_val_accuracy=search.best_accuracy,
-            history=trained.history,
-        )
+        extra = dict(best_step=trained.best_step, steps=trained.steps, history=trained.history,
+                     train_alpha=trained.train_alpha, train_beta=trained.train_beta,
+                     training_free_val_accuracy=search.best_accuracy)  # fmt: skip
         search = trained.search
     alpha, beta = search.best_alpha, search.best_beta
 
@@ -899,11 +873,7 @@ def _affinity_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
 
 
 def register_exercises() -> None:
-    """Register the notebook exercises ``tip_affinity`` and ``tip_cache_logits``.
-
-    Called by :mod:`fewclip_tutorial.methods` after importing this module; calling it
-    again is harmless (the exercise registry replaces same-function entries).
-    """
+    """Register the exercises ``tip_affinity`` and ``tip_cache_logits`` (idempotent)."""
     from fewclip_tutorial.exercises import register_exercise
 
     register_exercise(

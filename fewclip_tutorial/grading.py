@@ -577,6 +577,25 @@ def _context() -> Any:
     return _CONTEXT
 
 
+@contextlib.contextmanager
+def _without_main_module() -> Any:
+    """Start a process without it re-importing the grader's ``__main__`` script.
+
+    multiprocessing's forkserver children import the parent's main module (a
+    script without an ``if __name__ == "__main__"`` guard would run again); the
+    student process needs nothing from it.
+    """
+    import types
+
+    real = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if real is not None:
+            sys.modules["__main__"] = real
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "did not finish"
@@ -627,7 +646,8 @@ def _run_notebook(
             ),
             daemon=True,
         )
-        proc.start()
+        with _without_main_module():
+            proc.start()
         child_conn.close()
         current: str | None = None
         deadline = time.monotonic() + config.setup_timeout + 30.0  # +30 s: process start

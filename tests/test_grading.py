@@ -362,3 +362,23 @@ def test_prompt_ensemble_fixture_answers_are_right() -> None:
     t = torch.randn(3, 4, 5)
     want = F.normalize(F.normalize(t, dim=-1).mean(1), dim=-1)
     assert torch.allclose(namespace["my_prompt_ensemble"](t), want, atol=1e-6)
+
+
+def test_run_all_runs_the_cells_that_definitions_only_mode_skips(tmp_path: Path) -> None:
+    # the answer needs a top-level assignment: only --run-all runs it
+    nb = _write(
+        tmp_path / "ann.ipynb",
+        "SCALE = 1.0",
+        _check_cell(
+            "def my_zero_shot_logits(f, W, logit_scale=100.0):\n"
+            "    return SCALE * logit_scale * f @ W.T",
+            "zero_shot_logits",
+            "my_zero_shot_logits",
+        ),
+    )
+    config = GradeConfig(seed=3, timeout=5.0, setup_timeout=30.0)
+    lean = grading.grade_notebooks([nb], ["zero_shot_logits"], config)
+    assert lean.total == 0 and "NameError" in lean.grades["zero_shot_logits"].reason
+    config.run_all = True
+    full = grading.grade_notebooks([nb], ["zero_shot_logits"], config)
+    assert full.total == 1

@@ -566,4 +566,3 @@ def run_method(
         "seed": context.seed,
     }
     return {**header, **{k: v for k, v in result.items() if k not in header}}
-

@@ -343,8 +343,17 @@ class Exercise:
         """Compare ``student_fn`` with the reference on random inputs (see :func:`check`).
 
         ``seed`` and ``n_trials`` default to the notebook's reproducible trials
-        (seeds ``0 .. n_trials - 1``).
+        (seeds ``0 .. n_trials - 1``).  In the student edition, handing in the
+        package's own function (see :meth:`forbidden_functions`) fails, as it does
+        in the grader.
         """
+        if edition() == "student" and _unwrap(student_fn) in self.forbidden_functions():
+            if verbose:
+                print(
+                    f"✗ {self.name}: this is the package's own function; write your own "
+                    "(the grader gives the package's answer zero)."
+                )
+            return False
         ok = check(
             student_fn,
             self.reference_fn,

@@ -229,6 +229,7 @@ def test_editions_and_opaque_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert exmod.edition() == "student"
     with pytest.raises(exmod.SolutionsHiddenError, match="prompt_ensemble"):
         get_exercise("prompt_ensemble").solution_source()
+    assert not get_exercise("prompt_ensemble").check(prompt_ensemble)  # the package's own
     weird = exmod.Opaque("Generator")
     assert "should be a torch.Tensor, but it is Generator" in compare_outputs(weird, torch.ones(1))
     assert "expected 'x'" in compare_outputs(weird, "x")

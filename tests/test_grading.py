@@ -154,6 +154,17 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "    return helper(t.clone())",
         GOOD_ZS,
     )
+    _submission(
+        subs / "copied.ipynb",
+        # the package's source copied into a fresh namespace: a new function object
+        "import inspect\n"
+        "import fewclip_tutorial.zeroshot as z\n"
+        "ns = {k: v for k, v in vars(z).items() if not k.startswith('__')}\n"
+        "ns['__name__'] = '__main__'\n"
+        "exec(inspect.getsource(z.prompt_ensemble), ns)\n"
+        "my_prompt_ensemble = ns['prompt_ensemble']",
+        GOOD_ZS,
+    )
     config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
     grades = grade_directory(subs, config)
     out = write_grades_csv(grades, root / "grades.csv", RUN_SEED)
@@ -182,6 +193,7 @@ def test_one_row_per_student_with_a_score_per_exercise_and_total(graded: dict) -
         "malicious",
         "memorised",
         "cheater2",
+        "copied",
     }
     with open(graded["csv"], newline="") as f:
         header = next(csv.reader(f))
@@ -227,6 +239,9 @@ def test_the_package_reference_scores_zero_however_it_is_reached(graded: dict) -
     pe = _reason(graded, "cheater2", "prompt_ensemble")
     assert "reference solution" in pe and "prompt_ensemble" in pe
     assert graded["rows"]["cheater2"]["zero_shot_logits"] == "1"
+    assert "a copy of fewclip_tutorial.zeroshot.prompt_ensemble" in _reason(
+        graded, "copied", "prompt_ensemble"
+    )
 
 
 def test_the_sandbox_keeps_the_graders_and_other_students_files(graded: dict) -> None:

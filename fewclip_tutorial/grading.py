@@ -27,7 +27,8 @@ How a notebook is graded
    than ``--output-limit`` bytes, makes its process die, or **calls the package's
    own answer** (:meth:`~fewclip_tutorial.exercises.Exercise.forbidden_functions`,
    caught by a profiler hook however it was reached: imported, aliased, or fetched
-   with ``get_exercise(...).reference_fn``).  A process that dies or hangs is
+   with ``get_exercise(...).reference_fn``), or is a copy of its code (the same
+   names, local names and constants).  A process that dies or hangs is
    replaced by a fresh one for the remaining exercises, so one exercise never
    costs another.
 5. The student process runs under a Python audit hook (:pep:`578`) that refuses

@@ -94,7 +94,11 @@ def test_every_exercise_stub_stays_in_the_student_edition(editions: Path) -> Non
             [
                 c
                 for c in book.cells
-                if c.cell_type == "code" and c.source.startswith("# Reference solution")
+                if c.cell_type == "code"
+                and (
+                    c.source.startswith("# Reference solution")
+                    or "solution" in c.get("metadata", {}).get("tags", [])
+                )
             ]
         )
         assert sum(c.cell_type == "code" for c in student.cells) == n_code - n_removed + 1

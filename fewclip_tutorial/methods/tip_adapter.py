@@ -84,10 +84,8 @@ class TipAdapterError(ValueError):
 
 def _require_tensor(name: str, x: Any) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TipAdapterError(
-            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
-            f"wrap it with torch.as_tensor(...)."
-        )
+        raise TipAdapterError(f"{name} must be a torch.Tensor, got {type(x).__name__}; "
+                              f"wrap it with torch.as_tensor(...).")  # fmt: skip
     return x
 
 
@@ -105,10 +103,8 @@ def _require_2d(name: str, x: Any, rows: str, cols: str) -> Tensor:
 
 def _check_beta(beta: float) -> None:
     if not math.isfinite(beta) or beta < 0:
-        raise TipAdapterError(
-            f"beta must be a finite number >= 0 (it is the sharpness of the affinity "
-            f"exp(-beta * (1 - cos))), got {beta}; use a positive value such as 1.0."
-        )
+        raise TipAdapterError(f"beta must be a finite number >= 0 (the sharpness of the affinity "
+                              f"exp(-beta * (1 - cos))), got {beta}; use e.g. 1.0.")  # fmt: skip
 
 
 def _check_features_and_keys(f: Tensor, cache_keys: Tensor) -> None:
@@ -146,18 +142,13 @@ def _check_cache(cache_keys: Tensor, cache_values: Tensor, num_classes: int | No
         )
 
 
-def _check_clip_weights(clip_weights: Tensor, dim: int) -> None:
-    _require_2d("clip_weights", clip_weights, "C", "D")
-    if clip_weights.shape[1] != dim:
-        raise TipAdapterError(
-            f"feature dimension mismatch: clip_weights has D={clip_weights.shape[1]} but the "
-            f"features have D={dim}; build the text classifier with the same backbone."
-        )
-
-
 def _check_logit_inputs(f: Tensor, clip_weights: Tensor, keys: Tensor, values: Tensor) -> None:
     _check_features_and_keys(f, keys)
-    _check_clip_weights(clip_weights, f.shape[1])
+    if _require_2d("clip_weights", clip_weights, "C", "D").shape[1] != f.shape[1]:
+        raise TipAdapterError(
+            f"feature dimension mismatch: clip_weights has D={clip_weights.shape[1]} but the "
+            f"features have D={f.shape[1]}; build the text classifier with the same backbone."
+        )
     _check_cache(keys, values, clip_weights.shape[0])
 
 

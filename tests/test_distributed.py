@@ -62,3 +62,33 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
     for a, b in zip(one["weights"], two["weights"], strict=True):
         assert b == pytest.approx(a, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_fd_align_on_shapeworld_in_two_gloo_processes_matches_one(tmp_path):
+    """Stated tolerance: 1e-5 on the losses, 1e-4 on the weights (a third of one AdamW step at
+    lr 3e-4: the two processes sum gradients in another order, and AdamW divides each update by
+    the root of its second moment, so a rounding difference in a tiny gradient moves a weight
+    by up to a fraction of lr)."""
+    helper = Path(__file__).parent / "helpers" / "ddp_fd_align.py"
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"fd{nproc}.json"
+        cmd = [sys.executable, str(helper), str(out)]
+        if nproc == 2:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", str(helper), str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = json.loads(out.read_text())
+    one, two = runs[1], runs[2]
+    assert two["world"] == 2
+    assert len(one["history"]["loss"]) == len(two["history"]["loss"]) == 6
+    assert two["history"]["loss"] == pytest.approx(one["history"]["loss"], abs=1e-5)
+    assert two["history"]["val_score"] == one["history"]["val_score"]
+    assert two["history"]["val_spurious_kl"] == pytest.approx(
+        one["history"]["val_spurious_kl"], abs=1e-6
+    )
+    moved = max(abs(a) for a in one["weights"])
+    assert moved > 0
+    assert two["weights"] == pytest.approx(one["weights"], abs=1e-4)

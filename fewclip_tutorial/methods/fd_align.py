@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 from fewclip_tutorial.backbones import _state_dict_digest
 from fewclip_tutorial.data.base import LabeledSplit
 from fewclip_tutorial.device import default_num_workers, seed_everything
+from fewclip_tutorial.distributed import DistInfo, dist_info, shard_batch, wrap_ddp
 from fewclip_tutorial.experiment import Context, Option, register_method
 from fewclip_tutorial.features import FeatureSet, _ViewDataset, crop_transform, extract_features
 from fewclip_tutorial.training import FitResult, fit
@@ -152,6 +153,12 @@ class FDAlignConfig:
     weight_decay: float = _opt(5e-4, "weight decay (paper: 5e-4)")
     batch_size: int = _opt(32, "images per step (paper: 256)")
     augment: bool = _opt(True, "random resized crop (scale 0.08-1, no flip), as the authors")
+    sampling: str = _opt(
+        "loader",
+        "loader: a shuffling DataLoader; seeded: batches and crops seeded by (seed, epoch, "
+        "image), the same in 1 or N processes (used under torchrun)",
+        ["loader", "seeded"],
+    )
     tip_adapter: bool = _opt(False, "also run Tip-Adapter on the fine-tuned encoder")
 
     def __post_init__(self) -> None:
@@ -548,6 +555,47 @@ class _Labelled(Dataset):
         return self.views[i], int(self.labels[i])
 
 
+class _SeededEpochs(Dataset):
+    """Item ``e * N + i``: image ``i`` cropped under the seed ``(seed, e, i)`` for epoch ``e``,
+    so every process of a torchrun job sees the same augmented image as one process would."""
+
+    def __init__(self, split: LabeledSplit, transform: Callable, seed: int, epochs: int) -> None:
+        self.views = _ViewDataset(split, transform, seed=seed, view=0, views=epochs)
+        self.labels = np.asarray(split.labels)
+        self.n = len(split)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        return self.views[item], int(self.labels[item % self.n])
+
+
+class _ShardedBatches:
+    """Epoch ``e``: a permutation of the ``n`` images drawn from ``(seed, e)``, cut into global
+    batches of ``batch_size``; each process yields its slice of every batch
+    (:func:`~fewclip_tutorial.distributed.shard_batch`), as ``DistributedSampler`` does."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, info: DistInfo) -> None:
+        self.n, self.batch_size, self.seed, self.info = n, batch_size, seed, info
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen) + self.epoch * self.n
+        self.epoch += 1
+        for start in range(0, self.n, self.batch_size):
+            yield shard_batch(order[start : start + self.batch_size], self.info).tolist()
+
+
+def head_of(classifier: Tensor | nn.Module) -> Tensor | nn.Module:
+    """The classifier itself, unwrapped from ``DistributedDataParallel`` when it was wrapped."""
+    return getattr(classifier, "module", classifier)
+
+
 def _with_visual(backbone: Any, visual: nn.Module, identifier: str) -> Any:
     """A shallow copy of ``backbone`` whose CLIP model has ``visual`` as image encoder."""
     model = copy.copy(backbone.model)
@@ -708,15 +756,30 @@ def finetune_fd_align(
         if cfg.augment
         else backbone.preprocess
     )
-    loader = DataLoader(
-        _Labelled(train_split, transform),
-        batch_size=int(cfg.batch_size),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=device.type == "cuda",
-    )
+    info = dist_info()
+    if info.enabled or cfg.sampling == "seeded":
+        loader: Any = DataLoader(
+            _SeededEpochs(train_split, transform, seed, int(cfg.epochs)),
+            batch_sampler=_ShardedBatches(len(train_split), int(cfg.batch_size), seed, info),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
+        steps_per_epoch = -(-len(train_split) // int(cfg.batch_size))
+        encoder_step: nn.Module = wrap_ddp(encoder, device)
+        if isinstance(classifier, nn.Module):
+            classifier = wrap_ddp(classifier, device)
+    else:
+        loader = DataLoader(
+            _Labelled(train_split, transform),
+            batch_size=int(cfg.batch_size),
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+        steps_per_epoch = len(loader)
+        encoder_step = encoder
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         while True:
@@ -728,7 +791,7 @@ def finetune_fd_align(
     def step_loss(step: int) -> dict[str, Tensor]:
         images, labels = next(stream)
         trained[0] = True
-        f_ft, f_fr = encode_pair(encoder, frozen, images.to(device, non_blocking=True))
+        f_ft, f_fr = encode_pair(encoder_step, frozen, images.to(device, non_blocking=True))
         loss = fd_align_loss(
             f_ft,
             f_fr,
@@ -770,12 +833,12 @@ def finetune_fd_align(
             ).features
             feats = feats.to(device)
         accuracy = (
-            100.0 * (classification_logits(feats, classifier).argmax(1) == labels).float().mean()
+            100.0
+            * (classification_logits(feats, head_of(classifier)).argmax(1) == labels).float().mean()
         )
         kl = spurious_kl(feats, ref, spurious_protos)
         return {"score": float(accuracy), "accuracy": float(accuracy), "spurious_kl": float(kl)}
 
-    steps_per_epoch = len(loader)
     result = fit(
         modules,
         step_loss,
@@ -796,7 +859,7 @@ def finetune_fd_align(
     return FDAlignResult(
         visual=encoder.visual,
         reference_visual=frozen,
-        classifier=classifier,
+        classifier=head_of(classifier),
         fit=result,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=names,

@@ -217,7 +217,12 @@ def load_dataset(name: str, root: str | None, download: bool) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fewclip_tutorial.distributed import init_distributed
     from fewclip_tutorial.metrics import round_metrics
+
+    # under `torchrun --nproc_per_node N -m fewclip_tutorial run ...` every process runs the
+    # episode, trainers that support it split each batch over the processes, rank 0 reports
+    dist = init_distributed()
 
     options = {
         key[len("opt_") :]: value
@@ -244,6 +249,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             device=args.device,
             **options,
         )
+    if not dist.is_main:
+        return 0
     rounded = round_metrics(result, 1)
     if args.json:
         print(json.dumps(rounded, default=_json_default))

@@ -472,22 +472,19 @@ def class_sums(affinities: Tensor, cache_values: Tensor) -> Tensor:
     return grouped.unflatten(-1, (k, cache_values.shape[1])).sum(-2)
 
 
-def _argmax_hits(logits: Tensor, labels: Tensor) -> Tensor:
-    """``logits.argmax(-1) == labels`` for ``(b, m, A, C)`` logits and ``(m,)`` labels.
+def _argmax_hits(own: Tensor, others: Tensor, labels: Tensor) -> Tensor:
+    """``argmax == labels`` (first index on ties) from ``(b, m, A)`` label logits ``own`` and
+    ``(b, m, A, C)`` logits ``others`` that hold -inf at the labels.
 
-    Same answer as argmax, first index on ties, via a max (vectorised, unlike argmax):
-    the label's logit is read, replaced by -inf, and compared with the other classes'
-    maximum.  An exact tie is a hit only if no earlier class reaches it.  Overwrites
-    ``logits`` at the labels.
+    A max is vectorised where argmax is not; an exact tie is a hit only if no earlier
+    class reaches it.
     """
-    idx = labels.view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
-    own = logits.gather(3, idx).squeeze(3)  # (b, m, A)
-    other = logits.scatter_(3, idx, -math.inf).amax(dim=3)
+    other = others.amax(dim=3)
     hits, ties = own > other, own == other
     if bool(ties.any()):
         cells = ties.nonzero(as_tuple=True)
-        first = (logits[cells] == own[cells].unsqueeze(1)).int().argmax(dim=1)
-        hits[cells] = first > labels[cells[1]]
+        rows = others[cells]  # (T, C)
+        hits[cells] = (rows == own[cells].unsqueeze(1)).int().argmax(dim=1) > labels[cells[1]]
     return hits
 
 
@@ -541,7 +538,7 @@ def search_hparams(
     # The one affinity product, shifted once: T = S - 1 = f @ keys.T - 1, (M, W).
     shifted = _similarity(val_features, cache_keys).sub_(1.0)
     width, n_b, n_a = shifted.shape[1], len(betas_t), len(alphas_t)
-    betas_dev, alphas_dev = betas_t.to(device), alphas_t.to(device).view(1, 1, -1, 1)
+    betas_dev, alphas_dev = betas_t.to(device), alphas_t.to(device)
     budget, per_row = _BLOCK_ELEMENTS.get(device.type, 1 << 21), max(width, n_a * num_classes)
     rows = max(1, min(num_val, budget // per_row))  # a block: `chunk` betas x `rows` rows
     chunk = max(1, min(n_b, budget // (rows * per_row)))
@@ -552,6 +549,9 @@ def search_hparams(
     for r0 in range(0, num_val, rows):
         t, clip_r, y = shifted[r0 : r0 + rows], clip[r0 : r0 + rows], labels[r0 : r0 + rows]
         m = t.shape[0]
+        clip_y = clip_r.gather(1, y.view(-1, 1)).view(1, m, 1)
+        # The labels' own logits are computed apart; -inf hides them among the others.
+        clip_others = clip_r.scatter(1, y.view(-1, 1), -math.inf).view(1, m, 1, num_classes)
         for b0 in range(0, n_b, chunk):
             beta = betas_dev[b0 : b0 + chunk].view(-1, 1, 1)
             nb = beta.shape[0]
@@ -562,9 +562,10 @@ def search_hparams(
                 e = e.mul_(mask) if mask is not None else e
                 cache = c_buf[: nb * m * num_classes].view(nb, m, num_classes)
                 torch.sum(e.view(nb, m, k, num_classes), dim=2, out=cache)
-            logits = l_buf[: nb * m * n_a * num_classes].view(nb, m, n_a, num_classes)
-            torch.mul(cache.unsqueeze(2), alphas_dev, out=logits).add_(clip_r.unsqueeze(1))
-            correct[b0 : b0 + nb] += _argmax_hits(logits, y).sum(dim=1)  # (b, A)
+            others = l_buf[: nb * m * n_a * num_classes].view(nb, m, n_a, num_classes)
+            torch.mul(cache.unsqueeze(2), alphas_dev.view(-1, 1), out=others).add_(clip_others)
+            own = (cache.gather(2, y.view(1, -1, 1).expand(nb, m, 1)) * alphas_dev).add_(clip_y)
+            correct[b0 : b0 + nb] += _argmax_hits(own, others, y).sum(dim=1)  # (b, A)
     return _result(correct, betas_t, alphas_t, num_val)
 
 

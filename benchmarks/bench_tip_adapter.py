@@ -18,6 +18,11 @@ Cases (:func:`bench_tip_search`):
   (``reference_extrapolated``: about 11 hours would be needed otherwise).  The choice is
   compared on a sub-grid (a few betas x all alphas) computed both ways.
 
+Threads: on a shared CPU, run it with ``OMP_NUM_THREADS=1``.  With two threads on a loaded
+machine, every small kernel waits for the slower thread at its barrier, which inflates the
+time of whichever side has more small kernels (the reference on ShapeWorld, ours on the
+ImageNet-sized case); ``*_cpu_s`` shows it too.
+
 Usage::
 
     python benchmarks/bench_tip_adapter.py [shapeworld|imagenet_sized ...] [--tiny]

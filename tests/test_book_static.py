@@ -50,23 +50,7 @@ def test_readme_figure_is_written_only_inside_a_checkout(tmp_path, monkeypatch):
 WIDGET_OUTPUT_BYTES = 4096
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="06_comparison still carries 165 stale progress-bar widget states until "
-                "it is re-executed with scripts/execute_notebooks.py, which now drops them",
-            ),
-        )
-        if p.name.startswith("06_")
-        else p
-        for p in NOTEBOOKS
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_widget_state(path):
     # saved widget state is stale on the static page: the page shows a frozen control that
     # does nothing, and progress bars alone made a chapter's page 177 KB

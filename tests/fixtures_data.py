@@ -17,6 +17,14 @@ from torchvision import transforms as T
 
 from fewclip_tutorial.data.base import DatasetSpec, ListSplit
 
+#: A 1-layer ViT CLIP small enough to build in milliseconds (the backbone, zero-shot,
+#: experiment and GPU-path tests register it with open_clip under their own names).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
 EUROSAT_FOLDERS = [
     "AnnualCrop",
     "Forest",

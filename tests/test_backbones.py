@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from fixtures_data import TINY_CLIP_CONFIG
 
 from fewclip_tutorial import backbones as bbmod
 from fewclip_tutorial.backbones import (
@@ -26,11 +27,7 @@ from fewclip_tutorial.backbones import (
 from fewclip_tutorial.device import autocast, get_device, seed_everything
 
 TINY = "fewclip-test-tiny"
-TINY_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CONFIG = TINY_CLIP_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from fixtures_data import TINY_CLIP_CONFIG
 from PIL import Image
 
 import fewclip_tutorial.methods as methods_pkg
@@ -30,11 +31,7 @@ from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.zeroshot import text_classifier, zero_shot_logits
 
 TINY = "fewclip-test-tiny"
-TINY_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CONFIG = TINY_CLIP_CONFIG
 CLASSNAMES = ["circle", "square", "star"]
 TEMPLATES = ["a photo of a {}.", "a {}."]
 

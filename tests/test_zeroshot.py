@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_data import TINY_CLIP_CONFIG
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from fewclip_tutorial.backbones import Backbone, load_backbone
@@ -20,11 +21,7 @@ from fewclip_tutorial.zeroshot import (
 )
 
 TINY = "fewclip-test-tiny"
-TINY_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CONFIG = TINY_CLIP_CONFIG
 CLASSNAMES = ["circle", "square", "triangle", "star", "heart"]
 TEMPLATES = ["a photo of a {}.", "a sketch of a {}.", "a {}."]
 

@@ -757,7 +757,9 @@ def finetune_fd_align(
         else backbone.preprocess
     )
     info = dist_info()
-    if info.enabled or cfg.sampling == "seeded":
+    if info.enabled:  # N processes match one only with seeded sampling; report what ran
+        cfg = dataclasses.replace(cfg, sampling="seeded")
+    if cfg.sampling == "seeded":
         loader: Any = DataLoader(
             _SeededEpochs(train_split, transform, seed, int(cfg.epochs)),
             batch_sampler=_ShardedBatches(len(train_split), int(cfg.batch_size), seed, info),
@@ -943,7 +945,7 @@ def run_fd_align(
     head = result.classifier.cpu()
     out = tuned_ctx.report(lambda f: classification_logits(f, head))
     out.update(
-        cfg.options(),
+        result.config.options(),
         start=start,
         best_epoch=result.best_epoch,
         kept_original=result.fit.best_step == 0,

@@ -252,7 +252,7 @@ def fit(
         scaler.step(optimizer)
         scaler.update()
         history["step"].append(step)
-        history["loss"].append(_global_mean(loss.detach().float()))
+        history["loss"].append(_global_mean(loss.detach().double()))  # exact for fp16/32 losses
         history["lr"].append(lr_now)
         _append(history, "train_", extras)
         if show:

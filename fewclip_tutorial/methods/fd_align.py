@@ -233,14 +233,21 @@ def spurious_prototypes(text_features: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- losses
 
 
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64 (equivalence tests), else float32 (fp16/bf16 are
+    upcast, as ``.float()`` does): float32 results are the same as with ``.float()``."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _cosine_logits(features: Tensor, prototypes: Tensor, logit_scale: float, what: str) -> Tensor:
     if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:
         raise ValueError(
             f"expected (B, D) image features and (K, D) {what} of the same D, got "
             f"{tuple(features.shape)} and {tuple(prototypes.shape)}; build both with one backbone."
         )
-    f = F.normalize(features.float(), dim=-1)
-    return logit_scale * f @ F.normalize(prototypes.float(), dim=-1).T
+    dtype = _compute_dtype(features, prototypes)
+    f = F.normalize(features.to(dtype), dim=-1)
+    return logit_scale * f @ F.normalize(prototypes.to(dtype), dim=-1).T
 
 
 def classification_logits(
@@ -253,7 +260,8 @@ def classification_logits(
     (the authors' code; its weights carry the scale).
     """
     if isinstance(classifier, nn.Module):
-        return classifier(F.normalize(image_features.float(), dim=-1))
+        dtype = next(classifier.parameters()).dtype  # float32, or float64 in equivalence tests
+        return classifier(F.normalize(image_features.to(dtype), dim=-1))
     return _cosine_logits(image_features, classifier, logit_scale, "class prototypes")
 
 
@@ -692,6 +700,7 @@ def finetune_fd_align(
     val_reference: FeatureSet | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> FDAlignResult:
     """Fine-tune a copy of ``backbone.model.visual`` with the FD-Align objective.
@@ -714,8 +723,13 @@ def finetune_fd_align(
             cache), so they are not encoded again.
         num_workers: image-decoding workers (default: ``device.default_num_workers``).
         progress: a progress bar.
+        dtype: the precision of the trained encoder, the frozen copy, the prototypes and the
+            head (``torch.float64`` lets tests compare two runs that differ only in summation
+            order, e.g. torchrun against one process, up to rounding).
     """
     cfg = dataclasses.replace(config or FDAlignConfig(), **overrides)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64.")
     if len(train_split) == 0:
         raise ValueError("train_split is empty; pass the K-shot training images.")
     if int(np.max(train_split.labels)) >= class_protos.shape[0]:
@@ -726,18 +740,18 @@ def finetune_fd_align(
     device = torch.device(backbone.device)
     workers = default_num_workers(device) if num_workers is None else int(num_workers)
     seed_everything(seed)
-    spurious_protos = spurious_protos.detach().float().to(device)
-    frozen = copy.deepcopy(backbone.model.visual).float().to(device).eval().requires_grad_(False)
-    encoder = _Trainable(copy.deepcopy(backbone.model.visual).float().to(device)).requires_grad_(
+    spurious_protos = spurious_protos.detach().to(device, dtype)
+    frozen = copy.deepcopy(backbone.model.visual).to(device, dtype).eval().requires_grad_(False)
+    encoder = _Trainable(copy.deepcopy(backbone.model.visual).to(device, dtype)).requires_grad_(
         False
     )
     names = trainable_parameter_names(encoder.visual, None if cfg.blocks < 0 else cfg.blocks)
     named = dict(encoder.visual.named_parameters())
     params = [named[n].requires_grad_(True) for n in names]
     modules: list[nn.Module] = [encoder]
-    classifier: Tensor | nn.Module = class_protos.detach().float().to(device)
+    classifier: Tensor | nn.Module = class_protos.detach().to(device, dtype)
     if cfg.head == "trained":  # the authors' CoOp_head: weights tau * t_c, bias 0, trained
-        head = nn.Linear(classifier.shape[1], classifier.shape[0]).to(device)
+        head = nn.Linear(classifier.shape[1], classifier.shape[0]).to(device, dtype)
         with torch.no_grad():
             head.weight.copy_(CLIP_LOGIT_SCALE * F.normalize(classifier, dim=-1))
             head.bias.zero_()
@@ -793,7 +807,7 @@ def finetune_fd_align(
     def step_loss(step: int) -> dict[str, Tensor]:
         images, labels = next(stream)
         trained[0] = True
-        f_ft, f_fr = encode_pair(encoder_step, frozen, images.to(device, non_blocking=True))
+        f_ft, f_fr = encode_pair(encoder_step, frozen, images.to(device, dtype, non_blocking=True))
         loss = fd_align_loss(
             f_ft,
             f_fr,

@@ -32,6 +32,7 @@ def main(out: str) -> None:
         fd_align.FDAlignConfig(blocks=1, epochs=2, batch_size=8, spc=False, sampling="seeded"),
         seed=1,
         num_workers=0,
+        dtype=torch.float64,  # the runs differ in summation order only: rounding, not AdamW noise
     )
     if info.is_main:
         trained = [p.detach().flatten() for p in result.visual.parameters()]

@@ -18,6 +18,9 @@ from fewclip_tutorial.training import fit
 
 def main(out: str) -> None:
     info = init_distributed("gloo")
+    # float64: one process and two differ only in the order of the gradient sums, so the
+    # difference is rounding (about 1e-16 per operation), not float32 noise
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     x = torch.randn(64, 5)
     y = (x[:, 0] + x[:, 1] > 0).long()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,15 +92,20 @@ def repository_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "book").is_dir() else None
 
 
-def save_readme_figure(fig, name: str = "readme_result.png", dpi: int = 110) -> Path | None:
-    """Save ``fig`` as the README's figure, ``book/figures/<name>``, only inside a checkout.
+#: Set to ``1`` (``make notebooks`` does) to let a chapter refresh the README's figure.
+WRITE_README_FIGURE_ENV = "FEWCLIP_WRITE_README_FIGURE"
 
-    Returns the path written, or ``None`` when the package is not a repository checkout
-    (Colab, a pip install): nothing is written then, so no chapter depends on the
-    working directory.
+
+def save_readme_figure(fig, name: str = "readme_result.png", dpi: int = 110) -> Path | None:
+    """Save ``fig`` as the README's figure, ``book/figures/<name>``, only when asked.
+
+    Writes only inside a repository checkout and only when the environment variable
+    ``FEWCLIP_WRITE_README_FIGURE`` is ``1`` (``make notebooks``, which re-executes the
+    chapters for a commit, sets it). Running a chapter, ``make book`` and ``make test``
+    leave the checkout unmodified. Returns the path written, or ``None``.
     """
     root = repository_root()
-    if root is None:
+    if root is None or os.environ.get(WRITE_README_FIGURE_ENV) != "1":
         return None
     path = root / "book" / "figures" / name
     path.parent.mkdir(parents=True, exist_ok=True)

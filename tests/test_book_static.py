@@ -27,7 +27,7 @@ def test_no_chapter_reads_or_writes_paths_relative_to_the_working_directory(path
         assert not pattern.search(src), f"{path.name}: a relative path in\n{src}"
 
 
-def test_readme_figure_is_written_only_inside_a_checkout(tmp_path, monkeypatch):
+def test_readme_figure_is_written_only_inside_a_checkout_when_asked(tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +40,10 @@ def test_readme_figure_is_written_only_inside_a_checkout(tmp_path, monkeypatch):
     assert not (BOOK / "figures" / "never.png").exists()
     (tmp_path / "book").mkdir()
     monkeypatch.setattr(plots, "repository_root", lambda: tmp_path)
+    monkeypatch.delenv(plots.WRITE_README_FIGURE_ENV, raising=False)
+    assert plots.save_readme_figure(fig, name="x.png") is None  # a checkout, but not asked
+    assert not (tmp_path / "book" / "figures").exists()
+    monkeypatch.setenv(plots.WRITE_README_FIGURE_ENV, "1")
     written = plots.save_readme_figure(fig, name="x.png")
     assert written == tmp_path / "book" / "figures" / "x.png" and written.stat().st_size > 0
     plt.close(fig)

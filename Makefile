@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ACTIONLINT ?= .venv/bin/actionlint
 export PYTHONHASHSEED := 0
 
-.PHONY: help setup test test-fast nbval book book-from-tests lint format bench pretrain notebooks clean assignments
+.PHONY: help setup test test-portable test-fast nbval book book-from-tests lint format bench pretrain notebooks clean assignments
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -14,6 +14,11 @@ setup:  ## create .venv and install the package with its [book,dev] extras (idem
 
 test: setup  ## the whole suite: lint, pytest, nbval over every notebook, then a book build from the checked notebooks
 	@bash scripts/test.sh
+
+test-portable: setup  ## the suite under the three configurations CI runs: default, ATEN_CPU_CAPABILITY=avx2, 2 threads
+	FEWCLIP_TEST_CONFIG=default bash scripts/test.sh
+	FEWCLIP_TEST_CONFIG=avx2 bash scripts/test.sh
+	FEWCLIP_TEST_CONFIG=threads2 bash scripts/test.sh
 
 test-fast: setup  ## the fast unit tests only (no slow tests, no notebooks): under 3 minutes on 2 cores
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"

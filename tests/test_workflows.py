@@ -48,9 +48,26 @@ def test_test_workflow_runs_make_test_on_pushes_and_pull_requests() -> None:
     assert {"push", "pull_request"} <= set(wf["on"])
     runs = [line.strip() for line in _runs(wf).splitlines()]
     assert "make test" in runs and "make lint" in runs
-    portable = wf["jobs"]["nbval-portable"]
-    assert portable["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
-    assert str(portable["env"]["OMP_NUM_THREADS"]) == "2"
+    job = wf["jobs"]["test"]
+    # the whole suite, not only the notebooks, under each machine configuration
+    assert job["strategy"]["matrix"]["config"] == ["default", "avx2", "threads2"]
+    assert job["env"]["FEWCLIP_TEST_CONFIG"] == "${{ matrix.config }}"
+
+
+def test_each_test_configuration_sets_what_it_names() -> None:
+    script = (REPO / "scripts" / "test.sh").read_text()
+    assert "avx2) export ATEN_CPU_CAPABILITY=avx2" in script
+    assert "threads2) export OMP_NUM_THREADS=2" in script
+    make = (REPO / "Makefile").read_text()
+    for config in ("default", "avx2", "threads2"):
+        assert f"FEWCLIP_TEST_CONFIG={config} bash scripts/test.sh" in make
+    bad = subprocess.run(
+        ["bash", str(REPO / "scripts" / "test.sh")],
+        env={**os.environ, "FEWCLIP_TEST_CONFIG": "avx512"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown; use default, avx2 or threads2" in bad.stderr
 
 
 def test_book_workflow_builds_checked_notebooks_and_deploys_to_pages() -> None:

@@ -14,7 +14,8 @@ same way:
 * early stopping after ``patience`` evaluations without improvement;
 * mixed precision on CUDA (autocast around the step's loss, and a ``GradScaler`` when
   the autocast dtype is fp16); nothing on CPU, so CPU runs stay bit-exact;
-* a tqdm progress bar and one history format (:class:`FitResult`).
+* a tqdm progress bar (which, when patience ends training, says so in one line on stderr)
+  and one history format (:class:`FitResult`).
 
 This follows open_clip's split between a task (the loss) and the shared loop
 (``open_clip_train/train.py``).
@@ -32,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -260,6 +262,13 @@ def fit(
         if evaluate is not None and (step % eval_every == 0 or step == steps):
             if run_eval(step):
                 stopped = True
+                if show:  # say why the bar ends short of `steps` (it is cleared on close)
+                    bar.set_description(f"{desc} (stopped early)")
+                    tqdm.write(
+                        f"{desc}: stopped early at step {step} of {steps}: no validation gain "
+                        f"in {patience} evaluations (best: step {best_step})",
+                        file=sys.stderr,
+                    )
                 break
     steps_run = len(history["step"])
     if evaluate is None:

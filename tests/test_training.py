@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -166,3 +167,36 @@ def test_bad_arguments_name_the_problem(kw):
     args = {"steps": 1} | kw
     with pytest.raises(ValueError, match=next(iter(kw))):
         fit(model, lambda s: ((model(x) - y) ** 2).mean(), optimizer=opt, **args)
+
+
+def _stopping_fit(progress: bool, patience: int | None = 2, steps: int = 10):
+    model, x, y = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return fit(
+        model,
+        lambda s: ((model(x) - y) ** 2).mean(),
+        steps=steps,
+        optimizer=opt,
+        evaluate=lambda: 0.0,  # never improves on the starting state: patience stops it
+        patience=patience,
+        progress=progress,
+        desc="probe",
+    )
+
+
+def test_progress_bar_says_why_patience_ended_training(capsys: pytest.CaptureFixture[str]):
+    res = _stopping_fit(progress=True)
+    assert res.stopped_early and res.steps_run == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in re.split(r"[\r\n]", err)]
+    expected = "probe: stopped early at step 2 of 10: no validation gain in 2 evaluations"
+    assert f"{expected} (best: step 0)" in lines  # a line of its own, left after the bar
+    assert any(line.startswith("probe (stopped early):") for line in lines)  # the bar itself
+
+
+def test_no_early_stop_line_without_a_bar_or_an_early_stop(capsys: pytest.CaptureFixture[str]):
+    assert _stopping_fit(progress=False).stopped_early
+    assert "stopped early" not in capsys.readouterr().err
+    res = _stopping_fit(progress=True, patience=None, steps=3)
+    assert not res.stopped_early and res.steps_run == 3
+    assert "stopped early" not in capsys.readouterr().err

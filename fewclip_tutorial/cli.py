@@ -10,8 +10,12 @@
 ``fewclip run`` has one sub-command per registered method, with one
 ``--option`` per :class:`~fewclip_tutorial.experiment.Option` of the method.
 Bad input (unknown method, dataset or backbone, too many shots, an invalid
-option value) prints a one-line error and exits with status 2.  Set
-``FEWCLIP_DEBUG=1`` to get the full traceback instead.
+option value, a dataset that is missing or fails to download) prints a one-line error
+and exits with status 2.  Set ``FEWCLIP_DEBUG=1`` to get the full traceback instead.
+
+The parser imports nothing heavy: ``fewclip --help``, ``fewclip run --help`` and
+``fewclip sweep --help`` answer without importing torch or open_clip; the method named by
+``fewclip run METHOD`` is imported (with torch) to read its options.
 """
 
 from __future__ import annotations
@@ -21,19 +25,49 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-__all__ = ["build_parser", "format_result", "main"]
+from fewclip_tutorial.suggest import did_you_mean
+
+__all__ = ["BUILTIN_METHODS", "build_parser", "format_result", "main"]
 
 PROG = "fewclip"
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
 
+#: The methods of :mod:`fewclip_tutorial.methods` and their one-line help, known without
+#: importing them (and torch, open_clip): ``fewclip --help`` and ``fewclip run --help`` list
+#: them in a fraction of a second.  ``tests/test_cli.py`` checks it against the registry.
+BUILTIN_METHODS: dict[str, str] = {
+    "clap": "CLAP: a residual network on CLIP features trained with augmented prompts.",
+    "cross-modal": "Cross-modal adaptation (Lin et al., CVPR 2023): class-name text embeddings "
+    "as extra training samples of a linear head initialised from the zero-shot classifier.",
+    "fd-align": "FD-Align (Song et al., NeurIPS 2023): fine-tune the image encoder while keeping "
+    "its distribution over spurious (style) prototypes close to the frozen model's.",
+    "linear-probe": "Logistic regression on frozen image features; C chosen on the few-shot "
+    "val split.",
+    "tip-adapter": "Training-free Tip-Adapter: cache model, alpha/beta searched on the few-shot "
+    "val split.",
+    "tip-adapter-f": "Tip-Adapter-F: fine-tune the cache keys; kept step and alpha/beta chosen "
+    "on val.",
+    "zero-shot": "Zero-shot CLIP with the dataset's prompt ensemble (no training images).",
+}
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from fewclip_tutorial.backbones import BackboneError
+    # A BackboneError can only be in flight once fewclip_tutorial.backbones was imported:
+    # looking it up in sys.modules keeps an error path from importing torch.
+    backbones = sys.modules.get("fewclip_tutorial.backbones")
+    return (*_USER_ERRORS, backbones.BackboneError) if backbones else _USER_ERRORS
 
-    return (*_USER_ERRORS, BackboneError)
+
+def _error_message(err: BaseException) -> str:
+    """The one line printed for a user error: the error's ``cli_message`` where it has one
+    (its advice worded for the command line, e.g. ``--download`` for ``download=True``)."""
+    cli_message = getattr(err, "cli_message", None)
+    if isinstance(cli_message, str) and cli_message:
+        return cli_message
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _version() -> str:
@@ -127,9 +161,45 @@ def _add_method_options(p: argparse.ArgumentParser, spec: Any) -> None:
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``fewclip`` parser (imports every method to list its options)."""
+def _method_help() -> dict[str, str]:
+    """Method name -> help: the built-in methods and any registered in this process so far
+    (read from the registry only when something already imported it)."""
+    helps = dict(BUILTIN_METHODS)
+    experiment = sys.modules.get("fewclip_tutorial.experiment")
+    if experiment is not None:
+        helps.update({name: spec.help for name, spec in experiment.METHODS.items()})
+    return dict(sorted(helps.items()))
+
+
+def _registered_methods() -> dict[str, str]:
+    """Method name -> help from the registry (imports every method, hence torch)."""
     from fewclip_tutorial.experiment import get_method, list_methods
+
+    helps = {**_method_help(), **{name: get_method(name).help for name in list_methods()}}
+    return dict(sorted(helps.items()))
+
+
+def build_parser(with_options: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fewclip`` parser.
+
+    Args:
+        with_options: the methods whose ``fewclip run METHOD`` arguments (the episode
+            arguments and the method's options) are added; ``None``: every method.  Adding
+            them imports the methods and torch; ``main`` adds only the method on its command
+            line, so that ``fewclip --help`` and ``fewclip run --help`` import neither.
+    """
+    return _build_parsers(with_options)[0]
+
+
+def _build_parsers(
+    with_options: Collection[str] | None,
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """:func:`build_parser` and its ``run`` sub-parser."""
+    if with_options is None:
+        helps = _registered_methods()
+        with_options = list(helps)
+    else:
+        helps = _registered_methods() if with_options else _method_help()
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Few-shot adaptation of CLIP-style models: the tutorial's tools."
@@ -142,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a method on one few-shot episode")
     methods = run.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for name in list_methods():
-        spec = get_method(name)
-        mp = methods.add_parser(name, help=spec.help, description=spec.help)
-        _add_common_run_args(mp)
-        _add_method_options(mp, spec)
+    for name, help_text in helps.items():
+        mp = methods.add_parser(name, help=help_text, description=help_text)
+        if name in with_options:
+            from fewclip_tutorial.experiment import get_method
+
+            _add_common_run_args(mp)
+            _add_method_options(mp, get_method(name))
 
     sub.add_parser(
         "pretrain",
@@ -163,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="grade a folder of submitted notebooks into a CSV (`fewclip grade -h`)",
         add_help=False,
     )
-    return parser
+    return parser, run
 
 
 # --------------------------------------------------------------------------- output
@@ -209,10 +281,17 @@ def load_dataset(name: str, root: str | None, download: bool) -> Any:
     """The dataset of ``fewclip run``, loaded *before* the backbone (so that a typo or a missing
     download fails in a second, not after fetching gigabytes of weights).  An indirection so
     tests can replace it."""
-    from fewclip_tutorial.data.registry import check_dataset_name
+    from fewclip_tutorial.data.registry import check_dataset_name, is_downloadable, list_datasets
     from fewclip_tutorial.data.registry import load_dataset as _load
 
     check_dataset_name(name)
+    if download and not is_downloadable(name):
+        downloadable = [d for d in list_datasets() if not d.endswith(">") and is_downloadable(d)]
+        raise ValueError(
+            f"--download applies to the torchvision datasets ({', '.join(downloadable)}); "
+            f"{name!r} has nothing to download (ShapeWorld is generated in-process, an image "
+            "folder is read in place): drop --download."
+        )
     return _load(name, root=root, download=True) if download else _load(name, root=root)
 
 
@@ -457,13 +536,19 @@ def _sweep_table(frame: Any, args: argparse.Namespace) -> Any:
 
 
 def _cmd_sweep(argv: list[str]) -> int:
-    from fewclip_tutorial.sweep import merge_results, parse_shard, run_cells, shard_cells
-
     parser = _sweep_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+
+    from fewclip_tutorial.sweep import (
+        merge_results,
+        parse_shard,
+        run_cells,
+        shard_cells,
+        write_csv,
+    )
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -474,9 +559,9 @@ def _cmd_sweep(argv: list[str]) -> int:
         frame = merge_results(args.merge, grid=args.grid, partial=args.partial, log=log)
         table = _sweep_table(frame, args)
         if args.rows:
-            frame.to_csv(args.rows, index=False)
+            write_csv(frame, args.rows, index=False)
         if args.out:
-            table.to_csv(args.out)
+            write_csv(table, args.out)
             log(f"wrote {args.out}")
         print(table.to_string())
         return 0
@@ -520,8 +605,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fewclip_tutorial.grading import main as grade_main
 
             return grade_main(argv[1:])
-        parser = build_parser()
+        method = argv[1] if argv[:1] == ["run"] and len(argv) > 1 else None
+        if method is not None and method.startswith("-"):
+            method = None  # `fewclip run --help`
+        known = method is not None and method in _method_help()  # a typo fails fast
+        parser, run_parser = _build_parsers([method] if known else [])
         try:
+            if method is not None and not known:
+                _unknown_method(run_parser, method)
             args = parser.parse_args(argv)
         except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
             return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
@@ -531,9 +622,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         if debug:
             raise
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {_error_message(err)}", file=sys.stderr)
         return 2
+
+
+def _unknown_method(run_parser: argparse.ArgumentParser, method: str) -> None:
+    """Exit as argparse does for an invalid METHOD choice, plus the closest method name."""
+    names = list(_method_help())
+    run_parser.error(
+        f"argument METHOD: invalid choice: {method!r}.{did_you_mean(method, names)} "
+        f"(choose from {', '.join(map(repr, names))})"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,10 +44,17 @@ __all__ = [
     "sweep_cells",
     "sweep_frame",
     "task_table",
+    "write_csv",
 ]
 
 #: ``label -> (method name, options)``; a bare method name means default options.
 MethodTable = Mapping[str, str | tuple[str, Mapping[str, Any]]]
+
+#: Decimals of the accuracies (percent) in the CSV files of :func:`write_csv`.
+CSV_DECIMALS = 2
+#: Other floats (hyperparameters) keep this many significant digits: enough for any value a
+#: method chose, without binary noise such as ``0.30000000000000004``.
+CSV_SIGNIFICANT = 10
 
 #: The leading columns of a sweep frame, in this order.
 FIRST_COLUMNS = ["label", "method", "dataset", "shots", "seed", "val_accuracy", "test_accuracy"]
@@ -253,8 +260,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         ) from None
     if count < 1 or not 0 <= index < count:
         raise ValueError(
-            f"--shard {text}: shards are numbered 0 to N-1 (N >= 1), e.g. "
-            "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)."
+            f"--shard {text}: shards are numbered 0 to N-1 (N >= 1), e.g. in a Slurm array "
+            "submitted with --array=0-31: --shard $SLURM_ARRAY_TASK_ID/32 (N fixed to the size "
+            "of --array; not $SLURM_ARRAY_TASK_COUNT, which shrinks on a partial resubmit)."
         )
     return index, count
 
@@ -707,3 +715,27 @@ def task_table(frame, metric: str = "test_accuracy", ndigits: int = 1):
     table.columns.name = None
     table.index.name = None
     return pd.DataFrame(table).round(ndigits)
+
+
+def _is_accuracy_column(name: Any) -> bool:
+    name = str(name)
+    return "accuracy" in name or name == "ood_mean" or name.startswith("ood:")
+
+
+def write_csv(table, path: str | os.PathLike, *, index: bool = True) -> None:
+    """Write a sweep frame or table as CSV, accuracies rounded to :data:`CSV_DECIMALS`.
+
+    Accuracy columns (``val_accuracy``, ``test_accuracy``, ``ood:<domain>``, ``ood_mean``) are
+    rounded to :data:`CSV_DECIMALS` decimals, so that ``71.39999999999999`` is written
+    ``71.4``; other floats keep :data:`CSV_SIGNIFICANT` significant digits.  The tables of
+    :func:`task_table` (already rounded) are written as they print.
+    """
+    out = table.copy()
+    for column in out.columns:
+        if out[column].dtype.kind != "f":
+            continue
+        if _is_accuracy_column(column):
+            out[column] = out[column].round(CSV_DECIMALS)
+        else:
+            out[column] = out[column].map(lambda v: float(f"{v:.{CSV_SIGNIFICANT}g}"))
+    out.to_csv(path, index=index)

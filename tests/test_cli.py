@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from fewclip_tutorial import cli
 from fewclip_tutorial.backbones import UnknownBackboneError
 from fewclip_tutorial.data.splits import NotEnoughExamplesError
 from fewclip_tutorial.experiment import METHODS, Option, register_method
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -143,6 +147,69 @@ def test_unknown_method_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("zero-shoot", "zero-shot"), ("tip-adaptor", "tip-adapter"), ("linear_probe", "linear-probe")],
+)
+def test_a_method_typo_gets_did_you_mean(
+    capsys: pytest.CaptureFixture[str], typo: str, meant: str
+) -> None:
+    assert cli.main(["run", typo, "--shots", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: {typo!r}. Did you mean {meant!r}?" in err
+    assert err.count("Did you mean") == 1 and "Traceback" not in err
+    assert cli.main(["run", "qqqq"]) == 2  # nothing close: no suggestion, the list
+    err = capsys.readouterr().err
+    assert "Did you mean" not in err and "'zero-shot'" in err
+
+
+def test_builtin_method_names_match_the_registry() -> None:
+    """`fewclip --help` lists the methods without importing them: the list must not drift."""
+    from fewclip_tutorial.experiment import get_method, list_methods
+
+    registered = {name: get_method(name).help for name in list_methods()}
+    registered = {k: v for k, v in registered.items() if not k.startswith("_")}  # test methods
+    assert cli.BUILTIN_METHODS == registered, (
+        "update fewclip_tutorial.cli.BUILTIN_METHODS to the methods' names and help"
+    )
+
+
+_IMPORTS_OF = r"""
+import json, runpy, sys
+sys.argv = ["fewclip", *sys.argv[1:]]
+try:
+    runpy.run_module("fewclip_tutorial", run_name="__main__", alter_sys=True)
+except SystemExit as exit_:
+    code = exit_.code
+heavy = [m for m in ("torch", "open_clip", "torchvision") if m in sys.modules]
+print("\n" + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["run", "--help"], ["sweep", "--help"], ["--version"], ["run", "zero-shoot"]],
+)
+def test_help_imports_neither_torch_nor_open_clip(argv: list[str]) -> None:
+    """`python -m fewclip_tutorial --help` answers in a fraction of a second (no torch)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_OF, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [], f"`fewclip {' '.join(argv)}` imported {report['heavy']}"
+    assert report["code"] == (2 if argv == ["run", "zero-shoot"] else 0), proc.stderr
+    if argv == ["run", "--help"]:
+        for name in cli.BUILTIN_METHODS:  # the methods are listed with their help
+            assert name in proc.stdout
+        assert "Training-free Tip-Adapter" in proc.stdout
+
+
+@pytest.mark.parametrize(
     ("error", "text"),
     [
         (UnknownBackboneError("Unknown backbone 'ViT-Q'. Known names: ..."), "Unknown backbone"),
@@ -260,7 +327,11 @@ def test_missing_dataset_fails_before_the_backbone_and_names_the_way_out(
     code = cli.main(["run", "zero-shot", "--dataset", "eurosat", "--data-root", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
-    assert str(tmp_path / "eurosat" / "2750") in err and "download=True" in err
+    assert str(tmp_path / "eurosat" / "2750") in err
+    assert err.count("\n") == 1  # one line
+    # the advice is worded for the command line, not for Python
+    assert "--download" in err and "--data-root" in err and "--dataset shapeworld" in err
+    assert "download=True" not in err and "root=" not in err and "load_dataset" not in err
 
 
 def test_data_root_reaches_the_torchvision_loader(
@@ -303,4 +374,6 @@ def test_download_flag_is_passed_to_torchvision_loaders_only(
     capsys.readouterr()
     monkeypatch.setattr(cli, "run_method", _never_run)
     assert cli.main(["run", "zero-shot", "--dataset", "shapeworld", "--download"]) == 2
-    assert "nothing to download" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nothing to download" in err and "drop --download" in err
+    assert "download=True" not in err

@@ -192,6 +192,9 @@ def test_missing_files_clear_error(tmp_path, name):
     msg = str(info.value)
     assert str(root) in msg and "download=True" in msg and "shapeworld" in msg
     assert "off by default" in msg
+    cli_msg = info.value.cli_message  # the same advice, worded for `fewclip run`
+    assert str(root) in cli_msg and "--download" in cli_msg and "--data-root" in cli_msg
+    assert "--dataset shapeworld" in cli_msg and "download=True" not in cli_msg
     assert isinstance(info.value, FileNotFoundError)
     assert not root.exists()  # nothing was created or downloaded
 
@@ -298,3 +301,90 @@ def test_download_flag_for_local_and_generated_datasets(tmp_path):
     assert spec.classnames == ["a", "b"]
     with pytest.raises(ValueError, match="nothing to download"):
         load_dataset(f"imagefolder:{tmp_path}", download=True)
+
+
+# --------------------------------------------------------------------------- failed downloads
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A machine without network: every ``urlopen`` fails as it does without DNS.
+
+    Nothing is contacted; the list collects the URLs torchvision asked for.
+    """
+    import socket
+    import urllib.error
+    import urllib.request
+
+    asked: list[str] = []
+
+    def urlopen(request: object, *args: object, **kwargs: object) -> None:
+        asked.append(getattr(request, "full_url", str(request)))
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def test_failed_download_is_one_clear_error_and_removes_what_it_created(tmp_path, offline):
+    from fewclip_tutorial.data import DatasetDownloadError
+
+    root = tmp_path / "new" / "data"  # neither folder exists: the download would create both
+    with pytest.raises(DatasetDownloadError) as info:
+        load_dataset("eurosat", root=root, download=True)
+    assert offline, "the download was not attempted"
+    msg = str(info.value)
+    assert msg.startswith(f"Could not download dataset 'eurosat' from {offline[0]}: ")
+    assert "Temporary failure in name resolution" in msg and "\n" not in msg
+    assert "download=True" in msg and "root=" in msg and "load_dataset('shapeworld')" in msg
+    cli_msg = info.value.cli_message
+    assert cli_msg.startswith(f"Could not download dataset 'eurosat' from {offline[0]}: ")
+    assert "--download" in cli_msg and "--data-root" in cli_msg
+    assert "--dataset shapeworld" in cli_msg and "download=True" not in cli_msg
+    assert isinstance(info.value, DatasetNotFoundError)  # the dataset is still not there
+    assert not (tmp_path / "new").exists()  # created folders removed, up to the first one
+    assert tmp_path.exists()
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_LOADERS))
+def test_failed_download_keeps_what_existed_before(tmp_path, offline, name):
+    from fewclip_tutorial.data import DatasetDownloadError
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "other_dataset").mkdir()
+    (root / "other_dataset" / "file.bin").write_bytes(b"x")
+    with pytest.raises(DatasetDownloadError, match=f"Could not download dataset '{name}'"):
+        load_dataset(name, root=root, download=True)
+    assert offline
+    # the dataset's folder (and archive) the download made are gone, the rest is untouched
+    assert sorted(p.name for p in root.iterdir()) == ["other_dataset"]
+    assert (root / "other_dataset" / "file.bin").read_bytes() == b"x"
+
+
+def test_failed_download_keeps_a_dataset_folder_that_existed(tmp_path, offline):
+    from fewclip_tutorial.data import DatasetDownloadError
+
+    (tmp_path / "eurosat").mkdir()  # e.g. made by hand, or by an earlier attempt
+    with pytest.raises(DatasetDownloadError):
+        load_dataset("eurosat", root=tmp_path, download=True)
+    assert (tmp_path / "eurosat").is_dir()
+
+
+def test_failed_download_under_the_cli_is_one_line_with_cli_advice(tmp_path, offline, capsys):
+    from fewclip_tutorial import cli
+
+    def never_run(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("the backbone must not be loaded when the download failed")
+
+    root = tmp_path / "data"
+    argv = ["run", "zero-shot", "--dataset", "eurosat", "--download", "--data-root", str(root)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "run_method", never_run)
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fewclip: error: Could not download dataset 'eurosat' from http")
+    assert "name resolution" in err and "--data-root" in err and "--dataset shapeworld" in err
+    assert "download=True" not in err and "load_dataset" not in err
+    assert not root.exists()

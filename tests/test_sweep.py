@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -353,6 +354,53 @@ def test_cli_sweep_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "needs --results" in capsys.readouterr().err
     assert cli.main(["sweep", "--merge", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shard_error_uses_a_fixed_n_as_the_readme_does(capsys: pytest.CaptureFixture):
+    """The Slurm example sizes N as the README's sbatch script does: fixed, = the --array size."""
+    with pytest.raises(ValueError) as info:
+        parse_shard("4/4")
+    msg = str(info.value)
+    assert "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT" not in msg
+    example = re.search(r"--array=0-(\d+): --shard \$SLURM_ARRAY_TASK_ID/(\d+)", msg)
+    assert example, msg
+    assert int(example.group(2)) == int(example.group(1)) + 1  # N = the size of --array
+    readme = (ROOT / "README.md").read_text()
+    assert '--shard "$SLURM_ARRAY_TASK_ID/$N"' in readme and "N=32" in readme
+
+
+def test_merge_writes_rounded_csv(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`sweep --merge --rows/--out` write 71.4, not 71.39999999999999."""
+
+    def runner(cell: Cell) -> dict:
+        return {
+            "method": cell.method,
+            "dataset": cell.dataset,
+            "shots": cell.shots,
+            "seed": cell.seed,
+            "val_accuracy": 100 * 0.714,  # 71.39999999999999
+            "test_accuracy": 100 * 2 / 3,  # 66.66666666666667
+            "ood_accuracy": {"sketch": 100 * 0.714},
+            "alpha": 0.1 + 0.2,  # 0.30000000000000004
+            "C": 1e-5,
+        }
+
+    assert 100 * 0.714 == 71.39999999999999  # the float noise the CSV must not show
+    results = tmp_path / "r.jsonl"
+    run_cells(sweep_cells(["zero-shot"], shots=(1,), seeds=(1, 2)), results=results, runner=runner)
+    rows, out = tmp_path / "rows.csv", tmp_path / "table.csv"
+    argv = ["sweep", "--merge", str(results), "--rows", str(rows), "--out", str(out)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    text = rows.read_text()
+    assert "71.39999" not in text and "66.6666" not in text and "0.30000000000000004" not in text
+    frame = pd.read_csv(rows)
+    assert list(frame["val_accuracy"]) == [71.4, 71.4]
+    assert list(frame["test_accuracy"]) == [66.67, 66.67]  # 2 decimals
+    assert list(frame["ood:sketch"]) == [71.4, 71.4] and list(frame["ood_mean"]) == [71.4, 71.4]
+    assert list(frame["alpha"]) == [0.3, 0.3] and list(frame["C"]) == [1e-5, 1e-5]
+    assert list(frame["shots"]) == [1, 1]  # integers stay integers
+    assert out.read_text().splitlines() == [",zero-shot", "shapeworld,66.7", "average,66.7"]
 
 
 def test_append_record_writes_whole_lines(tmp_path: Path):

@@ -26,6 +26,7 @@ from fewclip_tutorial.data.templates import (
 )
 from fewclip_tutorial.data.torchvision_datasets import (
     ConcatSplit,
+    DatasetDownloadError,
     DatasetNotFoundError,
     TorchvisionSplit,
     default_data_root,
@@ -38,6 +39,7 @@ __all__ = [
     "SIMPLE_IMAGENET_TEMPLATES",
     "TIP_ADAPTER_TEMPLATES",
     "ConcatSplit",
+    "DatasetDownloadError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "EmptyImageFolderError",

@@ -12,10 +12,10 @@ torchvision datasets (``"eurosat"``, ``"oxford_pets"``, ``"dtd"``,
 
 from __future__ import annotations
 
-import difflib
 import os
 
 from fewclip_tutorial.data.base import DatasetSpec
+from fewclip_tutorial.suggest import did_you_mean
 
 __all__ = [
     "IMAGEFOLDER_PREFIX",
@@ -124,8 +124,7 @@ def check_dataset_name(name: str) -> str:
     if key in _shapeworld_tasks() or key in _TORCHVISION_NAMES:
         return key
     known = list_datasets()
-    close = difflib.get_close_matches(key, [n for n in known if not n.endswith(">")], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, [n for n in known if not n.endswith(">")])
     raise UnknownDatasetError(
         f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}."
     )

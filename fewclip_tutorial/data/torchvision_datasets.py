@@ -29,9 +29,14 @@ Labels are read from the metadata torchvision already parsed (``_labels``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import logging
 import os
+import shutil
+import socket
+import urllib.error
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ from fewclip_tutorial.data.splits import stratified_split
 from fewclip_tutorial.data.templates import get_templates
 
 __all__ = [
+    "DatasetDownloadError",
     "DatasetNotFoundError",
     "SPLIT_SEED",
     "TORCHVISION_LOADERS",
@@ -91,7 +97,23 @@ CALTECH101_RENAMES: dict[str, str] = {
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are not on disk and downloading is off."""
+    """The dataset's files are not on disk and downloading is off.
+
+    ``str(err)`` gives the advice in Python terms (``download=True``, ``root=``);
+    ``err.cli_message`` the same advice in ``fewclip`` command-line terms (``--download``,
+    ``--data-root``), which the command line prints instead.
+    """
+
+    def __init__(self, message: str, *, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message if cli_message is not None else message
+
+
+class DatasetDownloadError(DatasetNotFoundError):
+    """``download=True`` could not fetch the dataset (no network, host down, ...).
+
+    What the failed download had created is removed; folders that existed before are kept.
+    """
 
 
 def default_data_root() -> Path:
@@ -114,7 +136,11 @@ def _not_found(
         f"Dataset {name!r} not found: looked for {where} (root={str(root)!r}){detail}. "
         "Downloads are off by default. Pass download=True (e.g. on Colab) to fetch it into "
         f"root, point root= at an existing copy, or use the embedded world: "
-        "load_dataset('shapeworld')."
+        "load_dataset('shapeworld').",
+        cli_message=f"Dataset {name!r} not found: looked for {where} (--data-root {root}){detail}. "
+        "Downloads are off by default. Add --download to fetch it into --data-root (needs "
+        "network access), pass --data-root DIR to point at an existing copy, or use "
+        "--dataset shapeworld, which needs no download.",
     )
 
 
@@ -127,8 +153,114 @@ def _require(name: str, root: Path, paths: Sequence[Path], download: bool) -> No
         raise _not_found(name, paths, root)
 
 
-def _build(name: str, root: Path, factory: Callable[[], Any]) -> Any:
-    """Call a torchvision constructor, turning its 'not found' RuntimeError into ours."""
+#: What a failed download raises: ``urlopen`` wraps socket errors in ``URLError``, a transfer
+#: cut short raises the others.  Other ``OSError`` (a full disk, a read-only root) pass through.
+_NETWORK_ERRORS = (
+    urllib.error.URLError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+)
+
+
+def _failed_url(err: BaseException) -> str | None:
+    """The URL a torchvision download was fetching when ``err`` was raised (best effort).
+
+    torchvision's ``download_url`` and ``_urlretrieve`` keep it in a local ``url``; the
+    innermost frame of the traceback that has one is the request that failed.
+    """
+    url = None
+    tb = err.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get("url")
+        if isinstance(value, str) and "://" in value:
+            url = value
+        tb = tb.tb_next
+    return url
+
+
+def _network_reason(err: BaseException) -> str:
+    if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError):
+        reason = str(err.reason)
+    else:
+        reason = str(err) or type(err).__name__
+    return " ".join(reason.split())  # one line
+
+
+def _download_failed(name: str, err: BaseException) -> DatasetDownloadError:
+    url = _failed_url(err)
+    source = f" from {url}" if url else ""
+    what = f"Could not download dataset {name!r}{source}: {_network_reason(err)}."
+    return DatasetDownloadError(
+        f"{what} If this machine has no network access, download it on one that has "
+        f"(load_dataset({name!r}, root=DIR, download=True)), copy DIR here and pass root=DIR; "
+        "or use the embedded world, which needs no download: load_dataset('shapeworld').",
+        cli_message=f"{what} If this machine has no network access, run the same command with "
+        "--download on one that has, copy its --data-root folder here and pass --data-root DIR "
+        "(an existing copy); or use --dataset shapeworld, which needs no download.",
+    )
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its ancestors that does not exist (None if ``path`` does)."""
+    top = None
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        top = p
+    return top
+
+
+def _remove_failed_download(root: Path, fresh: Sequence[Path], top_missing: Path | None) -> None:
+    """Remove what a failed download created: the ``fresh`` entries (absent before it) and the
+    folders it made above them, up to ``top_missing``, where they are left empty.  Nothing that
+    existed before the download is touched."""
+    for p in fresh:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    if top_missing is None:
+        return
+    for folder in (root, *root.parents):
+        try:
+            folder.rmdir()  # only if empty: never another process's files
+        except OSError:
+            break
+        if folder == top_missing:
+            break
+
+
+def _build(
+    name: str,
+    root: Path,
+    factory: Callable[[], Any],
+    download: bool = False,
+    creates: Sequence[str] = (),
+) -> Any:
+    """Call a torchvision constructor, turning its 'not found' RuntimeError into ours.
+
+    With ``download``: ``creates`` names the entries of ``root`` the download writes (its
+    folder, its archive).  When the download fails, those that did not exist before are
+    removed (with ``root`` and its parents when it made them and they are left empty), and a
+    network error becomes a :class:`DatasetDownloadError`.
+    """
+    if not download:
+        return _construct(name, root, factory)
+    top_missing = _topmost_missing(root)
+    fresh = [root / c for c in creates if not os.path.lexists(root / c)]
+    try:
+        return _construct(name, root, factory)
+    except BaseException as err:
+        _remove_failed_download(root, fresh, top_missing)
+        if isinstance(err, _NETWORK_ERRORS) and not isinstance(err, DatasetNotFoundError):
+            raise _download_failed(name, err) from err
+        raise
+
+
+def _construct(name: str, root: Path, factory: Callable[[], Any]) -> Any:
     try:
         return factory()
     except RuntimeError as err:
@@ -270,7 +402,13 @@ def load_eurosat(root: str | os.PathLike | None = None, download: bool = False) 
 
     base = _resolve_root(root)
     _require("eurosat", base, [base / "eurosat" / "2750"], download)
-    ds = _build("eurosat", base, lambda: EuroSAT(str(base), download=download))
+    ds = _build(
+        "eurosat",
+        base,
+        lambda: EuroSAT(str(base), download=download),
+        download,
+        ["eurosat"],
+    )
     classnames = [EUROSAT_CLASSNAMES.get(c, _clean(c)) for c in ds.classes]
     full = TorchvisionSplit(ds, "eurosat:all", identity=f"EuroSAT|{base}")
     return _single_set_spec("eurosat", full, classnames, base)
@@ -284,7 +422,11 @@ def load_oxford_pets(root: str | os.PathLike | None = None, download: bool = Fal
     folder = base / "oxford-iiit-pet"
     _require("oxford_pets", base, [folder / "images", folder / "annotations"], download)
     trainval = _build(
-        "oxford_pets", base, lambda: OxfordIIITPet(str(base), "trainval", download=download)
+        "oxford_pets",
+        base,
+        lambda: OxfordIIITPet(str(base), "trainval", download=download),
+        download,
+        ["oxford-iiit-pet"],
     )
     test = _build("oxford_pets", base, lambda: OxfordIIITPet(str(base), "test", download=False))
     classnames = [c.lower() for c in trainval.classes]
@@ -313,6 +455,8 @@ def load_dtd(
             "dtd",
             base,
             lambda s=split, d=(download and i == 0): DTD(str(base), s, partition, download=d),
+            download and i == 0,
+            ["dtd"],
         )
     classnames = [_clean(c) for c in splits["train"].classes]
     return _spec(
@@ -338,6 +482,8 @@ def load_flowers102(root: str | os.PathLike | None = None, download: bool = Fals
             "flowers102",
             base,
             lambda s=s, d=(download and s == "train"): Flowers102(str(base), s, download=d),
+            download and s == "train",
+            ["flowers-102"],
         )
         for s in ("train", "val", "test")
     }
@@ -365,7 +511,13 @@ def load_caltech101(root: str | os.PathLike | None = None, download: bool = Fals
 
     base = _resolve_root(root)
     _require("caltech101", base, [base / "caltech101" / "101_ObjectCategories"], download)
-    ds = _build("caltech101", base, lambda: Caltech101(str(base), download=download))
+    ds = _build(
+        "caltech101",
+        base,
+        lambda: Caltech101(str(base), download=download),
+        download,
+        ["caltech101"],
+    )
     raw = _labels_of(ds)
     keep_classes = [i for i, c in enumerate(ds.categories) if c != "Faces_easy"]
     label_map = np.full(len(ds.categories), -1, dtype=np.int64)
@@ -387,7 +539,13 @@ def load_food101(root: str | os.PathLike | None = None, download: bool = False) 
     base = _resolve_root(root)
     folder = base / "food-101"
     _require("food101", base, [folder / "meta", folder / "images"], download)
-    train = _build("food101", base, lambda: Food101(str(base), "train", download=download))
+    train = _build(
+        "food101",
+        base,
+        lambda: Food101(str(base), "train", download=download),
+        download,
+        ["food-101", "food-101.tar.gz"],
+    )
     test = _build("food101", base, lambda: Food101(str(base), "test", download=False))
     return _spec(
         "food101",
@@ -403,7 +561,14 @@ def load_food101(root: str | os.PathLike | None = None, download: bool = False) 
 def _load_cifar(name: str, cls: Any, folder: str, root: Any, download: bool) -> DatasetSpec:
     base = _resolve_root(root)
     _require(name, base, [base / folder], download)
-    train = _build(name, base, lambda: cls(str(base), train=True, download=download))
+    archive = getattr(cls, "filename", None)  # the tarball, downloaded next to the folder
+    train = _build(
+        name,
+        base,
+        lambda: cls(str(base), train=True, download=download),
+        download,
+        [folder, *([archive] if archive else [])],
+    )
     test = _build(name, base, lambda: cls(str(base), train=False, download=False))
     return _spec(
         name,

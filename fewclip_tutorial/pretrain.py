@@ -99,11 +99,12 @@ def make_batch(
     return to_tensor(images), tokenizer(caps), caps
 
 
-def caption_targets(tokens: torch.Tensor) -> torch.Tensor:
+def caption_targets(tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Soft targets of the contrastive loss, with identical captions as positives.
 
     Args:
         tokens: ``(B, L)`` caption token ids; two equal rows are the same caption.
+        dtype: of the targets (default float32).
 
     Returns:
         ``(B, B)`` float ``P[i, j] = 1[c_i == c_j] / #{k : c_k == c_i}``: each row sums to 1,
@@ -113,7 +114,7 @@ def caption_targets(tokens: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"tokens must be (B, L) token ids, one row per caption; got shape {tuple(tokens.shape)}."
         )
-    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).to(dtype or torch.float32)
     return same / same.sum(1, keepdim=True)
 
 
@@ -136,7 +137,8 @@ def contrastive_loss(
         ``P[i, j] = 1[c_i == c_j] / #{k : c_k == c_i}``.
     """
     logits = logit_scale * image_features @ text_features.T
-    targets = caption_targets(tokens)
+    # float32 targets (float64 ones for float64 features, as in equivalence tests)
+    targets = caption_targets(tokens, torch.float64 if logits.dtype == torch.float64 else None)
     loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
     loss_t = torch.sum(-targets * F.log_softmax(logits.T, dim=1), dim=1).mean()
     return 0.5 * (loss_i + loss_t)

@@ -79,27 +79,28 @@ def _word_encoder(dim: int = 16, seed: int = 0):
 
 def test_network_is_identity_at_init_and_at_lam_zero() -> None:
     torch.manual_seed(0)
-    net = DisentangleNetwork(8, hidden=5)
-    x = torch.randn(4, 8)
+    net = DisentangleNetwork(8, hidden=5).double()  # float64: orders of summation agree to 1e-15
+    x = torch.randn(4, 8, dtype=torch.float64)
     assert torch.equal(net(x), x)  # W2 is zero: exactly the identity
     assert net.projection.bias is None and net.linear.bias is not None
     with torch.no_grad():
         net.projection.weight.normal_()
     assert not torch.allclose(net(x), x)
     assert torch.equal(net(x, lam=0.0), x)
-    # lam scales the residual branch linearly
-    torch.testing.assert_close(net(x, lam=0.5) - x, 0.5 * (net(x, lam=1.0) - x))
+    # lam scales the residual branch linearly; float64, |x| ~ 3: a few roundings of 1.1e-16 * 3
+    torch.testing.assert_close(net(x, lam=0.5) - x, 0.5 * (net(x, lam=1.0) - x), atol=1e-12, rtol=0)
 
 
 def test_network_residual_is_pre_activation() -> None:
     torch.manual_seed(1)
-    net = DisentangleNetwork(6, hidden=3)
+    net = DisentangleNetwork(6, hidden=3).double()  # float64: the formula differs by rounding only
     with torch.no_grad():
         net.projection.weight.normal_()
-    x = torch.randn(2, 6)
+    x = torch.randn(2, 6, dtype=torch.float64)
     w1, b1, w2 = net.linear.weight, net.linear.bias, net.projection.weight
     expected = x + 0.3 * ((F.silu(x) @ w1.T + b1) @ w2.T)
-    torch.testing.assert_close(net(x, lam=0.3), expected)
+    # float64, sums of <= 6 terms of size ~10: <= 6 * 1.1e-16 * 10 per sum, < 1e-12
+    torch.testing.assert_close(net(x, lam=0.3), expected, atol=1e-12, rtol=0)
 
 
 def test_network_shortcut_resamples_when_dims_differ() -> None:
@@ -263,7 +264,7 @@ def test_ign_without_noise_equals_encode_text(backbone) -> None:
     with torch.no_grad():
         ref = model.encode_text(tokens)
         got = encode_text_with_noise(model, tokens, n_noise=0)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert torch.equal(got, ref)  # the same operations on the same shapes: bit-exact
 
 
 @pytest.mark.parametrize("position", ["front", "middle", "end"])
@@ -296,7 +297,7 @@ def test_ign_inserts_at_the_right_position(backbone, position: str, text: str) -
         noise = model.token_embedding(word).view(1, 1, -1)
         got = encode_text_with_noise(model, tokens, 1, position=position, noise=noise)
         ref = model.encode_text(tok([text]))
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert torch.equal(got, ref)  # the same operations on the same shapes: bit-exact
 
 
 def test_ign_truncation_keeps_eot(backbone) -> None:
@@ -309,7 +310,7 @@ def test_ign_truncation_keeps_eot(backbone) -> None:
         got = encode_text_with_noise(model, tokens, 1, position="front", noise=noise)
         ref = model.encode_text(tok(["big " + long_text]))
         noisy = encode_text_with_noise(model, tokens, 30, 0.1, "end", torch.Generator())
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert torch.equal(got, ref)  # the same operations on the same shapes: bit-exact
     assert noisy.shape == (1, backbone.embed_dim) and torch.isfinite(noisy).all()
     with pytest.raises(ValueError, match="position"):
         encode_text_with_noise(model, tokens, 1, position="side")
@@ -319,15 +320,21 @@ def test_ign_truncation_keeps_eot(backbone) -> None:
 
 
 def test_info_nce_matches_hand_computation() -> None:
-    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    b = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # float64 (as the math module): differences are a few roundings of 1.1e-16 on values ~1
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
     # logits = a @ b.T = [[1, 0.6], [0, 0.8]]; row losses log(1+e^-0.4), log(1+e^-0.8)
     expected = (math.log(1 + math.exp(-0.4)) + math.log(1 + math.exp(-0.8))) / 2
-    assert info_nce(a, b, tau=1.0).item() == pytest.approx(expected, abs=1e-6)
-    assert info_nce(a, b, tau=1.0).item() == pytest.approx(0.442061, abs=1e-5)
+    assert info_nce(a, b, tau=1.0).item() == pytest.approx(expected, abs=1e-12)  # float64
+    # rounded to 6 decimals: within half a unit of the 6th, 5e-7 (the 0.442061 written here
+    # before was wrong in its 6th digit, hidden by a guessed abs=1e-5)
+    assert info_nce(a, b, tau=1.0).item() == pytest.approx(0.442058, abs=5e-7)
+    # float32 in, float32 out (the training path): 2-term dots and a 2-term logsumexp of
+    # values <= 2 round by a few 2^-24 = 6e-8 each, < 1e-6
+    assert info_nce(a.float(), b.float(), 1.0).item() == pytest.approx(expected, abs=1e-6)
     # tau = 0.5 doubles every logit; normalisation makes the scale of a and b irrelevant
     exp_half = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
-    assert info_nce(3 * a, 2 * b, tau=0.5).item() == pytest.approx(exp_half, abs=1e-6)
+    assert info_nce(3 * a, 2 * b, tau=0.5).item() == pytest.approx(exp_half, abs=1e-12)
     # SimCLR form: 4 rows, intra-view negatives without self-similarity
     e = math.exp
     rows = [
@@ -337,7 +344,7 @@ def test_info_nce_matches_hand_computation() -> None:
         math.log(e(0.6) + e(0.8) + e(0.6)) - 0.8,  # b1: [b1.a0, b1.a1, b1.b0]
     ]
     simclr = info_nce(a, b, tau=1.0, form="symmetric_simclr").item()
-    assert simclr == pytest.approx(sum(rows) / 4, abs=1e-6)
+    assert simclr == pytest.approx(sum(rows) / 4, abs=1e-12)  # float64, as above
     with pytest.raises(ValueError, match="same shape"):
         info_nce(a, b[:1])
     with pytest.raises(ValueError, match="tau"):
@@ -351,8 +358,9 @@ def test_clap_loss_is_sum_of_terms() -> None:
     x, y, c = (torch.randn(5, 7, generator=g) for _ in range(3))
     total = clap_loss(x, y, c, tau=0.3, tau_c=1.0, lambda_c=0.25)
     expected = info_nce(x, y, 0.3) + 0.25 * info_nce(y, c, 1.0)
-    torch.testing.assert_close(total, expected)
-    torch.testing.assert_close(clap_loss(x, y, c, lambda_c=0.0), info_nce(x, y, 0.5))
+    # the same operations in the same order: bit-exact
+    assert torch.equal(total, expected)
+    assert torch.equal(clap_loss(x, y, c, lambda_c=0.0), info_nce(x, y, 0.5))
 
 
 def _authors_simclr(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
@@ -376,12 +384,14 @@ def _authors_simclr(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tenso
 def test_symmetric_simclr_form_is_the_authors_whole_objective() -> None:
     """main/trainer.py: InfoNCELoss(tau_txt)(z_t, z_t_) + scale_coef * InfoNCELoss(tau_cnt)(z_t_, z_c)."""
     g = torch.Generator().manual_seed(3)
-    z_t, z_aug = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    classes = torch.randn(3, 5, generator=g)
+    f64 = {"generator": g, "dtype": torch.float64}  # float64: the two differ by rounding only
+    z_t, z_aug = torch.randn(6, 5, **f64), torch.randn(6, 5, **f64)
+    classes = torch.randn(3, 5, **f64)
     z_c = classes[torch.tensor([0, 1, 2, 0, 1, 2])]  # repeated class names in one batch
     authors = _authors_simclr(z_t, z_aug, 0.5) + 0.7 * _authors_simclr(z_aug, z_c, 1.0)
     ours = clap_loss(z_t, z_aug, z_c, tau=0.5, tau_c=1.0, lambda_c=0.7, form="symmetric_simclr")
-    torch.testing.assert_close(ours, authors)
+    # float64: logsumexps of 11 terms <= 2 in size, 12 rows: < 100 * 1.1e-16 * 2 per term
+    torch.testing.assert_close(ours, authors, atol=1e-12, rtol=0)
     # the paper's cross-view form is a different objective on the same tensors
     paper = clap_loss(z_t, z_aug, z_c, tau=0.5, tau_c=1.0, lambda_c=0.7, form="cross_view")
     assert abs(float(paper) - float(authors)) > 0.1
@@ -499,26 +509,35 @@ def test_default_batch_is_just_above_the_number_of_classes() -> None:
 
 def _random_network(dim: int = 6, seed: int = 0) -> DisentangleNetwork:
     torch.manual_seed(seed)
-    net = DisentangleNetwork(dim, hidden=12)
+    net = DisentangleNetwork(dim, hidden=12)  # float32, as the trained network
     with torch.no_grad():
         net.projection.weight.normal_(0, 3.0)
     return net.eval()
 
 
 def test_refine_and_refined_classifier() -> None:
-    net = _random_network()
-    x = torch.randn(5, 6)
+    net = _random_network().double()  # float64: equivalent computations agree to ~1e-15
+    x = torch.randn(5, 6, dtype=torch.float64)
     r = refine(x, net, 0.4)
-    torch.testing.assert_close(r.norm(dim=-1), torch.ones(5))
-    torch.testing.assert_close(refine(x, net, 0.0), F.normalize(x, dim=-1))
-    t = torch.randn(4, 3, 6)  # (C, M, D): 4 classes, 3 templates
+    assert r.dtype == torch.float64
+    assert refine(x.float(), _random_network(), 0.4).dtype == torch.float32  # shipped path
+    # float64 unit rows, D = 6: the norm rounds <= D + 2 times by 1.1e-16
+    torch.testing.assert_close(
+        r.norm(dim=-1), torch.ones(5, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    assert torch.equal(refine(x, net, 0.0), F.normalize(x, dim=-1))  # lam = 0: net is x exactly
+    t = torch.randn(4, 3, 6, dtype=torch.float64)  # (C, M, D): 4 classes, 3 templates
     w = refined_classifier(t, net, 0.4)
     refined = F.normalize(net(t, lam=0.4), dim=-1)
-    torch.testing.assert_close(w, F.normalize(refined.mean(1), dim=-1))
+    # float64: means and norms of unit vectors, <= 3 + 2 D roundings of 1.1e-16
+    torch.testing.assert_close(w, F.normalize(refined.mean(1), dim=-1), atol=1e-12, rtol=0)
     assert w.shape == (4, 6)
-    torch.testing.assert_close(refined_classifier(t[:, 0], net, 0.4), refine(t[:, 0], net, 0.4))
-    # lam = 0: CLIP's prompt ensemble over the (C, M, D) layout
-    torch.testing.assert_close(refined_classifier(t, net, 0.0), prompt_ensemble(t))
+    w1 = refined_classifier(t[:, 0], net, 0.4)  # one template: the refined rows (float64 bound)
+    torch.testing.assert_close(w1, refine(t[:, 0], net, 0.4), atol=1e-12, rtol=0)
+    # lam = 0: CLIP's prompt ensemble over the (C, M, D) layout (float64 bound as above)
+    torch.testing.assert_close(
+        refined_classifier(t, net, 0.0), prompt_ensemble(t), atol=1e-12, rtol=0
+    )
     with pytest.raises(ValueError, match=r"\(C, M, D\)"):
         refined_classifier(t.unsqueeze(0), net, 0.4)
 
@@ -648,6 +667,10 @@ def test_pixel_space_classifier_matches_backbone_features(backbone) -> None:
     )
     feats = backbone.encode_images(torch.stack([backbone.preprocess(im) for im in imgs]))
     expected = 100.0 * refine(feats, net, 0.3) @ head.T
+    # float32 (attacks.NormalizedClassifier computes in float32, so float64 is not available):
+    # logits are 100 * <unit, unit>, |logit| <= 100; the tower runs on batches of another size,
+    # so each D = 128 dot may sum in another order: <= 128 * 2^-24 = 7.6e-6 relative per layer,
+    # through the tower's few layers and the head: 1e-3 absolute = 1e-5 of the logit range
     with torch.no_grad():
         torch.testing.assert_close(clf(pixels), expected, atol=1e-3, rtol=1e-4)
 
@@ -692,7 +715,9 @@ def test_prompt_form_classifiers_are_the_papers_prompts(backbone):
     c = prompt_form_classifier(backbone, names, "C")
     nc1 = prompt_form_classifier(backbone, names, "NC", seed=3)
     nc2 = prompt_form_classifier(backbone, names, "NC", seed=3)
+    # a "differs" check: different prompts move unit features by far more than 1e-3
     assert torch.equal(nc1, nc2) and not torch.allclose(nc1, c, atol=1e-3)
-    assert torch.allclose(nc1.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # float32 unit rows, D = 128: the norm rounds <= D + 2 times by 2^-24: 7.7e-6 < 1e-5
+    assert torch.allclose(nc1.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="Unknown prompt form 'XC'"):
         prompt_form_classifier(backbone, names, "XC")

@@ -16,28 +16,32 @@ from fewclip_tutorial import pretrain
 
 def test_contrastive_loss_matches_clip_loss_when_captions_are_distinct():
     g = torch.Generator().manual_seed(0)
-    a = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    b = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    f64 = {"generator": g, "dtype": torch.float64}  # float64: the two differ by rounding only
+    a = F.normalize(torch.randn(5, 8, **f64), dim=-1)
+    b = F.normalize(torch.randn(5, 8, **f64), dim=-1)
     tokens = torch.arange(5).view(5, 1)
     logits = 7.0 * a @ b.T
     expected = 0.5 * (
         F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))
     )
-    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(7.0))
-    assert torch.allclose(got, expected, atol=1e-6)
+    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(7.0, dtype=torch.float64))
+    # float64: logits <= 7, log-softmax over 5 and means: < 100 * 1.1e-16 * 7, < 1e-12
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 def test_identical_captions_are_positives_not_negatives():
     # two images with the same caption, and text features equal to the image features:
     # with duplicates as positives the soft target is 1/2 on each copy, by hand.
-    a = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    a = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64), -1)
     tokens = torch.tensor([[3, 4], [3, 4], [5, 6]])
-    s = torch.tensor(5.0)
+    s = torch.tensor(5.0, dtype=torch.float64)
     logits = s * a @ a.T
     logp = F.log_softmax(logits, dim=1)
-    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=a.dtype)
     by_hand = -(target * logp).sum(1).mean()  # symmetric: logits.T == logits here
-    assert torch.allclose(pretrain.contrastive_loss(a, a, tokens, s), by_hand, atol=1e-6)
+    # float64: a few roundings of 1.1e-16 on values <= 5
+    got = pretrain.contrastive_loss(a, a, tokens, s)
+    torch.testing.assert_close(got, by_hand, atol=1e-12, rtol=0)
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -92,7 +96,8 @@ def test_resume_reproduces_the_uninterrupted_run(short_runs):
     b = torch.load(split / "last.pt", weights_only=False)
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+        # the same operations on the same machine, the state restored bit for bit: exact
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_resume_refuses_a_different_configuration(short_runs):
@@ -131,8 +136,9 @@ def test_caption_targets_by_hand():
 def test_contrastive_loss_against_a_loop_over_pairs():
     # the soft-target cross-entropy written out term by term, with repeated captions
     g = torch.Generator().manual_seed(3)
-    a = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
-    b = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    f64 = {"generator": g, "dtype": torch.float64}  # float64, as the Python loop
+    a = F.normalize(torch.randn(5, 6, **f64), dim=-1)
+    b = F.normalize(torch.randn(5, 6, **f64), dim=-1)
     captions = [1, 2, 1, 3, 1]
     tokens = torch.tensor(captions).view(5, 1)
     s = 12.5
@@ -145,8 +151,9 @@ def test_contrastive_loss_against_a_loop_over_pairs():
             total -= math.log(row_i[j] / sum(row_i)) / len(positives)
             total -= math.log(row_t[j] / sum(row_t)) / len(positives)
     by_hand = total / (2 * 5)
-    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(s))
-    assert float(got) == pytest.approx(by_hand, rel=1e-5)
+    got = pretrain.contrastive_loss(a, b, tokens, torch.tensor(s, dtype=torch.float64))
+    # float64: logits <= 12.5, sums of 5 exps: < 100 * 1.1e-16 * 12.5, < 1e-12
+    assert float(got) == pytest.approx(by_hand, abs=1e-12)
 
 
 def test_appendix_exercises_accept_rewrites_and_reject_the_plain_clip_loss(capsys):

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fewclip_tutorial.data import shapeworld as sw
-from fewclip_tutorial.device import autocast, get_device
+from fewclip_tutorial.device import autocast, float32_or_64, get_device
 from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.training import FitResult, fit
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_ensemble, prompt_text_features
@@ -500,8 +500,8 @@ def info_nce(a: Tensor, b: Tensor, tau: float = 0.5, form: LossForm = "cross_vie
         )
     if tau <= 0:
         raise ValueError(f"tau={tau} must be > 0 (typical: 0.3-1.0).")
-    a = F.normalize(a.float(), dim=-1)
-    b = F.normalize(b.float(), dim=-1)
+    a = F.normalize(float32_or_64(a), dim=-1)
+    b = F.normalize(float32_or_64(b), dim=-1)
     n = a.shape[0]
     targets = torch.arange(n, device=a.device)
     s_ab = a @ b.T / tau
@@ -550,7 +550,7 @@ def clap_loss(
 
 def refine(features: Tensor, network: DisentangleNetwork, lam: float = 1.0) -> Tensor:
     """``normalize(network(features, lam))``: ``(..., D_in) -> (..., D_out)``, applied to both modalities."""
-    return F.normalize(network(features, lam=lam).float(), dim=-1)
+    return F.normalize(float32_or_64(network(features, lam=lam)), dim=-1)
 
 
 def refined_classifier(text_features: Tensor, network: DisentangleNetwork, lam: float) -> Tensor:

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewclip_tutorial.device import autocast, get_device
+from fewclip_tutorial.device import autocast, float32_or_64, get_device
 from fewclip_tutorial.experiment import Context, Option, register_method
 from fewclip_tutorial.features import FeatureSet
 from fewclip_tutorial.training import FitResult, fit
@@ -148,7 +148,7 @@ def text_samples(text_features_per_template: Tensor) -> tuple[Tensor, Tensor]:
     """
     t = _check_text_tensor(text_features_per_template)
     num_classes, num_templates, dim = t.shape
-    features = F.normalize(t.reshape(num_classes * num_templates, dim).float(), dim=-1)
+    features = F.normalize(float32_or_64(t.reshape(num_classes * num_templates, dim)), dim=-1)
     labels = torch.arange(num_classes, device=t.device).repeat_interleave(num_templates)
     return features, labels
 
@@ -162,7 +162,7 @@ def class_prototypes(text_features_per_template: Tensor) -> Tensor:
     Returns:
         ``(C, D)`` unit rows (CLIP's prompt ensemble).
     """
-    return prompt_ensemble(_check_text_tensor(text_features_per_template).float())
+    return prompt_ensemble(float32_or_64(_check_text_tensor(text_features_per_template)))
 
 
 class CrossModalHead(nn.Module):
@@ -187,7 +187,7 @@ class CrossModalHead(nn.Module):
             )
         if not math.isfinite(logit_scale) or logit_scale <= 0:
             raise ValueError(f"logit_scale must be a positive number, got {logit_scale}.")
-        self.weight = nn.Parameter(weight.detach().clone().float())
+        self.weight = nn.Parameter(float32_or_64(weight.detach().clone()))
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
     @property
@@ -205,7 +205,7 @@ class CrossModalHead(nn.Module):
                 f"features have dimension {x.shape[-1]} but the head expects {self.dim}; "
                 "use features from the backbone the head was built for."
             )
-        return self.logit_scale * F.normalize(x.float(), dim=-1) @ self.weight.T
+        return self.logit_scale * F.normalize(x.to(self.weight.dtype), dim=-1) @ self.weight.T
 
 
 class MixedBatch(NamedTuple):

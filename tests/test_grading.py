@@ -374,9 +374,10 @@ def test_prompt_ensemble_fixture_answers_are_right() -> None:
     # the "correct" fixture is really correct (an independent formula: unit rows, mean, unit)
     namespace: dict = {"F": F}
     exec(GOOD_PE + "\n" + GOOD_ZS, namespace)
-    t = torch.randn(3, 4, 5)
+    t = torch.randn(3, 4, 5, dtype=torch.float64)  # float64: the two differ by rounding only
     want = F.normalize(F.normalize(t, dim=-1).mean(1), dim=-1)
-    assert torch.allclose(namespace["my_prompt_ensemble"](t), want, atol=1e-6)
+    # float64 unit rows, D = 5, M = 4: <= 2 (D + M + 2) roundings of 1.1e-16, < 1e-14
+    assert torch.allclose(namespace["my_prompt_ensemble"](t), want, atol=1e-12, rtol=0)
 
 
 def test_run_all_runs_the_cells_that_definitions_only_mode_skips(tmp_path: Path) -> None:

@@ -59,11 +59,16 @@ def test_probe_is_refit_on_train_only_and_matches_sklearn() -> None:
     clf = LogisticRegression(C=0.3, max_iter=1000).fit(xtr.numpy(), ytr.numpy())
     xte, _ = _blobs(10, CENTERS, 1.0, 7)
     logits = probe.logits(xte)
+    # the probe is sklearn's lbfgs fit on the same float64 data (the same coefficients), kept
+    # in float32: its logits round by <= (D + 2) 2^-24 (|b| + sum_i |w_i x_i|), x2 for the cast
+    w, b = probe.weight.double(), probe.bias.double()
+    terms = xte.double().abs() @ w.abs().T + b.abs()
+    bound = float(2 * (xte.shape[1] + 2) * 2**-24 * terms.max())
     torch.testing.assert_close(
-        logits,
-        torch.tensor(clf.decision_function(xte.numpy()), dtype=torch.float32),
-        atol=1e-4,
-        rtol=1e-4,
+        logits.double(),
+        torch.tensor(clf.decision_function(xte.numpy()), dtype=torch.float64),
+        atol=bound,  # the float32 bound above
+        rtol=0,
     )
     assert probe(xte).shape == logits.shape  # callable like a predict function
 
@@ -74,7 +79,13 @@ def test_binary_problem_matches_sklearn_probabilities() -> None:
     probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[1.0])
     clf = LogisticRegression(C=1.0, max_iter=1000).fit(xtr.numpy(), ytr.numpy())
     probs = probe.logits(xva).softmax(1).numpy()
-    np.testing.assert_allclose(probs, clf.predict_proba(xva.numpy()), atol=1e-5)
+    # as above: float32 logits off by <= bound; a softmax moves by <= 2 * bound (Lipschitz),
+    # and its float32 output rounds by a few 2^-24 more (2^-23 for probabilities <= 1)
+    w, b = probe.weight.double(), probe.bias.double()
+    terms = xva.double().abs() @ w.abs().T + b.abs()
+    bound = float(2 * (xva.shape[1] + 2) * 2**-24 * terms.max())
+    want = clf.predict_proba(xva.numpy())
+    np.testing.assert_allclose(probs, want, atol=2 * bound + 2**-23)  # the bound above
 
 
 def test_classes_absent_from_training_are_never_predicted() -> None:

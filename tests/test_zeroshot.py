@@ -64,18 +64,23 @@ def test_pure_ensemble_equals_open_clip_classifier(tiny: Backbone) -> None:
     W = text_classifier(tiny, CLASSNAMES, TEMPLATES)
     assert W.shape == (5, 16)
     torch.testing.assert_close(W.norm(dim=-1), torch.ones(5))
+    # float32 towers (text_classifier casts to float32): the two encode the prompts in other
+    # batches; unit entries, D = 16; NOT derived from a bound yet (see issue 21 audit)
     torch.testing.assert_close(ours, W, atol=1e-5, rtol=1e-5)
     # And text_classifier is open_clip's (D, C) classifier transposed.
     raw = build_zero_shot_classifier(
         tiny.model, tiny.tokenizer, CLASSNAMES, TEMPLATES, num_classes_per_batch=None
     )
     assert raw.shape == (16, 5)
-    torch.testing.assert_close(W, raw.T, atol=1e-6, rtol=1e-6)
+    # float32: W re-normalises raw's unit columns, (D/2 + 2) 2^-24 = 6e-7 for D = 16
+    torch.testing.assert_close(W, raw.T, atol=1e-6, rtol=0)
 
 
 def test_text_classifier_does_not_depend_on_batching(tiny: Backbone) -> None:
     a = text_classifier(tiny, CLASSNAMES, TEMPLATES, batch_size=1)
     b = text_classifier(tiny, CLASSNAMES, TEMPLATES, batch_size=10_000)
+    # float32 text tower in batches of 1 vs all; unit entries; NOT derived from a bound yet
+    # (needs text_classifier in float64, see issue 21 audit)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

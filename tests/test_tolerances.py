@@ -16,11 +16,6 @@ TESTS = Path(__file__).parent
 # keyword arguments only: ruff writes them without spaces (``rel=``), assignments with them
 TOLERANCE = re.compile(r"\b(atol|rtol|abs|rel)=(?!=)")
 LINES_ABOVE = 3
-# Files owned by others that do not pass yet (to be fixed by their owners); path -> lines.
-EXEMPT: dict[str, set[int]] = {
-    "test_distributed.py": {104, 107, 111},
-    "test_training.py": {113},
-}
 
 
 def unjustified(path: Path) -> list[int]:
@@ -54,7 +49,7 @@ def test_scanner_finds_a_bare_tolerance(tmp_path: Path) -> None:
 def test_every_tolerance_in_the_tests_is_justified() -> None:
     problems = []
     for path in sorted(TESTS.rglob("*.py")):
-        bad = set(unjustified(path)) - EXEMPT.get(path.name, set())
+        bad = set(unjustified(path))
         problems += [f"{path.relative_to(TESTS)}:{n}" for n in sorted(bad)]
     assert not problems, (
         "tolerance without a comment deriving it (on the line or within "

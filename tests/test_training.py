@@ -110,7 +110,9 @@ def test_cosine_schedule_equals_torch_cosine_annealing():
     res = fit(
         model2, lambda s: ((model2(x) - y) ** 2).mean(), steps=9, optimizer=opt2, schedule="cosine"
     )
-    assert res.history["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # Python floats (float64) on both sides: the recursive CosineAnnealingLR and the closed
+    # form differ by a few roundings of values <= 0.3 per step, far below 1e-12
+    assert res.history["lr"] == pytest.approx(expected, rel=0, abs=1e-12)
 
 
 def test_warmup_is_linear_then_cosine_reaches_zero():

@@ -39,6 +39,11 @@ import yaml
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
+#: seconds per chapter when `make notebooks` last executed it (one thread): the order in
+#: which a fresh clone's `make book` starts the chapters, longest first
+EXECUTION_TIMES = Path("book") / "execution_seconds.json"
+
+
 class ChapterFailed(RuntimeError):
     """A chapter's cell raised or timed out."""
 
@@ -102,10 +107,13 @@ def execute_chapters(root: Path, jobs: int, log=print) -> dict[str, float]:
     settings = execution_settings(root)
     cache = get_cache(str(root / "_build" / ".jupyter_cache"))
     timings_path = root / "_build" / "book-timings.json"
-    try:
-        last = json.loads(timings_path.read_text())
-    except (OSError, ValueError):
-        last = {}
+    last: dict[str, float] = {}
+    # this machine's last times, else the ones `make notebooks` recorded (book/EXECUTION_TIMES)
+    for source in (root / EXECUTION_TIMES, timings_path):
+        try:
+            last.update(json.loads(source.read_text()))
+        except (OSError, ValueError):
+            pass
     todo = []
     for path in chapters(root):
         nb = nbformat.read(path, as_version=4)
@@ -116,7 +124,7 @@ def execute_chapters(root: Path, jobs: int, log=print) -> dict[str, float]:
             todo.append((path, nb))
     if not todo:
         return {}
-    # longest first (last recorded time; file size on a fresh clone) keeps both cores busy
+    # longest first (by the last recorded time) keeps both cores busy to the end
     todo.sort(key=lambda item: (-last.get(item[0].name, 0.0), -item[0].stat().st_size))
     os.environ.update(THREAD_ENV)
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -5,6 +5,7 @@ Usage: python scripts/execute_notebooks.py book/02_tip_adapter.ipynb [...]
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -41,9 +42,27 @@ def execute(path: str, timeout: int = 1800) -> float:
     return time.time() - start
 
 
+TIMES = os.path.join(os.path.dirname(__file__), "..", "book", "execution_seconds.json")
+
+
+def record_time(path: str, seconds: float) -> None:
+    """Keep the chapter's time in book/execution_seconds.json: `make book` starts the
+    longest chapters first (scripts/build_book.py)."""
+    try:
+        with open(TIMES) as fh:
+            times = json.load(fh)
+    except (OSError, ValueError):
+        times = {}
+    times[os.path.basename(path)] = round(seconds)
+    with open(TIMES, "w") as fh:
+        json.dump(dict(sorted(times.items())), fh, indent=1)
+        fh.write("\n")
+
+
 def main(paths: list[str]) -> int:
     for p in paths:
         seconds = execute(p)
+        record_time(p, seconds)
         print(f"executed {p} in {seconds:.0f} s", flush=True)
     return 0
 

@@ -102,3 +102,20 @@ def test_jupyter_book_alone_fails_on_a_cell_error_with_our_config(tmp_path):
         [str(jb), "build", str(book)], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode != 0, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_the_longest_chapter_starts_first(tmp_path):
+    """A fresh clone orders the chapters by the times `make notebooks` recorded."""
+    book = _book(tmp_path, {"short": "print(1)", "long": "print(2)"})
+    (book / "book").mkdir()
+    (book / "book" / "execution_seconds.json").write_text('{"long.ipynb": 300, "short.ipynb": 5}')
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--root", str(book), "--jobs", "1", "--execute-only"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed = [line.split(":")[0] for line in proc.stdout.splitlines() if "executed in" in line]
+    assert executed == ["[book] long.ipynb", "[book] short.ipynb"]

@@ -19,11 +19,20 @@ two interleaved, and prints ``ratio = baseline time / our time`` (above 1: we ar
                            on CUDA also against a roofline estimate
 ========================== ============================================================
 
+Every line also names the CPU (``cpu_model``), the instruction set torch's kernels use
+(``cpu_capability``, e.g. AVX512) and torch's thread count (``threads``): a ratio is a fact
+about two programs on one CPU.  The ``tip_search_*`` lines add ``limit_s`` and
+``fraction_of_limit`` (limit / ours; 1.0 = at the limit): this CPU's own limit for the
+search, its parts (one GEMM of the affinity's size, the exponentials, the segment sums and
+one pass over the class sums) timed in the same run on the same threads
+(``measure_limit`` in ``benchmarks/bench_tip_adapter.py``).
+
 Usage::
 
-    python benchmarks/bench.py                      # all, sized for a CPU (< 1 min each)
+    python benchmarks/bench.py                      # all, sized for a CPU (under 10 min)
     python benchmarks/bench.py --only clap_step     # one
     python benchmarks/bench.py --tiny               # smallest sizes (the test uses this)
+    python benchmarks/bench.py --full               # + long reference timings (ImageNet-sized)
 
 ``FEWCLIP_BENCH_TINY=1`` in the environment is ``--tiny``.  Standard output carries only
 the JSON lines; everything else goes to standard error.  Seconds fields are measured on the
@@ -40,6 +49,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import re
 import sys
@@ -63,7 +73,9 @@ if str(ROOT) not in sys.path:
 from fewclip_tutorial.data.base import LabeledSplit  # noqa: E402
 
 #: Keys every non-skipped line has.
-REQUIRED_KEYS = ("benchmark", "device", "ratio", "ratio_means", "ours", "baseline")
+REQUIRED_KEYS = (
+    "benchmark", "device", "ratio", "ratio_means", "ours", "baseline", "cpu_capability", "threads",
+)  # fmt: skip
 
 #: Dense fp16/bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), matched as
 #: whole words of ``torch.cuda.get_device_name`` in this order (PCIe before SXM).
@@ -91,6 +103,8 @@ class Config:
 
     device: torch.device
     tiny: bool
+    full: bool = False
+    tip_threads: int = 1
 
     def pick(self, cpu: Any, cuda: Any, tiny: Any) -> Any:
         if self.tiny:
@@ -101,6 +115,22 @@ class Config:
     def world(self) -> dict[str, int]:
         """ShapeWorld pool sizes: the default world, or a few images per class when tiny."""
         return {"train_per_class": 8, "val_per_class": 4, "test_per_class": 2} if self.tiny else {}
+
+
+def cpu_info() -> dict[str, Any]:
+    """``cpu_model`` (from /proc/cpuinfo), ``cpu_capability`` (the instruction set torch's
+    kernels use, e.g. AVX512) and ``threads`` (torch's thread count)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _device_name(device: torch.device) -> str:
@@ -177,6 +207,10 @@ def tip_search(case: str) -> Callable[[Config], dict[str, Any]]:
             return {"skipped": f"--tiny: bench_tip_search({case!r}) has no tiny size"}
         if "device" in params:
             kwargs["device"] = str(cfg.device)
+        if "full" in params:
+            kwargs["full"] = cfg.full
+        if "threads" in params:
+            kwargs["threads"] = cfg.tip_threads
         out = dict(fn(case, **kwargs))
         if "ratio" not in out:
             for alias in ("speedup", "speed_up"):
@@ -538,7 +572,8 @@ def run_one(name: str, cfg: Config) -> dict[str, Any]:
         traceback.print_exc()
         body = {"error": f"{type(err).__name__}: {err}"}
     record = {"benchmark": name, **body, "device": _device_name(cfg.device)}
-    record.setdefault("threads", torch.get_num_threads())
+    for key, value in cpu_info().items():
+        record.setdefault(key, value)
     record["wall_s"] = time.perf_counter() - start
     if cfg.tiny:
         record["tiny"] = True
@@ -550,12 +585,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--tiny", action="store_true", help="smallest sizes (seconds in all)")
+    parser.add_argument(
+        "--full", action="store_true", help="long reference timings (a whole row of the "
+        "authors' grid on the ImageNet-sized case: minutes more)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tip-threads", type=int, default=1, help="torch threads for the tip_search lines "
+        "(default 1: steady on a shared CPU; 0 keeps torch's count)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     tiny = args.tiny or os.environ.get("FEWCLIP_BENCH_TINY", "") not in ("", "0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but no CUDA GPU is available; use --device cpu.")
-    cfg = Config(device=device, tiny=tiny)
+    cfg = Config(device=device, tiny=tiny, full=args.full, tip_threads=args.tip_threads)
     failed = False
     for name in args.only or list(BENCHMARKS):
         record = run_one(name, cfg)

@@ -1,11 +1,32 @@
-"""Benchmark: Tip-Adapter's (beta, alpha) search against the authors' loop.
+"""Benchmark: Tip-Adapter's (beta, alpha) search against the authors' loop and this CPU's limit.
 
 The baseline is the loop of the authors' ``search_hp`` (Tip-Adapter ``utils.py``),
 re-stated here in their style: for every grid point it recomputes the affinity product
 ``features @ keys``, the exponentials, the cache logits ``A @ values`` (an ``M x N x C``
 matmul), the CLIP logits and the top-1 accuracy, and keeps the first best with a strict
 ``>``.  Ours is :func:`fewclip_tutorial.methods.tip_adapter.search_hparams` (one affinity
-product, per beta a segment sum over each class's keys, per pair an ``M x C`` mix).
+product; per beta the exponentials and a segment sum over each class's keys; per beta a
+screen of the logits at the ends of the alpha range, and logits at every alpha only for the
+few (image, class) pairs the screen leaves open).
+
+A ratio against the authors' loop is a fact about two programs on one CPU (it moves with
+the CPU's instruction set: their loop is mostly one large matrix product).  So each line
+also carries ``limit_s``, this CPU's limit for the search, timed in the same run with the
+same thread count (:func:`measure_limit`), and ``fraction_of_limit = limit_s / ours_s``
+(1.0: at the limit).  The limit is the sum of the work no implementation of the search can
+skip, each part timed as torch's own kernel at its best size on this CPU (in-cache blocks or
+one whole tensor, whichever is faster):
+
+* ``gemm_s``: the one affinity product ``(M, D) @ (D, N)``, timed at its real size;
+* ``exp_s``: ``B x M x N`` exponentials (the affinity of every key, for every beta);
+* ``segment_sum_s``: ``B x M x N`` additions into ``(M, C)`` class sums (the segment sum
+  over each class's keys, timed as a reduction over the ``(K, C)`` layout);
+* ``combine_s``: one pass over the ``B x M x C`` class sums (a max over the classes) plus
+  one comparison per ``(beta, alpha, image)``, timed as a max over classes.
+
+Ours forms the exponent ``beta * (S - 1)`` in a pass of its own (to round as before), which
+the limit does not count; a kernel that fused the scaling, the exponential and the segment
+sum could go below the limit (``fraction_of_limit`` above 1).
 
 Cases (:func:`bench_tip_search`):
 
@@ -15,24 +36,29 @@ Cases (:func:`bench_tip_search`):
 * ``"imagenet_sized"``: synthetic class-structured unit features with ImageNet's 16-shot
   sizes (D 1024, C 1000, 16,000 keys, 10,000 validation images), grid 200 x 20.  Ours runs
   in full; the reference's time is a few of its grid points, timed, times the grid size
-  (``reference_extrapolated``: about 11 hours would be needed otherwise).  The choice is
-  compared on a sub-grid (a few betas x all alphas) computed both ways.
+  (``reference_extrapolated``: about 11 hours would be needed otherwise): 2 grid points by
+  default, a whole row of 20 with ``full=True`` (``--full``).  The choice is compared on a
+  sub-grid (one beta x all alphas by default, three with ``full=True``) computed both ways.
 
-Threads: on a shared CPU, run it with ``OMP_NUM_THREADS=1``.  With two threads on a loaded
-machine, every small kernel waits for the slower thread at its barrier, which inflates the
-time of whichever side has more small kernels (the reference on ShapeWorld, ours on the
-ImageNet-sized case); ``*_cpu_s`` shows it too.
+Threads: both searches and the limit run on one torch thread by default (``threads=1``;
+``--all-threads`` keeps torch's count).  With two threads on a loaded machine, every kernel
+waits for the slower thread at its barrier, which inflated a 0.3 s loop to 20 s here; the
+line's ``threads`` says which count ran.
 
 Usage::
 
-    python benchmarks/bench_tip_adapter.py [shapeworld|imagenet_sized ...] [--tiny]
+    python benchmarks/bench_tip_adapter.py [shapeworld|imagenet_sized ...] [--tiny] [--full]
+        [--all-threads]
 
 prints one JSON line per case.  ``make bench`` runs it through ``benchmarks/bench.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -201,19 +227,149 @@ def _peak_rss_gb() -> float | None:
         return None
 
 
-def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Time our search against the authors' loop on one case; a JSON-able dict.
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model, the instruction set torch's kernels use, and torch's thread count."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _seconds_per_call(fn: Callable[[], Any], device: torch.device, min_s: float) -> float:
+    """Best time of one ``fn()`` over 5 rounds of enough calls to last ``min_s`` each."""
+    fn()
+
+    def run(calls: int) -> float:
+        t, _ = _timed(lambda: [fn() for _ in range(calls)], device)
+        CPU_SECONDS.pop()
+        return t
+
+    calls, t = 1, run(1)
+    while t < min_s and calls < 1 << 16:
+        calls *= 2
+        t = run(calls)
+    return min([t] + [run(calls) for _ in range(4)]) / calls
+
+
+def _best_rate(
+    kernel: Callable[[int], Callable[[], Any]],
+    total: int,
+    device: torch.device,
+    min_s: float,
+    granule: int = 1,
+) -> tuple[float, int]:
+    """Fewest seconds per element of ``kernel(n)()`` over block sizes ``n`` (a multiple of
+    ``granule``): in-cache blocks of 16 K to 1 M elements and one block of ``total``, capped
+    at 16 M.  Returns ``(seconds per element, the fastest block size)``."""
+    sizes = sorted({min(total, 1 << p) for p in (14, 16, 18, 20)} | {min(total, 1 << 24)})
+    best = (math.inf, 0)
+    for n in sizes:
+        n = max(granule, n // granule * granule)
+        best = min(best, (_seconds_per_call(kernel(n), device, min_s) / n, n))
+    return best
+
+
+def measure_limit(
+    features: torch.Tensor,
+    keys: torch.Tensor,
+    num_classes: int,
+    num_betas: int,
+    num_alphas: int,
+    min_s: float = 0.02,
+) -> dict[str, Any]:
+    """This CPU's limit for a search of ``num_betas x num_alphas`` on these sizes.
+
+    ``features`` ``(M, D)``, ``keys`` ``(N, D)`` (``N = K x C``, K keys per class).  Timed here,
+    on the current thread count: the affinity product ``features @ keys.T`` (best of 3), and
+    the best per-element rates of ``torch.exp``, of the segment sum (``torch.sum`` over the
+    K axis of ``(rows, K, C)`` blocks) and of a max over classes (``torch.amax`` over
+    ``(rows, C)``) on blocks of 16 K elements to the whole size.  The limit is
+    ``gemm + B M N (exp + segment sum) + (B M C + B A M) max`` seconds.
+    """
+    device = features.device
+    m, n, c = features.shape[0], keys.shape[0], num_classes
+    k = max(1, n // c)
+    gemm_s = min(_timed(lambda: features @ keys.T, device)[0] for _ in range(3))
+    del CPU_SECONDS[-3:]
+    affinity = num_betas * m * n  # B x M x N exponentials and additions
+    sample = torch.empty(1 << 24, device=device).uniform_(-14.0, 0.0)  # beta * (S - 1)
+    out = torch.empty_like(sample)
+
+    def exp_kernel(size: int) -> Callable[[], Any]:
+        x, y = sample[:size], out[:size]
+        return lambda: torch.exp(x, out=y)
+
+    def segment_kernel(size: int) -> Callable[[], Any]:
+        x = sample[:size].view(-1, k, c)
+        y = out[: x.shape[0] * c].view(-1, c)
+        return lambda: torch.sum(x, dim=1, out=y)
+
+    def max_kernel(size: int) -> Callable[[], Any]:
+        x = sample[:size].view(-1, c)
+        y = out[: x.shape[0]]
+        return lambda: torch.amax(x, dim=1, out=y)
+
+    exp_rate, exp_n = _best_rate(exp_kernel, affinity, device, min_s)
+    seg_rate, seg_n = _best_rate(segment_kernel, affinity, device, min_s, granule=k * c)
+    combine = num_betas * m * c + num_betas * num_alphas * m
+    max_rate, max_n = _best_rate(max_kernel, num_betas * m * c, device, min_s, granule=c)
+    parts = {
+        "gemm_s": gemm_s,
+        "exp_s": affinity * exp_rate,
+        "segment_sum_s": affinity * seg_rate,
+        "combine_s": combine * max_rate,
+    }
+    return {
+        "limit_s": sum(parts.values()),
+        "limit_parts": parts,
+        "limit_rates_ns_per_element": {
+            "exp": exp_rate * 1e9,
+            "segment_sum": seg_rate * 1e9,
+            "max_over_classes": max_rate * 1e9,
+        },
+        "limit_block_elements": {"exp": exp_n, "segment_sum": seg_n, "max_over_classes": max_n},
+        "limit_elements": {"affinity_B_M_N": affinity, "combine": combine},
+    }
+
+
+def bench_tip_search(
+    case: str, tiny: bool = False, device: str = "cpu", full: bool = False, threads: int = 1
+) -> dict[str, Any]:
+    """Time our search against the authors' loop and this CPU's limit; a JSON-able dict.
 
     Keys: ``name``, ``ours_s``, ``reference_s``, ``ratio`` (reference / ours, wall time;
     ``*_cpu_s`` and ``ratio_cpu``: the same in process CPU time, less noisy on a shared CPU),
+    ``limit_s``, ``limit_parts`` and ``fraction_of_limit`` (limit / ours; see
+    :func:`measure_limit`; ``fraction_of_limit_cpu`` with our CPU time),
     ``reference_extrapolated``, ``same_choice`` (the same (beta, alpha) as the authors'
     loop: on the whole grid, or on the checked sub-grid when extrapolated),
-    ``same_accuracy_grid``, the sizes, the chosen pair and the torch thread count.
+    ``same_accuracy_grid``, the sizes, the chosen pair, the CPU (:func:`cpu_info`).
     ``tiny`` shrinks the case to seconds (a smaller grid; for imagenet_sized also smaller
-    sizes), for tests of the harness.
+    sizes), for tests of the harness.  ``full``: on the ImageNet-sized case, time a whole
+    row of the authors' grid (20 points, minutes) and check the choice on three betas.
+    ``threads``: torch's thread count on a CPU while this runs (1 by default: on a shared
+    CPU a second thread's waits at every kernel's barrier swamp the measurement; 0 keeps
+    torch's own count).
     """
     if case not in CASES:
         raise ValueError(f"case={case!r}: use one of {CASES}.")
+    before = torch.get_num_threads()
+    if threads > 0 and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _bench_tip_search(case, tiny, device, full)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench_tip_search(case: str, tiny: bool, device: str, full: bool) -> dict[str, Any]:
     dev = torch.device(device)
     beta_steps, alpha_steps = (20, 5) if tiny else (200, 20)
     if case == "shapeworld":
@@ -235,13 +391,15 @@ def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict
     search_hparams(f[:100], y[:100], w, keys, values, betas[:1], alphas[:2])
     _log(f"{case}: M={f.shape[0]} N={keys.shape[0]} D={f.shape[1]} C={w.shape[0]}, warmed up")
 
-    # Best of a few runs where a run is short (the least disturbed by neighbours).
-    repeats = 5 if case == "shapeworld" or tiny else 1
+    # Best of a few runs (the least disturbed by neighbours): 5 where a run is short.
+    repeats = 5 if case == "shapeworld" or tiny else 2
     runs = [_timed(lambda: search_hparams(f, y, w, keys, values, betas, alphas), dev)
             for _ in range(repeats)]  # fmt: skip
     ours_s, ours = min(runs, key=lambda r: r[0])
     ours_cpu = min(CPU_SECONDS[-repeats:])
-    _log(f"{case}: ours {ours_s:.2f} s wall, {ours_cpu:.2f} s CPU")
+    _log(f"{case}: ours {ours_s:.3f} s wall, {ours_cpu:.3f} s CPU (best of {repeats})")
+    limit = measure_limit(f, keys, w.shape[0], len(beta_list), len(alpha_list))
+    _log(f"{case}: limit {limit['limit_s']:.3f} s {limit['limit_parts']}")
     cells = len(beta_list) * len(alpha_list)
     out: dict[str, Any] = {"name": f"tip_search_{case}"}
     if case == "shapeworld":
@@ -253,34 +411,45 @@ def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict
         out.update(reference_extrapolated=False, reference_cells_timed=cells)
         ours_sub, beta_idx = ours, list(range(len(beta_list)))
     else:
-        timed_cells = 2
+        timed_cells = len(alpha_list) if full else 2
         reference_s = 0.0
-        for j in range(timed_cells):  # a few literal grid points of the authors' loop
+        for j in range(timed_cells):  # literal grid points of the authors' loop (beta 0)
             t, _ = _timed(lambda j=j: reference_cell(*ref_args, beta_list[0], alpha_list[j]), dev)
             reference_s += t
             _log(f"{case}: reference grid point {j}: {t:.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU")
         reference_s *= cells / timed_cells
         reference_cpu = sum(CPU_SECONDS[-timed_cells:]) * cells / timed_cells
         # The choice on a sub-grid: a few betas x all alphas, both ways.
-        beta_idx = sorted({0, len(beta_list) // 2, len(beta_list) - 1})
+        last = len(beta_list) - 1
+        beta_idx = sorted({0, last // 2, last}) if full else [last // 2]
         sub_betas = [beta_list[i] for i in beta_idx]
         choice, grid = reference_search(*ref_args, sub_betas, alpha_list, recompute=False)
         _log(f"{case}: reference sub-grid {len(sub_betas)} x {len(alpha_list)} done")
         ref_grid = torch.tensor(grid, dtype=torch.float64)
         ours_sub = search_hparams(f, y, w, keys, values, betas[beta_idx], alphas)
-        out.update(reference_extrapolated=True, reference_cells_timed=timed_cells)
-        out["checked_beta_indices"] = beta_idx
+        out.update(
+            reference_extrapolated=True,
+            reference_cells_timed=timed_cells,
+            reference_note=f"{timed_cells} grid points timed, times {cells}"
+            + ("" if full else "; --full times a whole row of the grid"),
+            checked_beta_indices=beta_idx,
+        )
     ours_choice = (
         beta_idx.index(int((betas == ours_sub.best_beta).nonzero()[0])),
         int((alphas == ours_sub.best_alpha).nonzero()[0]),
     )
     out.update(
-        ours_s=round(ours_s, 4),
+        ours_s=round(ours_s, 6),
         reference_s=round(reference_s, 2),
         ratio=round(reference_s / ours_s, 1),
-        ours_cpu_s=round(ours_cpu, 3),
+        ours_cpu_s=round(ours_cpu, 6),
         reference_cpu_s=round(reference_cpu, 2),
         ratio_cpu=round(reference_cpu / max(ours_cpu, 1e-9), 1),
+        limit_s=limit["limit_s"],
+        fraction_of_limit=round(limit["limit_s"] / ours_s, 3),
+        fraction_of_limit_cpu=round(limit["limit_s"] / max(ours_cpu, 1e-9), 3),
+        fraction_means="limit_s / ours_s: 1.0 = at this CPU's limit (see limit_parts)",
+        **{k: v for k, v in limit.items() if k != "limit_s"},
         same_choice=ours_choice == tuple(choice),
         same_accuracy_grid=bool(torch.allclose(ours_sub.accuracy, ref_grid, rtol=0, atol=1e-9)),
         chosen={"beta": ours.best_beta, "alpha": ours.best_alpha, "val_acc": ours.best_accuracy},
@@ -291,7 +460,7 @@ def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict
             "dim_D": int(f.shape[1]),
             "classes_C": int(w.shape[0]),
         },
-        threads=torch.get_num_threads(),
+        **cpu_info(),
         device=str(dev),
         peak_rss_gb=_peak_rss_gb(),
     )
@@ -301,4 +470,6 @@ def bench_tip_search(case: str, tiny: bool = False, device: str = "cpu") -> dict
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     for name in args or CASES:
-        print(json.dumps(bench_tip_search(name, tiny="--tiny" in sys.argv)), flush=True)
+        record = bench_tip_search(name, tiny="--tiny" in sys.argv, full="--full" in sys.argv,
+                                  threads=0 if "--all-threads" in sys.argv else 1)  # fmt: skip
+        print(json.dumps(record), flush=True)

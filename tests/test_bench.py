@@ -44,6 +44,19 @@ def _check_measured(record: dict, bench: ModuleType) -> None:
     assert record["ratio"] > 0
 
 
+def _check_limit(record: dict) -> None:
+    """A tip_search line: this CPU's limit, its parts, and the fraction of it reached."""
+    parts = record["limit_parts"]
+    assert set(parts) == {"gemm_s", "exp_s", "segment_sum_s", "combine_s"}
+    assert all(v > 0 for v in parts.values()), parts
+    assert record["limit_s"] == pytest.approx(sum(parts.values()), rel=1e-3)
+    assert 0 < record["fraction_of_limit"] <= 1.5  # above 1 only by fusing what it times
+    assert record["fraction_of_limit"] == pytest.approx(
+        record["limit_s"] / record["ours_s"], rel=0.02, abs=2e-3
+    )
+    assert record["same_choice"] is True and record["same_accuracy_grid"] is True
+
+
 def test_the_harness_lists_the_issue_benchmarks(bench: ModuleType):
     assert list(bench.BENCHMARKS) == EXPECTED
 
@@ -53,18 +66,23 @@ def test_lines_are_json_and_a_failure_is_a_line_not_a_crash(
 ):
     def good(cfg):
         print("chatter that must not reach stdout")
+        assert cfg.full is True  # --full reaches the benchmarks
         return {"ratio": 3.0, "ratio_means": "a / b", "ours": "x", "baseline": "y", "s": 1 / 3}
 
     def bad(cfg):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(bench, "BENCHMARKS", {"good": good, "bad": bad})
-    assert bench.main(["--device", "cpu", "--tiny"]) == 1  # a failed benchmark: status 1
+    assert bench.main(["--device", "cpu", "--tiny", "--full"]) == 1  # a failure: status 1
     out = capsys.readouterr()
     good_line, bad_line = _lines(out.out)
     assert good_line["benchmark"] == "good" and good_line["device"] == "cpu"
     assert good_line["tiny"] is True and good_line["s"] == 0.3333  # four significant digits
     _check_measured(good_line, bench)
+    # Every line names the CPU: its instruction set and torch's thread count.
+    for line in (good_line, bad_line):
+        assert line["cpu_capability"] == bench.torch.backends.cpu.get_cpu_capability()
+        assert line["threads"] == bench.torch.get_num_threads() and line["cpu_model"]
     assert bad_line == {**bad_line, "benchmark": "bad", "error": "RuntimeError: boom"}
     assert "chatter" in out.err and "boom" in out.err
 
@@ -115,5 +133,7 @@ def test_tiny_run_prints_one_line_per_benchmark_with_the_required_keys(
             continue
         _check_measured(record, bench)
     by_name = {r["benchmark"]: r for r in records}
+    for name in ("tip_search_shapeworld", "tip_search_imagenet_sized"):
+        _check_limit(by_name[name])
     assert by_name["clap_step"]["cache_misses_while_timed"] == 0
     assert by_name["feature_extraction"]["image_size"] == 224

@@ -507,3 +507,66 @@ def test_runners_end_to_end_on_a_tiny_episode() -> None:
     # can only match or beat the kept step, which is at least the training-free start.
     assert tip_f["selection_val_accuracy"] >= max(tip_f["history"]["val_score"]) - 1e-6
     assert max(tip_f["history"]["val_score"]) >= tip_f["history"]["val_score"][0]
+
+
+# ------------------------------------------------------------------ the search's screen
+
+
+def _full_search(monkeypatch: pytest.MonkeyPatch, *args):
+    """search_hparams with the screen off: every (beta, row, alpha, class) logit computed."""
+    with monkeypatch.context() as m:
+        m.setattr(ta, "_screen_tolerance", lambda *a, **k: math.inf)
+        return search_hparams(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_screened_search_equals_every_logit_computed(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, seed: int
+) -> None:
+    # The screen decides most (beta, image) cells from the two ends of the alpha range; the
+    # counts must be exactly those of computing every logit, including tied classes.
+    data = problem(seed, noise=3.0, num_classes=6, shots=4, val_per_class=9)
+    w = data["clip_weights"].clone()
+    w[5] = w[4]  # classes 4 and 5 share a text weight and (below) their keys: exact ties
+    keys = data["keys"].clone()
+    keys[20:24] = keys[16:20]
+    args = [data["val"], data["val_labels"], w, keys, data["values"]]
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+    alpha_grids = [
+        torch.tensor(authors_grid(3, 8)),
+        torch.tensor([2.0, 0.5, 1.0]),  # unsorted
+        torch.tensor([-1.0, 0.0, 1.5]),  # a negative alpha: no dominance shortcut
+        torch.tensor([1.0]),
+    ]
+    betas = torch.tensor(authors_grid(7, 15))
+    for alphas in alpha_grids:
+        screened = search_hparams(*args, betas, alphas)
+        full = _full_search(monkeypatch, *args, betas, alphas)
+        assert torch.equal(screened.accuracy, full.accuracy), alphas
+        assert (screened.best_beta, screened.best_alpha) == (full.best_beta, full.best_alpha)
+
+
+def test_screen_decides_nothing_on_non_finite_inputs() -> None:
+    data = problem(0)
+    f = data["val"].clone()
+    f[0, 0] = math.nan
+    clip = 100.0 * f @ data["clip_weights"].T
+    shifted = f @ data["keys"].T - 1
+    tol = ta._screen_tolerance(clip, shifted, 8.0, *SMALL_GRID)
+    assert tol == math.inf
+    finite = ta._screen_tolerance(clip.nan_to_num(), shifted.nan_to_num(), 8.0, *SMALL_GRID)
+    assert 0 < finite < 1e-2  # a few float32 roundings of logits near 100 + 3 x 8 x 2
+
+
+def test_search_in_float64_equals_the_loop_everywhere() -> None:
+    # In float64 no two logits of these problems agree to within rounding, so the segment
+    # sums (another order of additions than A @ L) give the loop's grid exactly.
+    for seed in range(3):
+        data = problem(seed, noise=3.0, num_classes=5, shots=6, val_per_class=7)
+        args = [t.double() if t.is_floating_point() else t for t in _args(data)]
+        grid = default_search_grid(beta_steps=30, alpha_steps=10)
+        fast = search_hparams(*args, *grid)
+        loop = search_hparams_loop(*args, *grid)
+        assert torch.equal(fast.accuracy, loop.accuracy)
+        assert (fast.best_beta, fast.best_alpha) == (loop.best_beta, loop.best_alpha)

@@ -70,7 +70,7 @@ __all__ = [
 
 #: Elements of one work block of the vectorised search (beta chunk x rows x width); it
 #: bounds the search's extra memory (4 bytes each) and keeps a block in the CPU's cache.
-_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+_BLOCK_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 27}
 
 
 class TipAdapterError(ValueError):
@@ -488,6 +488,130 @@ def _argmax_hits(own: Tensor, others: Tensor, labels: Tensor) -> Tensor:
     return hits
 
 
+@dataclass
+class _RowBlock:
+    """Per-row data of a block of validation rows, shared by all its betas.
+
+    ``y`` ``(m,)`` labels; ``clip_y`` ``(m,)`` their CLIP logits; ``clip_others`` ``(m, C)``
+    CLIP logits with -inf at the labels; ``top`` ``(m,)`` the best other class by CLIP and
+    ``clip_top`` ``(m,)`` its logit; ``clip_wins`` ``(m,)`` the label's CLIP logit beats every
+    other class's by more than the screen's tolerance.
+    """
+
+    y: Tensor
+    clip_y: Tensor
+    clip_others: Tensor
+    top: Tensor
+    clip_top: Tensor
+    clip_wins: Tensor
+
+    @classmethod
+    def of(cls, clip: Tensor, y: Tensor, tol: float) -> _RowBlock:
+        clip_y = clip.gather(1, y.view(-1, 1)).view(-1)
+        # The labels' own logits are computed apart; -inf hides them among the others.
+        clip_others = clip.scatter(1, y.view(-1, 1), -math.inf)  # (m, C)
+        clip_top, top = clip_others.max(dim=1)
+        return cls(y, clip_y, clip_others, top, clip_top, clip_y > clip_top + tol)
+
+
+def _full_counts(cache: Tensor, rb: _RowBlock, alphas: Tensor) -> Tensor:
+    """Hits per (beta, alpha) of a block, every ``(b, m, A, C)`` logit computed: ``(b, A)``.
+
+    ``cache`` ``(b, m, C)`` class sums of the rows of ``rb``; ``alphas`` ``(A,)``.
+    """
+    others = torch.mul(cache.unsqueeze(2), alphas.view(-1, 1)).add_(rb.clip_others.unsqueeze(1))
+    own = (cache.gather(2, rb.y.view(1, -1, 1).expand(cache.shape[0], -1, 1)) * alphas).add_(
+        rb.clip_y.view(1, -1, 1)
+    )  # (b, m, A)
+    return _argmax_hits(own, others, rb.y).sum(dim=1)
+
+
+def _screen_tolerance(
+    clip: Tensor, shifted: Tensor, column_max: float, betas: Tensor, alphas: Tensor
+) -> float:
+    """A margin ``tol`` above every rounding error of [Tip logits] on the alpha grid.
+
+    A logit is computed as ``l_c(a) = fl(fl(cache_c * a) + clip_c)``; it differs from the
+    line ``clip_c + cache_c * a`` by at most ``E = u (|clip| + 2.01 |a| cache_max)``
+    (``u`` the unit roundoff).  Lines are linear in ``a``, so if ``l_c - l_y > tol >= 4E``
+    at both ends of the alpha range, ``l_c > l_y`` at every alpha in between (and if
+    ``l_y - l_c > tol`` at both ends, ``l_y > l_c`` in between).  ``cache_max`` bounds the
+    class sums: ``column_max`` (the largest column sum of ``|values|``) x the largest
+    affinity ``exp(beta max T)``, doubled for the rounding of the sums.  Returns ``inf``
+    when an input is not finite (the screen then decides nothing).
+    """
+    unit = torch.finfo(clip.dtype).eps / 2
+    t_max, clip_max = float(shifted.max()), float(clip.abs().max())
+    beta_max, alpha_max = float(betas.max()), float(alphas.abs().max())
+    if not all(math.isfinite(v) for v in (t_max, clip_max, alpha_max, column_max)):
+        return math.inf
+    exponent = max(0.0, beta_max * t_max) * 1.01
+    if exponent > 80.0:
+        return math.inf
+    cache_max = 2.0 * column_max * math.exp(exponent) * 1.01
+    return 16.0 * unit * (clip_max + 2.0 * alpha_max * cache_max) + 1e-30
+
+
+def _screened_counts(
+    cache: Tensor, rb: _RowBlock, alphas: Tensor, ends: Tensor, tol: float
+) -> Tensor:
+    """Hits per (beta, alpha) of a block, equal to :func:`_full_counts`, through a screen.
+
+    A logit is linear in alpha, so a (beta, row) is decided for every alpha of the grid
+    when it is decided by more than ``tol`` (:func:`_screen_tolerance`) at both ends of
+    the alpha range ``ends`` ``(2,)`` (alphas of the grid):
+
+    1. a hit everywhere if the label leads both in CLIP logit (``rb.clip_wins``) and in
+       class sum (``alpha >= 0``); a miss everywhere if the best other CLIP class beats
+       the label at both ends (two logits per row);
+    2. for the rest, the logits of all classes at both ends: a hit everywhere if the label
+       beats them all at both ends, a miss everywhere if one class beats it at both;
+    3. for the rest, only the classes within ``tol`` of the label at an end can win or
+       tie: their logits at every alpha, rounded as in :func:`_full_counts`, are compared
+       with the label's (ties: the first class wins, as ``argmax``).
+
+    Shapes: ``cache`` ``(b, m, C)`` class sums of the rows of ``rb``; ``alphas`` ``(A,)``.
+    Returns ``(b, A)`` int64 counts.
+    """
+    nb, m, _ = cache.shape
+    own = cache.gather(2, rb.y.view(1, m, 1).expand(nb, m, 1)).view(nb, m)
+    own_ends = (own.unsqueeze(2) * ends).add_(rb.clip_y.view(1, m, 1))  # (b, m, 2)
+    top = cache.gather(2, rb.top.view(1, m, 1).expand(nb, m, 1))  # (b, m, 1)
+    top_ends = (top * ends).add_(rb.clip_top.view(1, m, 1))
+    miss = (top_ends > own_ends + tol).all(dim=2)  # (b, m)
+    if float(ends[0]) >= 0:
+        hit = (own >= cache.amax(dim=2)) & rb.clip_wins
+    else:
+        hit = torch.zeros_like(miss)
+    counts = hit.sum(dim=1).view(nb, 1).expand(nb, alphas.shape[0]).clone()
+    cells = (~(hit | miss)).view(-1).nonzero().view(-1)  # flat (beta, row) indices
+    if cells.numel() == 0:
+        return counts
+    # 2. every class at both ends, for the undecided (beta, row)s: (P, 2, C) differences.
+    r_idx = cells % m
+    sub = cache.view(nb * m, -1).index_select(0, cells)  # (P, C)
+    diff = torch.mul(sub.unsqueeze(1), ends.view(2, 1))
+    diff.add_(rb.clip_others.index_select(0, r_idx).unsqueeze(1))
+    diff.sub_(own_ends.view(nb * m, 2).index_select(0, cells).unsqueeze(2))  # l_c - l_y
+    hit = (diff.amax(dim=2) < -tol).all(dim=1)
+    miss = torch.minimum(diff[:, 0], diff[:, 1]).amax(dim=1) > tol
+    counts += torch.zeros_like(counts[:, 0]).index_add_(0, cells // m, hit.long()).view(nb, 1)
+    left = (~(hit | miss)).nonzero().view(-1)
+    if left.numel() == 0:
+        return counts
+    # 3. the classes that come within tol of the label: logits at every alpha.
+    cells, r_idx = cells[left], r_idx[left]
+    p, c = (diff.index_select(0, left) >= -tol).any(dim=1).nonzero(as_tuple=True)  # (Q,)
+    rows = r_idx[p]
+    own_a = (own.view(-1)[cells].unsqueeze(1) * alphas).add_(rb.clip_y[r_idx].unsqueeze(1))
+    logit = (sub[left[p], c].unsqueeze(1) * alphas).add_(rb.clip_others[rows, c].unsqueeze(1))
+    own_q = own_a[p]  # (Q, A): the label's logits, as in _full_counts
+    beats = (logit > own_q) | ((logit == own_q) & (c < rb.y[rows]).unsqueeze(1))
+    lost = torch.zeros(own_a.shape, dtype=torch.int32, device=own_a.device)
+    lost.index_add_(0, p, beats.int())
+    return counts.index_add_(0, cells // m, (lost == 0).long())
+
+
 @torch.no_grad()
 def search_hparams(
     val_features: Tensor,
@@ -506,15 +630,19 @@ def search_hparams(
     * per beta, the exponentials ``exp(beta * (S - 1))`` (``S - 1`` computed once) and,
       because the values are one-hot, the class sums as a segment sum over each class's
       keys (:func:`class_sums`; non-one-hot values fall back to ``A @ L``);
-    * per (beta, alpha), one ``(M, C)`` mix ``clip + cache * alpha`` and its argmax
-      (first index on ties, computed from a max: :func:`_argmax_hits`).
+    * per beta, the ``(M, C)`` logits at the two ends of the alpha range; a validation
+      image whose label wins (or loses to one class) by more than every rounding error at
+      both ends wins (loses) at every alpha in between, since a logit is linear in alpha.
+      Only the other images, and of their classes those that come near the label, get
+      logits at every alpha (:func:`_screened_counts`), with the same rounding and the
+      same tie rule (first class wins) as the full ``(M, A, C)`` computation.
 
-    Work is done in blocks of rows and betas (at most ``_BLOCK_ELEMENTS`` floats each), so
-    the extra memory is ``S`` plus one block.  The chosen pair is the first best in
-    beta-major, alpha-minor order, as in the authors' loop (:func:`search_hparams_loop`).
-    The accuracy grid equals the loop's except where two class logits of a validation
-    image agree to within float rounding (the exponent and the class sums are rounded in
-    another order than ``-(beta - beta * S)`` and ``A @ L``).
+    Work is done in blocks of rows and betas (at most ``_BLOCK_ELEMENTS`` floats each, sized
+    to stay in the CPU's L2 cache), so the extra memory is ``S`` plus a few blocks.  The
+    chosen pair is the first best in beta-major, alpha-minor order, as in the authors' loop
+    (:func:`search_hparams_loop`).  The accuracy grid equals the loop's except where two
+    class logits of a validation image agree to within float rounding (the exponent and the
+    class sums are rounded in another order than ``-(beta - beta * S)`` and ``A @ L``).
 
     Args:
         val_features: ``(M, D)`` validation features (never test); val_labels: ``(M,)``.
@@ -539,33 +667,54 @@ def search_hparams(
     shifted = _similarity(val_features, cache_keys).sub_(1.0)
     width, n_b, n_a = shifted.shape[1], len(betas_t), len(alphas_t)
     betas_dev, alphas_dev = betas_t.to(device), alphas_t.to(device)
-    budget, per_row = _BLOCK_ELEMENTS.get(device.type, 1 << 21), max(width, n_a * num_classes)
-    rows = max(1, min(num_val, budget // per_row))  # a block: `chunk` betas x `rows` rows
-    chunk = max(1, min(n_b, budget // (rows * per_row)))
+    ends = torch.stack([alphas_dev.min(), alphas_dev.max()])  # (2,) the alpha range
+    column_max = float(k) if layout is not None else float(cache_values.abs().sum(dim=0).max())
+    tol = _screen_tolerance(clip, shifted, column_max, betas_t, alphas_t)
+    budget = _BLOCK_ELEMENTS.get(device.type, 1 << 17)
+    rows = max(1, min(num_val, budget // width))  # a block: `chunk` betas x `rows` rows
+    chunk = max(1, min(n_b, budget // (rows * width)))
+    # Class sums of a group of betas are screened at once (fewer, larger calls).
+    group = min(n_b, max(chunk, (4 * budget) // (rows * num_classes)) // chunk * chunk)
     correct = torch.zeros(n_b, n_a, dtype=torch.long, device=device)
     e_buf = shifted.new_empty(chunk * rows * width)  # reused: no allocation per block
-    l_buf = shifted.new_empty(chunk * rows * n_a * num_classes)
-    c_buf = shifted.new_empty(chunk * rows * num_classes)
+    c_buf = shifted.new_empty(group * rows * num_classes)
+    plans: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+
+    def plan(m: int, g0: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Views of one group's blocks: (betas (b, 1, 1), exps (b, m, W), its class-grouped
+        view (b, m, K, C) or None, class sums (b, m, C)); built once per (rows, group)."""
+        key = (m, min(group, n_b - g0))
+        if key not in plans:
+            ng, steps = key[1], []
+            for b0 in range(0, ng, chunk):
+                nb = min(chunk, ng - b0)
+                e = e_buf[: nb * m * width].view(nb, m, width)
+                grouped = None if layout is None else e.view(nb, m, k, num_classes)
+                out = c_buf[b0 * m * num_classes : (b0 + nb) * m * num_classes]
+                steps.append((b0, e, grouped, out.view(nb, m, num_classes)))
+            plans[key] = steps
+        return [(betas_dev[g0 + b0 : g0 + b0 + e.shape[0]].view(-1, 1, 1), e, grouped, out)
+                for b0, e, grouped, out in plans[key]]  # fmt: skip
+
     for r0 in range(0, num_val, rows):
-        t, clip_r, y = shifted[r0 : r0 + rows], clip[r0 : r0 + rows], labels[r0 : r0 + rows]
+        t = shifted[r0 : r0 + rows]
         m = t.shape[0]
-        clip_y = clip_r.gather(1, y.view(-1, 1)).view(1, m, 1)
-        # The labels' own logits are computed apart; -inf hides them among the others.
-        clip_others = clip_r.scatter(1, y.view(-1, 1), -math.inf).view(1, m, 1, num_classes)
-        for b0 in range(0, n_b, chunk):
-            beta = betas_dev[b0 : b0 + chunk].view(-1, 1, 1)
-            nb = beta.shape[0]
-            e = torch.mul(t, beta, out=e_buf[: nb * m * width].view(nb, m, width)).exp_()
-            if layout is None:
-                cache = e @ cache_values  # (b, m, C)
-            else:  # segment sum over each class's K slots
-                e = e.mul_(mask) if mask is not None else e
-                cache = c_buf[: nb * m * num_classes].view(nb, m, num_classes)
-                torch.sum(e.view(nb, m, k, num_classes), dim=2, out=cache)
-            others = l_buf[: nb * m * n_a * num_classes].view(nb, m, n_a, num_classes)
-            torch.mul(cache.unsqueeze(2), alphas_dev.view(-1, 1), out=others).add_(clip_others)
-            own = (cache.gather(2, y.view(1, -1, 1).expand(nb, m, 1)) * alphas_dev).add_(clip_y)
-            correct[b0 : b0 + nb] += _argmax_hits(own, others, y).sum(dim=1)  # (b, A)
+        rb = _RowBlock.of(clip[r0 : r0 + rows], labels[r0 : r0 + rows], tol)
+        for g0 in range(0, n_b, group):
+            ng = min(group, n_b - g0)
+            for beta, e, grouped, out in plan(m, g0):
+                torch.mul(t, beta, out=e).exp_()
+                if grouped is None:
+                    torch.matmul(e, cache_values, out=out)  # (b, m, C)
+                else:  # segment sum over each class's K slots
+                    if mask is not None:
+                        e.mul_(mask)
+                    torch.sum(grouped, dim=2, out=out)
+            cache = c_buf[: ng * m * num_classes].view(ng, m, num_classes)
+            if math.isfinite(tol):
+                correct[g0 : g0 + ng] += _screened_counts(cache, rb, alphas_dev, ends, tol)
+            else:
+                correct[g0 : g0 + ng] += _full_counts(cache, rb, alphas_dev)
     return _result(correct, betas_t, alphas_t, num_val)
 
 

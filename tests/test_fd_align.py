@@ -129,15 +129,20 @@ def test_prototypes_match_hand_computation() -> None:
         [
             [[2.0, 0.0], [0.0, 3.0], [5.0, 0.0]],  # class 0 -> e0, e1, e0
             [[0.0, 1.0], [0.0, 4.0], [1.0, 0.0]],  # class 1 -> e1, e1, e0
-        ]
+        ],
+        dtype=torch.float64,
     )
     s5, r2 = math.sqrt(5.0), 1 / math.sqrt(2.0)
     # class 0: mean(e0, e1, e0) -> (2, 1)/sqrt5; class 1: mean(e1, e1, e0) -> (1, 2)/sqrt5
-    expected_cls = torch.tensor([[2 / s5, 1 / s5], [1 / s5, 2 / s5]])
+    expected_cls = torch.tensor([[2 / s5, 1 / s5], [1 / s5, 2 / s5]], dtype=torch.float64)
     # template 0: mean(e0, e1) -> (1, 1)/sqrt2; template 1: e1; template 2: e0
-    expected_spur = torch.tensor([[r2, r2], [0.0, 1.0], [1.0, 0.0]])
-    torch.testing.assert_close(class_prototypes(text), expected_cls)  # unit rows, no scale
-    torch.testing.assert_close(spurious_prototypes(text), expected_spur)
+    expected_spur = torch.tensor([[r2, r2], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    # float64 throughout: two normalisations of 2-vectors and a mean of 3, a few roundings
+    # of 1.1e-16 each on values <= 1
+    tight = {"atol": 1e-15, "rtol": 0}
+    torch.testing.assert_close(class_prototypes(text), expected_cls, **tight)  # unit rows
+    torch.testing.assert_close(spurious_prototypes(text), expected_spur, **tight)
+    assert class_prototypes(text.float()).dtype == torch.float32  # float32 stays float32
     with pytest.raises(ValueError, match=r"\(C, M, D\)"):
         class_prototypes(torch.randn(4, 8))
     with pytest.raises(ValueError, match="non-empty"):

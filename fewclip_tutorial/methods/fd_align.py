@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fewclip_tutorial.backbones import _state_dict_digest
 from fewclip_tutorial.data.base import LabeledSplit
-from fewclip_tutorial.device import default_num_workers, seed_everything
+from fewclip_tutorial.device import default_num_workers, float32_or_64, seed_everything
 from fewclip_tutorial.distributed import DistInfo, dist_info, shard_batch, wrap_ddp
 from fewclip_tutorial.experiment import Context, Option, register_method
 from fewclip_tutorial.features import FeatureSet, _ViewDataset, crop_transform, extract_features
@@ -216,7 +216,7 @@ def class_prototypes(text_features: Tensor) -> Tensor:
     (CLIP's prompt ensemble, :func:`~fewclip_tutorial.zeroshot.prompt_ensemble`).
     """
     _check_text_features(text_features)
-    return prompt_ensemble(text_features.float())
+    return prompt_ensemble(float32_or_64(text_features))
 
 
 def spurious_prototypes(text_features: Tensor) -> Tensor:
@@ -227,7 +227,7 @@ def spurious_prototypes(text_features: Tensor) -> Tensor:
     what the template says about style ("a sketch of a ...", "a red ...").
     """
     _check_text_features(text_features)
-    return prompt_ensemble(text_features.float().transpose(0, 1))
+    return prompt_ensemble(float32_or_64(text_features).transpose(0, 1))
 
 
 # --------------------------------------------------------------------------- losses

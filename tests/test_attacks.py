@@ -61,7 +61,8 @@ def test_normalized_classifier_matches_manual_computation() -> None:
     std = torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
     f = F.normalize(visual((x - mean) / std), dim=-1)
     expected = 100.0 * F.normalize(refine_fn(f), dim=-1) @ head.T
-    torch.testing.assert_close(clf(x), expected)
+    # the classifier runs these float32 operations in this order on the same inputs: exact
+    assert torch.equal(clf(x), expected)
     with pytest.raises(ValueError, match="3 values"):
         NormalizedClassifier(visual, (0.5,), (0.2,), head)
 
@@ -116,7 +117,8 @@ def test_cw_margin_loss_by_hand_and_input_checks() -> None:
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
     labels = torch.tensor([0, 2])
     # row 0: best other 2 - 3 = -1; row 1: best other 5 - (-1) = 6, capped at kappa = 4
-    torch.testing.assert_close(cw_margin_loss(logits, labels, kappa=4.0), torch.tensor([-1.0, 4.0]))
+    # small integers: every difference is exact in float32
+    assert torch.equal(cw_margin_loss(logits, labels, kappa=4.0), torch.tensor([-1.0, 4.0]))
     x, y = _easy_problem(4)
     clf = _classifier()
     with pytest.raises(ValueError, match=r"\[0, 1\] pixel space"):
@@ -137,21 +139,24 @@ def test_pgd_step_defaults_to_the_authors_eps_over_10() -> None:
     """CLAP main/evaluate.py: step_size = eps / 10 for PGD-20 and CW-20, eps for FGSM."""
     x = torch.full((2, 3, 4, 4), 0.5)
     y = torch.zeros(2, dtype=torch.long)
-    # the CE gradient w.r.t. every pixel is negative, so each step moves every pixel by -alpha
+    # the CE gradient w.r.t. every pixel is negative, so each step moves every pixel by -alpha;
+    # alpha = 0.1 * EPS as the package forms it (STEP_SIZES["clap"] * eps).  The expected
+    # values repeat PGD's float32 subtractions one by one (the projection is inactive until
+    # the eps boundary), so they are exact, not approximate
+    a = 0.1 * EPS
     one = pgd(_total_brightness, x, y, steps=1, random_start=False)
-    torch.testing.assert_close(one, x - EPS / 10)
+    assert torch.equal(one, x - a)
     three = pgd(_total_brightness, x, y, steps=3, random_start=False)
-    torch.testing.assert_close(three, x - 3 * EPS / 10)
+    assert torch.equal(three, x - a - a - a)
     quarter = pgd(_total_brightness, x, y, steps=1, random_start=False, alpha="quarter")
-    torch.testing.assert_close(quarter, x - EPS / 4)
+    assert torch.equal(quarter, x - EPS / 4)  # 0.25 * EPS == EPS / 4 exactly (a power of 2)
     assert STEP_SIZES == {"clap": 0.1, "quarter": 0.25}
-    # 20 steps of eps/10 reach the eps boundary and stay there (projection)
-    torch.testing.assert_close(pgd(_total_brightness, x, y, random_start=False), x - EPS)
-    torch.testing.assert_close(fgsm(_total_brightness, x, y), x - EPS)
+    # 20 steps of eps/10 reach the eps boundary and stay there: PGD clamps to x0 - eps, the
+    # very subtraction on the right (FGSM's single step of eps is that subtraction too)
+    assert torch.equal(pgd(_total_brightness, x, y, random_start=False), x - EPS)
+    assert torch.equal(fgsm(_total_brightness, x, y), x - EPS)
     # CW uses the same step: its margin also falls with the pixel sum for class 0
-    torch.testing.assert_close(
-        cw(_total_brightness, x, y, steps=2, random_start=False), x - 0.2 * EPS
-    )
+    assert torch.equal(cw(_total_brightness, x, y, steps=2, random_start=False), x - a - a)
     with pytest.raises(ValueError, match="quarter"):
         pgd(_total_brightness, x, y, alpha="half")
 
@@ -166,4 +171,5 @@ def test_robust_accuracy_passes_the_step_to_pgd_and_cw() -> None:
         got = attack(a, clf, x, y, seed=5, alpha="quarter")
         loss = "ce" if a == "pgd" else "cw"
         gen = torch.Generator().manual_seed(5)
-        torch.testing.assert_close(got, pgd(clf, x, y, alpha=EPS / 4, loss=loss, generator=gen))
+        # "quarter" is 0.25 * EPS == EPS / 4 (exact): the same attack, so the same pixels
+        assert torch.equal(got, pgd(clf, x, y, alpha=EPS / 4, loss=loss, generator=gen))

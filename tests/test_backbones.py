@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import socket
@@ -42,6 +44,35 @@ def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def tiny(tiny_arch: str) -> bbmod.Backbone:
     return load_backbone(tiny_arch, pretrained=None, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny: bbmod.Backbone) -> bbmod.Backbone:
+    """``tiny`` with float64 towers: two batchings then differ by float64 rounding only."""
+    return dataclasses.replace(tiny, model=copy.deepcopy(tiny.model).double())
+
+
+U = 2.0**-24  # float32 unit roundoff
+
+
+def unit_norm_atol(d: int) -> float:
+    """|norm - 1| of a row of ``F.normalize`` in float32, D = ``d`` (recomputed in float32).
+
+    A float32 sum of d squares is within d u of the exact one (any order), so a norm is
+    within (d/2 + 1) u: F.normalize's norm (d/2 + 1) u, its division u, the test's norm
+    (d/2 + 1) u: (d + 3) u in all, to first order in u (the rest is ~d^2 u^2 = 1e-13).
+    """
+    return (d + 3) * U
+
+
+def batching_atol(d: int) -> float:
+    """Entries (<= 1) of two float32 ``F.normalize`` outputs of float64 tower features that
+    differ by float64 rounding only (~1e-15): the package casts them to float32 before
+    normalising, so they are equal or one float32 step apart (relative 2u), which
+    normalising at most doubles (4u); the two float32 normalisations then round apart by
+    at most 2 (d/2 + 2) u.  (d + 8) u in all.
+    """
+    return (d + 8) * U
 
 
 def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -91,21 +122,30 @@ def test_seed_everything_reproduces_all_generators() -> None:
 # --------------------------------------------------------------------------- random init
 
 
-def test_random_init_backbone_is_frozen_and_normalises(tiny: bbmod.Backbone) -> None:
+def test_random_init_backbone_is_frozen_and_normalises(
+    tiny: bbmod.Backbone, tiny64: bbmod.Backbone
+) -> None:
     assert not tiny.model.training
     assert not any(p.requires_grad for p in tiny.model.parameters())
     assert tiny.image_size == 16
     assert tiny.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
     assert tiny.identifier == f"{TINY}:None:random-init-seed0"
-    assert tiny.logit_scale == pytest.approx(float(tiny.model.logit_scale.exp()))
+    # the property computes this very exp (of a float32 parameter): exact
+    assert tiny.logit_scale == float(tiny.model.logit_scale.exp())
     assert tiny.embed_dim == 16
 
     images = torch.randn(5, 3, 16, 16)
     f = tiny.encode_images(images)
     assert f.shape == (5, 16) and f.dtype == torch.float32
-    torch.testing.assert_close(f.norm(dim=-1), torch.ones(5))
-    # Chunked and unchunked passes agree.
-    torch.testing.assert_close(tiny.encode_images(images, batch_size=2), f)
+    # float32 unit rows, D = 16: see unit_norm_atol
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(5), atol=unit_norm_atol(16), rtol=0)
+    # Chunked and unchunked passes agree (float64 towers: batching changes rounding only).
+    f64 = tiny64.encode_images(images)
+    assert f64.dtype == torch.float32
+    # float64 towers, batches of 2 against all: see batching_atol
+    torch.testing.assert_close(
+        tiny64.encode_images(images, batch_size=2), f64, atol=batching_atol(16), rtol=0
+    )
     # The features are normal tensors: usable in a graph that trains something else.
     w = torch.randn(16, 3, requires_grad=True)
     (f @ w).sum().backward()
@@ -113,9 +153,14 @@ def test_random_init_backbone_is_frozen_and_normalises(tiny: bbmod.Backbone) -> 
 
     t = tiny.encode_text(["a red circle", "a blue square", "a star"], batch_size=2)
     assert t.shape == (3, 16)
-    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
-    # Same text, same embedding, whatever the batch.
-    torch.testing.assert_close(tiny.encode_text(["a star"])[0], t[2])
+    # float32 unit rows, D = 16: see unit_norm_atol
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3), atol=unit_norm_atol(16), rtol=0)
+    # Same text, same embedding, whatever the batch (float64 towers: rounding only).
+    t64 = tiny64.encode_text(["a red circle", "a blue square", "a star"], batch_size=2)
+    alone, paired = tiny64.encode_text(["a star"])[0], tiny64.encode_text(["a", "a star"])[1]
+    # "a star" alone, with another prompt, in a batch of 3 rows: see batching_atol
+    torch.testing.assert_close(alone, t64[2], atol=batching_atol(16), rtol=0)
+    torch.testing.assert_close(paired, t64[2], atol=batching_atol(16), rtol=0)
 
 
 def test_encoders_reject_bad_input(tiny: bbmod.Backbone) -> None:
@@ -157,7 +202,8 @@ def test_local_checkpoint_round_trip(tiny: bbmod.Backbone, tiny_arch: str, tmp_p
     again = load_backbone(tiny_arch, pretrained=str(path), device="cpu")
     assert _state_equal(again.model, tiny.model)
     images = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(loaded.encode_images(images), tiny.encode_images(images))
+    # equal weights, the same operations on the same images: exactly the same features
+    assert torch.equal(loaded.encode_images(images), tiny.encode_images(images))
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model"])
@@ -397,4 +443,7 @@ def test_real_shipped_checkpoint_loads() -> None:
     bb = load_backbone(EMBEDDED_BACKBONE, device="cpu")
     assert bb.identifier.startswith(f"{EMBEDDED_BACKBONE}:default:")
     f = bb.encode_images(torch.zeros(1, 3, bb.image_size, bb.image_size))
-    torch.testing.assert_close(f.norm(dim=-1), torch.ones(1))
+    # a float32 unit row: see unit_norm_atol
+    torch.testing.assert_close(
+        f.norm(dim=-1), torch.ones(1), atol=unit_norm_atol(f.shape[1]), rtol=0
+    )

@@ -43,6 +43,11 @@ class _Float64Backbone(FakeBackbone):
 
 ONE_FLOAT32_STEP = 2.0**-24  # float32 spacing below 1: unit-vector entries round by <= this
 
+#: |norm - 1| of those float32 unit rows (D = 16, u = 2^-24): the float64 unit vector's cast
+#: moves its norm by <= u, the float32 norm of 16 squares adds (D/2 + 1) u; one u more covers
+#: the float64 normalisation (~1e-15): (D/2 + 3) u
+UNIT_NORM = {"atol": (16 / 2 + 3) * 2.0**-24, "rtol": 0.0}
+
 
 @pytest.fixture
 def backbone():
@@ -64,7 +69,7 @@ def test_eval_features_match_hand_computation(split, backbone):
     expected = (expected / expected.norm(dim=-1, keepdim=True)).float()
     # float64 in batches of 3 vs 7, then float32: at most one float32 step apart
     torch.testing.assert_close(fs.features, expected, atol=ONE_FLOAT32_STEP, rtol=0)
-    torch.testing.assert_close(fs.features.norm(dim=-1), torch.ones(7))
+    torch.testing.assert_close(fs.features.norm(dim=-1), torch.ones(7), **UNIT_NORM)
     assert backbone.encode_calls == 3  # ceil(7 / 3) batches
     assert len(fs) == 7 and fs.dim == 16 and fs.num_views is None
 
@@ -75,7 +80,15 @@ def test_features_are_normal_tensors_usable_in_autograd(split, backbone, tmp_pat
         assert not fs.features.is_inference()
         w = torch.randn(16, 3, requires_grad=True)
         (fs.features @ w).sum().backward()
-        torch.testing.assert_close(w.grad, fs.features.sum(0)[:, None].expand(16, 3))
+        # float32 sums of the N = 7 entries (|f| <= 1) of a column, by the matmul's backward
+        # and by sum(0): each within (N - 1) u N of the exact sum, u = 2^-24
+        n = fs.features.shape[0]
+        torch.testing.assert_close(
+            w.grad,
+            fs.features.sum(0)[:, None].expand(16, 3),
+            atol=2 * (n - 1) * n * 2.0**-24,  # the bound above, for the two sums
+            rtol=0,
+        )
 
 
 def test_second_call_loads_from_cache(split, backbone, tmp_path):
@@ -126,7 +139,7 @@ def test_augment_deterministic_per_seed(split, backbone):
     assert torch.equal(a.features, b.features)  # deterministic per seed
     assert not torch.allclose(a.features, c.features)  # a new seed gives new crops
     assert not torch.allclose(a.features[0], a.features[1])  # views differ from each other
-    torch.testing.assert_close(a.features.norm(dim=-1), torch.ones(2, 7))
+    torch.testing.assert_close(a.features.norm(dim=-1), torch.ones(2, 7), **UNIT_NORM)
 
 
 def test_augment_independent_of_batch_size_and_global_rng(split, backbone):

@@ -106,7 +106,9 @@ def test_fd_align_on_shapeworld_in_two_gloo_processes_matches_one(tmp_path):
     assert two["history"]["val_score"] == one["history"]["val_score"]
     assert two["history"]["val_spurious_kl"] == pytest.approx(
         # float32 validation features: a last-bit flip moves the KL by <= 100 * 2 * 6e-8
-        one["history"]["val_spurious_kl"], abs=2e-5, rel=0
+        one["history"]["val_spurious_kl"],
+        abs=2e-5,
+        rel=0,
     )
     moved = max(abs(a) for a in one["weights"])
     assert moved > 0

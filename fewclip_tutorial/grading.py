@@ -214,7 +214,9 @@ def parse_notebook(data: bytes, max_bytes: int = 20 << 20) -> dict[str, Any]:
         if not isinstance(cell, dict) or not isinstance(cell.get("cell_type"), str):
             raise ValueError(f"cell {i} is not a notebook cell (no 'cell_type')")
         src = cell.get("source", "")
-        if not (isinstance(src, str) or (isinstance(src, list) and all(isinstance(s, str) for s in src))):
+        if not (
+            isinstance(src, str) or (isinstance(src, list) and all(isinstance(s, str) for s in src))
+        ):
             raise ValueError(f"cell {i}'s 'source' is not text")
     return nb
 
@@ -455,7 +457,15 @@ def detect_isolation(mode: str = "auto") -> Isolation:
     )
 
 
-_BASE_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session", "--uid", "65534", "--gid", "65534")
+_BASE_FLAGS = (
+    "--unshare-all",
+    "--die-with-parent",
+    "--new-session",
+    "--uid",
+    "65534",
+    "--gid",
+    "65534",
+)
 
 
 def _package_dir() -> Path:
@@ -504,7 +514,16 @@ def _bwrap_command(output_fd: int, tmp_bytes: int = 512 << 20) -> list[str]:
     }
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    return [*cmd, "--", sys.executable, "-m", child.__name__, "--sandboxed", "--output-fd", str(output_fd)]
+    return [
+        *cmd,
+        "--",
+        sys.executable,
+        "-m",
+        child.__name__,
+        "--sandboxed",
+        "--output-fd",
+        str(output_fd),
+    ]
 
 
 def _vm_size() -> int:
@@ -791,7 +810,9 @@ class _Grader:
 
         if name not in self.inputs:
             ex = get_exercise(name)
-            self.inputs[name] = ex.trial_inputs(exercise_seed(self.config.seed, name), self.config.n_trials)
+            self.inputs[name] = ex.trial_inputs(
+                exercise_seed(self.config.seed, name), self.config.n_trials
+            )
         return self.inputs[name]
 
     def _judge(self, name: str, outputs: Any) -> str:
@@ -892,7 +913,11 @@ class _Grader:
                                 get_exercise(n)
                             except KeyError:
                                 known = False
-                            if known and n not in order and (self.wanted is None or n in self.wanted):
+                            if (
+                                known
+                                and n not in order
+                                and (self.wanted is None or n in self.wanted)
+                            ):
                                 order.append(n)
                         if remaining is None:
                             remaining = list(order)
@@ -900,7 +925,9 @@ class _Grader:
                             remaining = [n for n in remaining if n in names]
                 elif source == "timeout":
                     flood = self.box.output_seen > cfg.output_limit
-                    problem = f"the notebook's cells ran past the time limit ({cfg.setup_timeout:g} s)"
+                    problem = (
+                        f"the notebook's cells ran past the time limit ({cfg.setup_timeout:g} s)"
+                    )
                     if flood:
                         problem += f" while printing {self.box.output_seen} bytes (an output flood)"
                     done = self._kill_child()
@@ -924,9 +951,15 @@ class _Grader:
                     self.box.send({"event": "run", "name": name}, trials)
                     deadline = time.monotonic() + cfg.timeout  # the child cannot move it
                     source, header, payload = self.box.next(deadline, flood_limit=cfg.output_limit)
-                    if source == "C" and header.get("event") == "result" and header.get("name") == name:
+                    if (
+                        source == "C"
+                        and header.get("event") == "result"
+                        and header.get("name") == name
+                    ):
                         error = header.get("error")
-                        error = error[:500] if isinstance(error, str) else "sent an unreadable result"
+                        error = (
+                            error[:500] if isinstance(error, str) else "sent an unreadable result"
+                        )
                         outputs = None
                         if not error:
                             try:
@@ -998,7 +1031,9 @@ class _Grader:
                     continue  # graded in an earlier notebook
                 ex = get_exercise(name)
                 error = graded[name]
-                result.grades[name] = ExerciseGrade(name, 0.0 if error else ex.points, ex.points, error)
+                result.grades[name] = ExerciseGrade(
+                    name, 0.0 if error else ex.points, ex.points, error
+                )
         result.problems = unreadable
         result.log = "\n".join(logs)
         return result
@@ -1137,7 +1172,11 @@ def write_grades_csv(
             w.writerow(["student", *names, "total", "max", "seed", "isolation", "notes"])
             for g in grades:
                 notes = "; ".join(
-                    [f"{n}: {e.reason}" for n, e in g.grades.items() if e.reason and e.score < e.points]
+                    [
+                        f"{n}: {e.reason}"
+                        for n, e in g.grades.items()
+                        if e.reason and e.score < e.points
+                    ]
                 )
                 w.writerow(
                     [

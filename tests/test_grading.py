@@ -302,6 +302,21 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "    os._exit(0)\n" + GOOD_PE,
         GOOD_ZS,
     )
+    _submission(
+        subs / "sandbox_killer.ipynb",
+        # kills the grader's process that forked it (the zygote): a fresh sandbox takes over
+        "import os, signal\n"
+        "def my_prompt_ensemble(t):\n"
+        "    os.kill(os.getppid(), signal.SIGKILL)\n"
+        "    while True:\n"
+        "        pass",
+        GOOD_ZS,
+    )
+    _submission(
+        subs / "memory_hog.ipynb",
+        "def my_prompt_ensemble(t):\n    return torch.ones(8 << 30, dtype=torch.uint8)",
+        GOOD_ZS,
+    )
     victim_stat = victim.stat()
     config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
     start = time.monotonic()
@@ -412,6 +427,8 @@ EXPECTED_TOTALS = {
     "esc_socket": "1",
     "esc_read": "1",
     "esc_daemon": "0",
+    "sandbox_killer": "1",
+    "memory_hog": "1",
 }
 
 
@@ -448,6 +465,12 @@ def test_names_that_look_alike_or_like_formulas_keep_their_own_rows(graded: dict
     assert "\n=HYPERLINK" not in raw and "\n'=HYPERLINK(1)," in raw
     names = ["李雷", "韩梅", "ann lee", "ann_lee", "=HYPERLINK(1)"]
     assert len({grading.log_name(n) for n in names}) == len(names)
+
+
+def test_killing_the_sandbox_or_exhausting_memory_costs_one_exercise(graded: dict) -> None:
+    killer = _reason(graded, "sandbox_killer", "prompt_ensemble")
+    assert "sandbox stopped" in killer or "guard" in killer
+    assert "memory" in _reason(graded, "memory_hog", "prompt_ensemble").lower()
 
 
 def test_forged_messages_do_not_move_the_deadline(graded: dict) -> None:

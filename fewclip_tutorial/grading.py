@@ -797,6 +797,7 @@ class _Grader:
         self.wanted = list(exercises) if exercises is not None else None
         self.inputs: dict[str, list[Any]] = {}
         self.expected: dict[str, list[Any]] = {}
+        self.setup_problem = ""
 
     def close(self) -> None:
         self.box.close()
@@ -871,6 +872,7 @@ class _Grader:
         from fewclip_tutorial.exercises import get_exercise
 
         code = notebook_code(nb, run_all=self.config.run_all)
+        self.setup_problem = ""
         results: dict[str, tuple[str, Any]] = {}
         order: list[str] = []
         remaining: list[str] | None = None
@@ -941,6 +943,8 @@ class _Grader:
                     done = self._kill_child()
                 if problem:
                     logs.append(self.box.take_output())
+                    if remaining is None:
+                        self.setup_problem = problem
                     for name in remaining or []:
                         results[name] = (problem, None)
                     leftover |= bool(done.get("leftover"))
@@ -999,11 +1003,11 @@ class _Grader:
                 results[current] = (problem, None)
                 remaining.remove(current)
             elif problem:
+                if remaining is None:  # before any check ran: said in the notes instead
+                    self.setup_problem = problem
                 for name in remaining or []:
                     results[name] = (problem, None)
                 break
-            if cfg.sandbox_per_student:
-                self.box.close()
         if leftover:
             why = "left a process running after its notebook finished (a daemon): not allowed"
             for name in order:
@@ -1024,6 +1028,8 @@ class _Grader:
             if loaded.notebook is None:
                 continue
             graded, order, log = self.run_notebook(loaded.notebook)
+            if self.setup_problem:
+                unreadable.append(f"{loaded.path.name}: {self.setup_problem}")
             if log:
                 logs.append(f"--- {loaded.path.name}\n{log}")
             for name in order:

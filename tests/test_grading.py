@@ -289,9 +289,10 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"CLASSMATE = {str(subs / 'correct.ipynb')!r}\n"
     )
     for student, attempt in escapes.items():
-        _submission(subs / f"{student}.ipynb", _escaping_pe(attempt), GOOD_ZS, consts)
+        if SANDBOXED or student not in SANDBOX_ONLY:
+            _submission(subs / f"{student}.ipynb", _escaping_pe(attempt), GOOD_ZS, consts)
     _submission(
-        subs / "esc_daemon.ipynb",
+        subs / ("esc_daemon.ipynb" if SANDBOXED else ".skipped_without_a_sandbox.ipynb"),
         # an exercise cell runs in full: it leaves a daemon that rewrites files later
         "import os, time\n"
         "if os.fork() == 0:\n"
@@ -317,6 +318,7 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "def my_prompt_ensemble(t):\n    return torch.ones(8 << 30, dtype=torch.uint8)",
         GOOD_ZS,
     )
+    _submission(subs / "cell_exit.ipynb", "import os\nos._exit(5)\n" + GOOD_PE, GOOD_ZS)
     victim_stat = victim.stat()
     config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
     start = time.monotonic()
@@ -338,6 +340,8 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+#: escapes only the OS sandbox stops (the fallback guard is against accidents only)
+SANDBOX_ONLY = ("esc_dirfd", "esc_fifo", "esc_daemon", "esc_read")
 WRONG_PE = "def my_prompt_ensemble(t):\n    return F.normalize(t.mean(dim=1), dim=-1)"
 
 
@@ -429,6 +433,7 @@ EXPECTED_TOTALS = {
     "esc_daemon": "0",
     "sandbox_killer": "1",
     "memory_hog": "1",
+    "cell_exit": "0",
 }
 
 
@@ -442,10 +447,9 @@ def test_one_row_per_student_with_a_score_per_exercise_and_total(graded: dict) -
         assert r["max"] == "2" and r["seed"] == str(RUN_SEED)
         assert r["isolation"] == ISOLATION.label
     expected = dict(EXPECTED_TOTALS)
-    if not SANDBOXED:  # the guard does not stop these escapes (see needs_sandbox tests)
-        for name in ("esc_dirfd", "esc_fifo", "esc_daemon", "esc_read"):
+    if not SANDBOXED:  # the guard does not stop these escapes: not in the class
+        for name in SANDBOX_ONLY:
             expected.pop(name)
-            rows.pop(name)
     assert {s: r["total"] for s, r in rows.items()} == expected
 
 
@@ -455,6 +459,8 @@ def test_bad_files_give_their_student_a_zero_with_the_reason(graded: dict) -> No
     assert "no 'cells' list" in notes["cells_a_number"]
     assert "not a plain file" in notes["fifo"]
     assert "symbolic link" in notes["linked"]
+    cells = graded["rows"]["cell_exit"]["notes"]
+    assert "the notebook's cells ended the process: exited with status 5" in cells
 
 
 def test_names_that_look_alike_or_like_formulas_keep_their_own_rows(graded: dict) -> None:

@@ -264,20 +264,28 @@ def install_guard(work: Path, package_files: set[str], private: Sequence[str] = 
 # --------------------------------------------------------------------------- the student process
 
 
+#: below this many bytes of bytecode a function is short enough that an honest answer may
+#: compile to the reference's code under other local names: those must match too
+_COPY_MIN_BYTES = 100
+
+
+def _code_key(c: Any) -> tuple[Any, ...]:
+    """What a copy keeps: constants (the docstring aside), global and attribute names, the
+    argument and local counts; local names too for a short function."""
+    consts = tuple(k for k in c.co_consts[1:] if not hasattr(k, "co_code"))
+    key = (c.co_names, consts, c.co_argcount, c.co_nlocals)
+    return key if len(c.co_code) >= _COPY_MIN_BYTES else (*key, c.co_varnames)
+
+
 def _same_code(code: Any, forbidden: Mapping[Any, str]) -> str:
     """The name of the forbidden function whose code ``code`` repeats (renamed or not), or ""."""
     if code is None:
         return ""
-
-    def key(c: Any) -> tuple[Any, ...]:
-        # constants (the docstring aside), attribute/global names, argument count and the
-        # number of locals: renaming local variables or re-wrapping the code keeps all of them
-        consts = tuple(k for k in c.co_consts[1:] if not hasattr(k, "co_code"))
-        return (c.co_names, consts, c.co_argcount, c.co_nlocals)
-
     try:
-        mine = key(code)
-        return next((label for ref, label in forbidden.items() if key(ref) == mine), "")
+        if code in forbidden:
+            return forbidden[code]
+        mine = _code_key(code)
+        return next((label for ref, label in forbidden.items() if _code_key(ref) == mine), "")
     except Exception:  # noqa: BLE001 - an odd code object is simply not a copy
         return ""
 
@@ -303,6 +311,7 @@ def student_main(
     msg_in: int, msg_out: int, request: Mapping[str, Any], guard: bool
 ) -> None:  # pragma: no cover - runs in the forked student process (covered by the tests)
     """Run one notebook's code, report the checks that ran, answer the grader's inputs."""
+    import _thread
     import threading
 
     import fewclip_tutorial
@@ -327,17 +336,56 @@ def student_main(
                 fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
                 for fn in exmod.get_exercise(name).forbidden_functions()
             }
-    every_forbidden = {c: label for table in forbidden.values() for c, label in table.items()}
     hits: list[str] = []
-    active: list[dict[Any, str]] = [{}]
+    active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
+    seen: dict[Any, str] = {}  # code object -> the forbidden function it copies, or ""
 
     def profiler(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code in active[0]:
-            hits.append(active[0][frame.f_code])
+        if event == "call" and active[0]:
+            code = frame.f_code
+            label = seen.get(code)
+            if label is None:
+                label = seen[code] = _same_code(code, active[0])
+            if label:
+                hits.append(label)
 
+    # tampering with the checks is noted (not blocked): the profiler switched, the C API
+    # reached through ctypes or cffi, threads started around the profiler
+    tampered: list[str] = []
+    raw_start = _thread.start_new_thread
+    allowed_callers = {threading.Thread._bootstrap_inner.__code__}
+
+    def start_new_thread(fn: Any, args: Any, kwargs: Any = None) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            sys.setprofile(profiler)
+            return fn(*a, **k)
+
+        allowed_callers.add(run.__code__)
+        return raw_start(run, args, kwargs or {})
+
+    _thread.start_new_thread = start_new_thread
+    threading._start_new_thread = start_new_thread  # type: ignore[attr-defined]
+
+    def watch(event: str, args: tuple[Any, ...]) -> None:
+        if event == "sys.setprofile" and armed:
+            caller = sys._getframe(1).f_code
+            if caller not in allowed_callers or (
+                caller is threading.Thread._bootstrap_inner.__code__
+                and threading._profile_hook is not profiler  # type: ignore[attr-defined]
+            ):
+                tampered.append("it switched the grader's profiler (sys.setprofile)")
+        elif event == "ctypes.dlsym" and len(args) > 1 and isinstance(args[1], str):
+            if args[1].lstrip("_").startswith("Py"):
+                tampered.append(f"it called the interpreter's C API through ctypes ({args[1]})")
+        elif event == "import" and args and args[0] in ("_cffi_backend", "_thread", "_ctypes"):
+            tampered.append(f"it imported {args[0]} afresh (a way around the grader's checks)")
+
+    armed = False
+    sys.addaudithook(watch)
     get_profile = sys.getprofile
     sys.setprofile(profiler)
     threading.setprofile(profiler)
+    armed = True
     if guard:
         package_dir = os.path.dirname(fewclip_tutorial.__file__)
         package_files = {
@@ -360,6 +408,7 @@ def student_main(
     sys.stdout.flush()
     sys.stderr.flush()
     send({"event": "answers", "names": list(answers)})
+    in_cells = list(tampered)  # counts against every exercise; later, against its own
 
     while True:
         body = read_frame(msg_in)
@@ -372,7 +421,9 @@ def student_main(
         trials = load_payload(payload)
         fn = answers.get(name)
         del hits[:]
-        active[0] = every_forbidden
+        active[0] = forbidden.get(name, {})
+        seen.clear()
+        first_tamper = len(tampered)
         outputs: list[Any] = []
         error = ""
         module = getattr(fn, "__module__", "") or ""
@@ -381,7 +432,7 @@ def student_main(
                 "uses the package's reference solution: the answer is "
                 f"{module}.{getattr(fn, '__qualname__', fn)}"
             )
-        copied = _same_code(getattr(fn, "__code__", None), every_forbidden)
+        copied = _same_code(getattr(fn, "__code__", None), forbidden.get(name, {}))
         if copied and not error:
             error = f"uses the package's reference solution: a copy of {copied}"
         for t, inputs in enumerate(trials if not error else []):
@@ -406,6 +457,9 @@ def student_main(
             error = "removed the grader's profiler (sys.setprofile): not allowed"
         if hits:
             error = f"uses the package's reference solution: it calls {hits[0]}"
+        mine = in_cells + tampered[first_tamper:]
+        if mine:
+            error = f"tampered with the grader's checks: {mine[0]}"
         sys.stdout.flush()
         sys.stderr.flush()
         send({"event": "result", "name": name, "error": error}, None if error else outputs)

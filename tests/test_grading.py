@@ -319,6 +319,40 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         GOOD_ZS,
     )
     _submission(subs / "cell_exit.ipynb", "import os\nos._exit(5)\n" + GOOD_PE, GOOD_ZS)
+    # ---- the package's answer reached around the profiler
+    _submission(
+        subs / "cheat_profiler_off.ipynb",
+        "import sys\nimport fewclip_tutorial.zeroshot as z\n"
+        "def my_prompt_ensemble(t):\n"
+        "    p = sys.getprofile()\n"
+        "    sys.setprofile(None)\n"
+        "    r = z.prompt_ensemble(t)\n"
+        "    sys.setprofile(p)\n"
+        "    return r",
+        GOOD_ZS,
+    )
+    _submission(
+        subs / "cheat_thread.ipynb",
+        "import _thread, time\nimport fewclip_tutorial.zeroshot as z\n"
+        "def my_prompt_ensemble(t):\n"
+        "    box = []\n"
+        "    _thread.start_new_thread(lambda: box.append(z.prompt_ensemble(t)), ())\n"
+        "    while not box:\n"
+        "        time.sleep(0.001)\n"
+        "    return box[0]",
+        GOOD_ZS,
+    )
+    _submission(
+        subs / "cheat_renamed.ipynb",
+        "import inspect\nimport fewclip_tutorial.zeroshot as z\n"
+        "src = inspect.getsource(z.prompt_ensemble)\n"
+        "src = src.replace('text_features', 'tf').replace('per_prompt', 'pp')\n"
+        "ns = dict(vars(z))\n"
+        "exec(src.replace('def prompt_ensemble', 'def helper'), ns)\n"
+        "def my_prompt_ensemble(t):\n"
+        "    return ns['helper'](t)",
+        GOOD_ZS,
+    )
     victim_stat = victim.stat()
     config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
     start = time.monotonic()
@@ -434,6 +468,9 @@ EXPECTED_TOTALS = {
     "sandbox_killer": "1",
     "memory_hog": "1",
     "cell_exit": "0",
+    "cheat_profiler_off": "1",
+    "cheat_thread": "1",
+    "cheat_renamed": "1",
 }
 
 
@@ -575,6 +612,13 @@ def test_the_sandbox_keeps_the_graders_and_other_students_files(graded: dict) ->
         assert "No such file or directory" in log
     else:
         assert "guard" in log and "not readable from a submission" in log
+
+
+def test_the_package_answer_around_the_profiler_scores_zero(graded: dict) -> None:
+    assert "tampered" in _reason(graded, "cheat_profiler_off", "prompt_ensemble")
+    for student in ("cheat_thread", "cheat_renamed"):
+        reason = _reason(graded, student, "prompt_ensemble")
+        assert "reference solution" in reason and "prompt_ensemble" in reason, reason
 
 
 def test_fresh_inputs_catch_an_answer_learnt_from_the_notebooks_trials(graded: dict) -> None:

@@ -871,3 +871,24 @@ def test_isolation_costs_less_than_three_times_no_isolation(tmp_path: Path) -> N
         seconds[mode] = time.monotonic() - start
         assert [g.total for g in grades] == [2.0] * 30
     assert seconds["bwrap"] < 3 * seconds["none"], seconds
+
+
+def test_an_output_flood_in_the_cells_is_reported_as_one(tmp_path: Path) -> None:
+    nb = _write(
+        tmp_path / "ann.ipynb",
+        _check_cell(GOOD_ZS + "\nwhile True:\n    print('spam' * 1000)", "zero_shot_logits", "x"),
+    )
+    config = GradeConfig(seed=3, timeout=5.0, setup_timeout=3.0, output_limit=100_000)
+    g = grading.grade_notebooks([nb], ["zero_shot_logits"], config)
+    reason = g.grades["zero_shot_logits"].reason
+    assert g.total == 0 and "time limit (3 s)" in reason and "an output flood" in reason
+
+
+@pytest.mark.slow
+def test_a_sandbox_per_student_grades_the_same(tmp_path: Path) -> None:
+    _submission(tmp_path / "ann.ipynb", GOOD_PE, GOOD_ZS)
+    _submission(tmp_path / "bob.ipynb", WRONG_PE, GOOD_ZS)
+    config = GradeConfig(seed=2, timeout=10.0, sandbox_per_student=True)
+    grades = grade_directory(tmp_path, config, isolation=ISOLATION)
+    assert [(g.student, g.total) for g in grades] == [("ann", 2.0), ("bob", 1.0)]
+    assert _grader_processes() == []

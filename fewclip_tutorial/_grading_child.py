@@ -67,6 +67,14 @@ def load_payload(payload: bytes) -> Any:
     return torch.load(io.BytesIO(payload), weights_only=True)
 
 
+def load_inputs(payload: bytes) -> Any:
+    """The exercise inputs the grader sent (a trusted sender: any picklable value, such as
+    a dataclass of the package)."""
+    import torch
+
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -418,7 +426,7 @@ def student_main(
         if header.get("event") != "run":
             break
         name = str(header["name"])
-        trials = load_payload(payload)
+        trials = load_inputs(payload)
         fn = answers.get(name)
         del hits[:]
         active[0] = forbidden.get(name, {})

@@ -480,7 +480,7 @@ def _bwrap_command(output_fd: int, tmp_bytes: int = 512 << 20) -> list[str]:
     cmd = [exe, *_BASE_FLAGS]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"):
         cmd += ["--ro-bind-try", system, system]
-    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/nsswitch.conf"):
+    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/fonts"):
         cmd += ["--ro-bind-try", f, f]
     package = _package_dir()
     roots: list[Path] = []

@@ -561,6 +561,8 @@ class _Box:
     def start(self) -> None:
         import resource
 
+        if sys.platform == "win32":
+            raise OSError("fewclip grade needs fork (Linux or macOS); on Windows run it in WSL.")
         self.close()
         out_r, out_w = os.pipe()
         os.set_blocking(out_r, False)
@@ -1110,6 +1112,15 @@ def grade_directory(
     grader = _Grader(config, isolation, [Path(root).resolve()], exercises)
     grades: list[StudentGrades] = []
     try:
+        try:
+            grader.box.start()  # a sandbox that cannot start is the grader's problem: say so
+        except (_SandboxDied, OSError) as err:
+            tail = grader.box.take_output().strip()[-1500:]
+            raise RuntimeError(
+                f"the {isolation.kind} process did not start ({err}); its output:\n{tail}\n"
+                "Fix the sandbox, or grade without it with --sandbox none "
+                "(an in-process guard against accidents only)."
+            ) from None
         for student, notebooks in submissions.items():
             if progress:
                 progress(student)
@@ -1315,7 +1326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=lambda s: print(f"grading {s} ...", file=sys.stderr),
             isolation=isolation,
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         return fail(message)
     try:

@@ -892,3 +892,15 @@ def test_a_sandbox_per_student_grades_the_same(tmp_path: Path) -> None:
     grades = grade_directory(tmp_path, config, isolation=ISOLATION)
     assert [(g.student, g.total) for g in grades] == [("ann", 2.0), ("bob", 1.0)]
     assert _grader_processes() == []
+
+
+def test_a_sandbox_that_cannot_start_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _submission(tmp_path / "ann.ipynb", GOOD_PE, GOOD_ZS)
+    monkeypatch.setattr(child, "__name__", "no_such_grader_module")
+    out = tmp_path / "grades.csv"
+    assert grading.main([str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "did not start" in err and "no_such_grader_module" in err and "--sandbox none" in err
+    assert not out.exists()

@@ -511,6 +511,30 @@ def _kill_leftovers(child: int, sandboxed: bool) -> bool:
     return False
 
 
+def _remove_sysv_ipc() -> None:
+    """Remove the sandbox's System V shared memory, semaphores and message queues."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, ImportError):
+        return
+    ipc_rmid = 0
+    for kind, remove in (("shm", libc.shmctl), ("sem", libc.semctl), ("msg", libc.msgctl)):
+        try:
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].isdigit():
+                with contextlib.suppress(Exception):
+                    if kind == "sem":
+                        remove(int(fields[1]), 0, ipc_rmid)
+                    else:
+                        remove(int(fields[1]), ipc_rmid, None)
+
+
 def _empty(folder: Path) -> None:
     for entry in list(folder.iterdir()) if folder.is_dir() else []:
         if entry.is_dir() and not entry.is_symlink():
@@ -612,6 +636,7 @@ def _run_student(request: Mapping[str, Any], sandboxed: bool, guard: bool) -> No
         for shared in (Path("/dev/shm"), Path("/tmp")):
             with contextlib.suppress(OSError):
                 _empty(shared)
+        _remove_sysv_ipc()  # the sandbox's own IPC namespace: nothing passes to the next student
     exit_code = os.waitstatus_to_exitcode(status)
     header = {"event": "done", "exit": exit_code, "leftover": leftover, "problem": problem}
     body = json.dumps(header).encode() + b"\n"

@@ -353,6 +353,23 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "    return ns['helper'](t)",
         GOOD_ZS,
     )
+    # System V shared memory (the sandbox's own IPC namespace) left for a later student
+    shm = "import ctypes\nlibc = ctypes.CDLL(None)\n"
+    _submission(
+        subs / "ipc_a_writer.ipynb",
+        shm + "libc.shmget(0x5EED, 4096, 0o1600)  # IPC_CREAT | 0600\n" + GOOD_PE,
+        GOOD_ZS,
+    )
+    _submission(
+        subs / "ipc_b_reader.ipynb",
+        shm + "def my_prompt_ensemble(t):\n"
+        "    if libc.shmget(0x5EED, 0, 0) == -1:\n"
+        "        raise LookupError('no shared memory from another student')\n"
+        "    t = t / t.norm(dim=2, keepdim=True)\n"
+        "    m = t.mean(1)\n"
+        "    return m / m.norm(dim=1, keepdim=True)",
+        GOOD_ZS,
+    )
     victim_stat = victim.stat()
     config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
     start = time.monotonic()
@@ -471,6 +488,8 @@ EXPECTED_TOTALS = {
     "cheat_profiler_off": "1",
     "cheat_thread": "1",
     "cheat_renamed": "1",
+    "ipc_a_writer": "2",
+    "ipc_b_reader": "1",
 }
 
 
@@ -545,6 +564,7 @@ def test_sandbox_escapes_get_zero_and_leave_the_dummy_files_alone(graded: dict) 
     assert "ConnectionRefused" in _reason(graded, "esc_socket", "prompt_ensemble")
     assert "No such file" in _reason(graded, "esc_read", "prompt_ensemble")
     assert "daemon" in _reason(graded, "esc_daemon", "prompt_ensemble")
+    assert "LookupError" in _reason(graded, "ipc_b_reader", "prompt_ensemble")
     victim, before = graded["victim"], graded["victim_stat"]
     after = victim.stat()
     assert victim.read_text() == "the grader's own file"

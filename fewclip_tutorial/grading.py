@@ -678,6 +678,8 @@ class _Box:
         """The next frame: ``("Z" | "C", header, payload)``, ``("timeout"|"flood", {}, b"")``."""
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
+        if flood_limit is not None:
+            self._drain_output()  # what the cells printed before does not count
         start_seen = self.output_seen
         while not self.pending:
             if flood_limit is not None and self.output_seen - start_seen > flood_limit:

@@ -580,13 +580,23 @@ def _run_student(request: Mapping[str, Any], sandboxed: bool, guard: bool) -> No
     os.close(to_child_r)
     os.close(from_child_w)
     os.set_blocking(from_child_r, False)
+    os.set_blocking(to_child_w, False)
+    to_child = bytearray()
     buffer = FrameBuffer()
     status: int | None = None
     child_open = True
     problem = ""
     while status is None:
         fds = [0] + ([from_child_r] if child_open else [])
-        ready, _, _ = select.select(fds, [], [], 0.05)
+        writable = [to_child_w] if to_child and child_open else []
+        ready, can_write, _ = select.select(fds, writable, [], 0.05)
+        if can_write:  # a student process that does not read never blocks the zygote
+            try:
+                del to_child[: os.write(to_child_w, to_child[: 1 << 16])]
+            except BlockingIOError:
+                pass
+            except OSError:
+                to_child.clear()
         if from_child_r in ready:
             try:
                 chunk = os.read(from_child_r, 1 << 20)
@@ -616,8 +626,7 @@ def _run_student(request: Mapping[str, Any], sandboxed: bool, guard: bool) -> No
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             elif child_open:  # an exercise's inputs: pass them on
-                with contextlib.suppress(OSError):
-                    _write_all(to_child_w, _HEAD.pack(len(body)) + body)
+                to_child += _HEAD.pack(len(body)) + body
         done, code = os.waitpid(pid, os.WNOHANG)
         if done:
             status = code

@@ -608,6 +608,8 @@ class _Box:
         os.close(out_w)
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
+        assert self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
         self.frames = child.FrameBuffer(child.MAX_FRAME + 1)
         self.pending = []
         source, header, _ = self.next(time.monotonic() + 600)
@@ -640,13 +642,42 @@ class _Box:
         return self.proc is not None and self.proc.poll() is None
 
     # ---- messages
-    def send(self, header: Mapping[str, Any], payload: Any = None) -> None:
+    def send(self, header: Mapping[str, Any], payload: Any = None, timeout: float = 60.0) -> None:
+        """Write a frame, reading what comes meanwhile (neither side can block the other)."""
         assert self.proc is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        data = memoryview(child.encode(header, payload))
+        fd_in, fd_out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _SandboxDied("the sandbox stopped reading the grader's messages")
+            ready, can_write, _ = select.select([fd_out, self.out_r], [fd_in], [], min(left, 0.5))
+            if self.out_r in ready:
+                self._drain_output()
+            if fd_out in ready:
+                self._read_frames(fd_out)
+            if can_write:
+                try:
+                    data = data[os.write(fd_in, data[: 1 << 16]) :]
+                except BlockingIOError:
+                    continue
+                except OSError as err:
+                    raise _SandboxDied(f"the sandbox stopped ({err})") from None
+
+    def _read_frames(self, fd: int) -> None:
         try:
-            self.proc.stdin.write(child.encode(header, payload))
-            self.proc.stdin.flush()
-        except (OSError, ValueError) as err:
-            raise _SandboxDied(f"the sandbox stopped ({err})") from None
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._drain_output()
+            raise _SandboxDied("the sandbox's process ended")
+        try:
+            self.pending += self.frames.feed(chunk)
+        except ValueError as err:
+            raise _SandboxDied(str(err)) from None
 
     def _drain_output(self) -> None:
         while self.out_r >= 0:
@@ -691,17 +722,7 @@ class _Box:
             if self.out_r in ready:
                 self._drain_output()
             if fd in ready:
-                try:
-                    chunk = os.read(fd, 1 << 20)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    self._drain_output()
-                    raise _SandboxDied("the sandbox's process ended")
-                try:
-                    self.pending += self.frames.feed(chunk)
-                except ValueError as err:
-                    raise _SandboxDied(str(err)) from None
+                self._read_frames(fd)
         body = self.pending.pop(0)
         source, body = body[:1].decode("latin-1"), body[1:]
         try:

@@ -424,9 +424,10 @@ def _bwrap_problem() -> str:
     else:
         try:
             run = subprocess.run(
-                [exe, *_BASE_FLAGS, "--ro-bind", "/", "/", "true"],
+                [*_bwrap_prefix(), "--", sys.executable, "-c", "import sys"],
                 capture_output=True,
-                timeout=30,
+                timeout=60,
+                env=_sandbox_env(),
             )
             if run.returncode:
                 why = run.stderr.decode(errors="replace").strip()[:200]
@@ -474,8 +475,40 @@ def _package_dir() -> Path:
     return Path(fewclip_tutorial.__file__).resolve().parent
 
 
-def _bwrap_command(output_fd: int, tmp_bytes: int = 512 << 20) -> list[str]:
-    """bwrap with a read-only view of the interpreter, its libraries and this package only."""
+def _bwrap_supports(flag: str) -> bool:
+    """Whether this bwrap knows ``flag`` (``--size`` is bwrap >= 0.8)."""
+    key = f"flag {flag}"
+    if key not in _BWRAP_OK:
+        try:
+            out = subprocess.run(
+                [shutil.which("bwrap") or "bwrap", "--help"], capture_output=True, timeout=30
+            )
+            _BWRAP_OK[key] = "yes" if flag.encode() in out.stdout + out.stderr else ""
+        except (OSError, subprocess.SubprocessError):
+            _BWRAP_OK[key] = ""
+    return bool(_BWRAP_OK[key])
+
+
+def _sandbox_env() -> dict[str, str]:
+    """The whole environment inside the sandbox (bwrap passes its own on)."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",
+        "PYTHONPATH": str(_package_dir().parent),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "FEWCLIP_EDITION": "student",
+        "LANG": "C.UTF-8",
+    }
+
+
+def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> list[str]:
+    """bwrap with a read-only view of the interpreter, its libraries and this package only.
+
+    ValueError when a folder the interpreter needs holds one of ``private`` (the
+    submissions would be visible inside).
+    """
     exe = shutil.which("bwrap") or "bwrap"
     cmd = [exe, *_BASE_FLAGS]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"):
@@ -491,39 +524,32 @@ def _bwrap_command(output_fd: int, tmp_bytes: int = 512 << 20) -> list[str]:
             continue
         if (p / package.name).resolve() == package:
             continue  # the folder above the package (a source checkout): the package only
-        if p.name in ("site-packages", "dist-packages") or "python" in p.name:
+        if p.name in ("site-packages", "dist-packages"):
             candidates.append(p)
     for c in candidates:
         for p in {c, c.resolve()}:
             if p.is_dir() and not any(p == r or r in p.parents for r in roots):
                 roots = [r for r in roots if p not in r.parents] + [p]
+    hidden = [Path(os.path.realpath(x)) for x in private]
+    for r in [*roots, Path("/usr")]:
+        for h in hidden:
+            if h == r or r in h.parents:
+                raise ValueError(
+                    f"the sandbox must show {r} (the interpreter's files), which holds {h}: "
+                    "move the submissions out of it"
+                )
     for r in roots:
         cmd += ["--ro-bind", str(r), str(r)]
-    cmd += ["--ro-bind", str(package), str(package)]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
-    cmd += ["--chdir", "/tmp", "--clearenv"]
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": "/tmp",
-        "PYTHONPATH": str(package.parent),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "FEWCLIP_EDITION": "student",
-        "LANG": "C.UTF-8",
-    }
-    for k, v in env.items():
-        cmd += ["--setenv", k, v]
-    return [
-        *cmd,
-        "--",
-        sys.executable,
-        "-m",
-        child.__name__,
-        "--sandboxed",
-        "--output-fd",
-        str(output_fd),
-    ]
+    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(tmp_bytes)]
+    return [*cmd, "--tmpfs", "/tmp", "--chdir", "/tmp"]
+
+
+def _bwrap_command(output_fd: int, private: Sequence[str] = ()) -> list[str]:
+    """The sandbox's command line: bwrap, then the zygote."""
+    zygote = ["-m", child.__name__, "--sandboxed", "--output-fd", str(output_fd)]
+    return [*_bwrap_prefix(private), "--", sys.executable, *zygote]
 
 
 def _vm_size() -> int:
@@ -569,7 +595,11 @@ class _Box:
         self.out_r = out_r
         sandboxed = self.isolation.sandboxed
         if sandboxed:
-            cmd = _bwrap_command(out_w)
+            try:
+                cmd = _bwrap_command(out_w, self.private)
+            except ValueError as err:
+                os.close(out_w)
+                raise _SandboxDied(str(err)) from None
             self.work = "/tmp/work"
         else:
             self._tmp = tempfile.mkdtemp(prefix="fewclip-grade-")
@@ -591,11 +621,14 @@ class _Box:
                 with contextlib.suppress(Exception):
                     resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
 
-        env = dict(os.environ)
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FEWCLIP_EDITION="student")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(_package_dir().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
+        if sandboxed:
+            env = _sandbox_env()
+        else:
+            env = dict(os.environ)
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FEWCLIP_EDITION="student")
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(_package_dir().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,

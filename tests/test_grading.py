@@ -924,3 +924,15 @@ def test_a_sandbox_that_cannot_start_is_a_clear_error(
     err = capsys.readouterr().err
     assert "did not start" in err and "no_such_grader_module" in err and "--sandbox none" in err
     assert not out.exists()
+
+
+def test_the_sandbox_refuses_to_show_the_submissions_with_the_interpreter() -> None:
+    import sys
+
+    with pytest.raises(ValueError, match="move the submissions out of it"):
+        grading._bwrap_prefix([str(Path(sys.prefix) / "submissions")])
+    command = grading._bwrap_command(9, ["/nonexistent/submissions"])
+    binds = {command[i + 1] for i, a in enumerate(command) if a in ("--ro-bind", "--bind")}
+    assert str(grading._package_dir()) in binds
+    assert str(grading._package_dir().parent) not in binds  # not the book next to it
+    assert "--unshare-all" in command and "--die-with-parent" in command

@@ -282,10 +282,13 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "esc_socket": "s = socket.create_connection(('127.0.0.1', PORT), timeout=1)\n"
         "s.sendall(b'pwned')",
         "esc_read": "answers = open(INSTRUCTOR).read() + open(CLASSMATE).read()",
+        # SIGCONT: harmless if it ever got through; the grader's PID is not in the sandbox
+        "esc_signal": "import signal\n"
+        "signal.pidfd_send_signal(os.pidfd_open(GRADER_PID), signal.SIGCONT)",
     }
     consts = (
         f"DIR = {str(victim.parent)!r}\nVICTIM = {str(victim)!r}\nPIPE = {str(pipe)!r}\n"
-        f"PORT = {port}\nINSTRUCTOR = {str(instructor)!r}\n"
+        f"PORT = {port}\nINSTRUCTOR = {str(instructor)!r}\nGRADER_PID = {os.getpid()}\n"
         f"CLASSMATE = {str(subs / 'correct.ipynb')!r}\n"
     )
     for student, attempt in escapes.items():
@@ -392,7 +395,7 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 #: escapes only the OS sandbox stops (the fallback guard is against accidents only)
-SANDBOX_ONLY = ("esc_dirfd", "esc_fifo", "esc_daemon", "esc_read")
+SANDBOX_ONLY = ("esc_dirfd", "esc_fifo", "esc_daemon", "esc_read", "esc_signal")
 WRONG_PE = "def my_prompt_ensemble(t):\n    return F.normalize(t.mean(dim=1), dim=-1)"
 
 
@@ -481,6 +484,7 @@ EXPECTED_TOTALS = {
     "esc_fork_exec": "1",
     "esc_socket": "1",
     "esc_read": "1",
+    "esc_signal": "1",
     "esc_daemon": "0",
     "sandbox_killer": "1",
     "memory_hog": "1",
@@ -556,13 +560,15 @@ def test_honest_solutions_get_the_marks_of_the_notebooks_own_check(graded: dict)
 
 @needs_sandbox
 def test_sandbox_escapes_get_zero_and_leave_the_dummy_files_alone(graded: dict) -> None:
-    for student in ("esc_dirfd", "esc_fifo", "esc_fork_exec", "esc_socket", "esc_read"):
+    escapes = ("esc_dirfd", "esc_fifo", "esc_fork_exec", "esc_socket", "esc_read", "esc_signal")
+    for student in escapes:
         row = graded["rows"][student]
         assert (row["prompt_ensemble"], row["zero_shot_logits"]) == ("0", "1"), student
         assert _reason(graded, student, "prompt_ensemble"), student
     assert "RuntimeError" in _reason(graded, "esc_fork_exec", "prompt_ensemble")
     assert "ConnectionRefused" in _reason(graded, "esc_socket", "prompt_ensemble")
     assert "No such file" in _reason(graded, "esc_read", "prompt_ensemble")
+    assert "ProcessLookupError" in _reason(graded, "esc_signal", "prompt_ensemble")
     assert "daemon" in _reason(graded, "esc_daemon", "prompt_ensemble")
     assert "LookupError" in _reason(graded, "ipc_b_reader", "prompt_ensemble")
     victim, before = graded["victim"], graded["victim_stat"]

@@ -515,6 +515,26 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         cmd += ["--ro-bind-try", system, system]
     for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/fonts"):
         cmd += ["--ro-bind-try", f, f]
+    roots = _interpreter_roots()
+    hidden = [Path(os.path.realpath(x)) for x in private]
+    for r in [*roots, Path("/usr")]:
+        for h in hidden:
+            if h == r or r in h.parents:
+                raise ValueError(
+                    f"the sandbox must show {r} (the interpreter's files), which holds {h}: "
+                    "move the submissions out of it"
+                )
+    for r in roots:
+        cmd += ["--ro-bind", str(r), str(r)]
+    package = _package_dir()
+    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(tmp_bytes)]
+    return [*cmd, "--tmpfs", "/tmp", "--chdir", "/tmp"]
+
+
+def _interpreter_roots() -> list[Path]:
+    """The folders the interpreter and its libraries live in (the sandbox shows them)."""
     package = _package_dir()
     roots: list[Path] = []
     candidates = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).parent]
@@ -530,20 +550,21 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         for p in {c, c.resolve()}:
             if p.is_dir() and not any(p == r or r in p.parents for r in roots):
                 roots = [r for r in roots if p not in r.parents] + [p]
-    hidden = [Path(os.path.realpath(x)) for x in private]
-    for r in [*roots, Path("/usr")]:
-        for h in hidden:
-            if h == r or r in h.parents:
-                raise ValueError(
-                    f"the sandbox must show {r} (the interpreter's files), which holds {h}: "
-                    "move the submissions out of it"
-                )
-    for r in roots:
-        cmd += ["--ro-bind", str(r), str(r)]
-    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
-    if _bwrap_supports("--size"):
-        cmd += ["--size", str(tmp_bytes)]
-    return [*cmd, "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    return roots
+
+
+def _readable_by_others(paths: Iterable[Path]) -> bool:
+    """Whether another user (65534) can reach and read every one of ``paths``."""
+    try:
+        for p in paths:
+            p = Path(os.path.realpath(p))
+            if not os.stat(p).st_mode & stat.S_IROTH:
+                return False
+            if not all(os.stat(d).st_mode & stat.S_IXOTH for d in [p, *p.parents]):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _bwrap_command(output_fd: int, private: Sequence[str] = ()) -> list[str]:
@@ -582,9 +603,28 @@ class _Box:
         self.output_seen = 0
         self.log_limit = 64_000
         self.work = "/tmp/work"
+        self.drop_ok = True
 
     # ---- life cycle
     def start(self) -> None:
+        """Start the zygote; as root, bwrap itself runs as user 65534 when that user can read
+        the interpreter (else, or if that fails, as root with uid 65534 inside only)."""
+        drop = (
+            self.isolation.sandboxed
+            and self.drop_ok
+            and hasattr(os, "geteuid")
+            and os.geteuid() == 0
+            and _readable_by_others([*_interpreter_roots(), _package_dir()])
+        )
+        try:
+            self._start(drop)
+        except (_SandboxDied, subprocess.SubprocessError, OSError):
+            if not drop:
+                raise
+            self.drop_ok = False
+            self._start(False)
+
+    def _start(self, drop: bool) -> None:
         import resource
 
         if sys.platform == "win32":
@@ -620,6 +660,10 @@ class _Box:
             if sandboxed:  # counted per user namespace (Linux >= 5.14): the sandbox's own
                 with contextlib.suppress(Exception):
                     resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
+            if drop:  # not root outside the sandbox either
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
 
         if sandboxed:
             env = _sandbox_env()

@@ -942,3 +942,39 @@ def test_the_sandbox_refuses_to_show_the_submissions_with_the_interpreter() -> N
     assert str(grading._package_dir()) in binds
     assert str(grading._package_dir().parent) not in binds  # not the book next to it
     assert "--unshare-all" in command and "--die-with-parent" in command
+
+
+def test_readable_by_others_follows_every_parent(tmp_path: Path) -> None:
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        (top / "lib").mkdir()
+        top.chmod(0o755)
+        (top / "lib").chmod(0o755)
+        assert grading._readable_by_others([top / "lib"])
+        top.chmod(0o700)
+        assert not grading._readable_by_others([top / "lib"])
+    finally:
+        top.chmod(0o755)
+        (top / "lib").rmdir()
+        top.rmdir()
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to user 65534 only when run as root")
+def test_as_root_a_failed_drop_to_nobody_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # claim the interpreter is readable by user 65534: where it is not, the start as
+    # 65534 fails and the box starts as root (uid 65534 inside) instead
+    monkeypatch.setattr(grading, "_readable_by_others", lambda paths: True)
+    box = grading._Box(ISOLATION, GradeConfig(), [])
+    try:
+        box.start()
+        assert box.alive
+        monkeypatch.undo()
+        nobody_can = grading._readable_by_others(
+            [*grading._interpreter_roots(), grading._package_dir()]
+        )
+        assert box.drop_ok is nobody_can  # dropped where it can, fell back where not
+    finally:
+        box.close()

@@ -1315,6 +1315,11 @@ def write_grades_csv(
     return path
 
 
+def _printable(name: str) -> str:
+    """A student's name for the terminal: control characters (escape sequences) replaced."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in name)
+
+
 def log_name(student: str) -> str:
     """A log file name unique for every student name (any Unicode)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", unicodedata.normalize("NFKC", student))[:60].strip(".")
@@ -1423,7 +1428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.submissions,
             config,
             exercises=names,
-            progress=lambda s: print(f"grading {s} ...", file=sys.stderr),
+            progress=lambda s: print(f"grading {_printable(s)} ...", file=sys.stderr),
             isolation=isolation,
         )
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
@@ -1439,8 +1444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for g in grades:
             text = g.log + ("\n" + "\n".join(g.problems) if g.problems else "")
             (logs / log_name(g.student)).write_text(text, encoding="utf-8")
-    width = max(len(g.student) for g in grades)
+    width = max(len(_printable(g.student)) for g in grades)
     for g in grades:
-        print(f"{g.student.ljust(width)}  {_fmt(g.total)} / {_fmt(g.max_points)}")
+        print(f"{_printable(g.student).ljust(width)}  {_fmt(g.total)} / {_fmt(g.max_points)}")
     print(f"wrote {path}")
     return 0

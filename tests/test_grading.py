@@ -978,3 +978,8 @@ def test_as_root_a_failed_drop_to_nobody_falls_back(monkeypatch: pytest.MonkeyPa
         assert box.drop_ok is nobody_can  # dropped where it can, fell back where not
     finally:
         box.close()
+
+
+def test_names_reach_the_terminal_without_control_characters() -> None:
+    assert grading._printable("ann\x1b[2J\nlee") == "ann\ufffd[2J\ufffdlee"
+    assert grading._printable("李雷 ann_lee") == "李雷 ann_lee"

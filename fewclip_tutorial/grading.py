@@ -969,8 +969,8 @@ class _Grader:
             self.box.close()
             return {}
 
-    def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str | Any], list[str], str]:
-        """``({name: error or outputs}, names in check order, log)`` of one notebook."""
+    def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str], list[str], str]:
+        """``({name: reason for zero, "" when right}, names in check order, log)``."""
         from fewclip_tutorial.exercises import get_exercise
 
         code = notebook_code(nb, run_all=self.config.run_all)
@@ -1053,7 +1053,7 @@ class _Grader:
                     break
                 for name in list(remaining or []):
                     current = name
-                    trials = [x for x in self._trial_inputs(name)]
+                    trials = list(self._trial_inputs(name))
                     self.box.send({"event": "run", "name": name}, trials)
                     deadline = time.monotonic() + cfg.timeout  # the child cannot move it
                     source, header, payload = self.box.next(deadline, flood_limit=cfg.output_limit)
@@ -1114,7 +1114,7 @@ class _Grader:
             why = "left a process running after its notebook finished (a daemon): not allowed"
             for name in order:
                 results[name] = (why, None)
-        graded: dict[str, Any] = {}
+        graded: dict[str, str] = {}
         for name in order:
             error, outputs = results.get(name, ("not graded", None))
             graded[name] = error or self._judge(name, outputs)

@@ -5,44 +5,44 @@ A *submission* is a student's copy of a chapter notebook (the student edition of
 holds one notebook per student (``alice.ipynb``) or one folder per student
 (``alice/02_tip_adapter.ipynb``, ...).
 
-How a notebook is graded
-------------------------
-1. Its code is run in a **separate process** (forked from a server that has
-   already imported torch and the package, so a start costs milliseconds), in a
-   fresh temporary folder that is also its ``HOME``.  By default only the
-   imports, ``def`` and ``class`` statements of ordinary cells run, and the
-   exercise cells (those that call ``get_exercise``) run in full: the chapters'
-   training cells would take minutes and grade nothing.  ``--run-all`` runs every
-   cell.  A cell that raises is reported and the next one runs (like nbgrader).
-2. ``get_exercise(NAME).check(fn)`` is replaced by a recorder: the last function
-   a notebook passes for ``NAME`` is its answer.
-3. Each exercise's checker inputs are drawn fresh: trial ``t`` of exercise
-   ``NAME`` uses seed ``seed(run, NAME) + t``, with a run seed drawn at random
-   (printed, and in the CSV; ``--seed`` repeats a run).  The student process gets
-   the inputs and sends back its outputs; the **reference outputs are computed in
-   the grader's process only**, and the outputs are read back with
-   ``torch.load(weights_only=True)`` (no code from the student runs in the grader).
-4. Zero for the exercise, with a reason, when the function raises, returns a wrong
-   value, changes its input in place, runs past ``--timeout`` seconds, prints more
-   than ``--output-limit`` bytes, makes its process die, or **calls the package's
-   own answer** (:meth:`~fewclip_tutorial.exercises.Exercise.forbidden_functions`,
-   caught by a profiler hook however it was reached: imported, aliased, or fetched
-   with ``get_exercise(...).reference_fn``), or is a copy of its code (the same
-   names, local names and constants).  A process that dies or hangs is
-   replaced by a fresh one for the remaining exercises, so one exercise never
-   costs another.
-5. The student process runs under a Python audit hook (:pep:`578`) that refuses
-   to write, delete, rename or change any file outside its temporary folder, to
-   start processes, to open sockets, to use ``ctypes``, to walk the garbage
-   collector or to re-execute the package's modules (``importlib.reload``); a
-   submission that removes the profiler hook gets zero.  An audit hook cannot be
-   removed from Python code; still, this is a
-   guard against accidents and casual cheating, not a security boundary: grade
-   untrusted code in a container (as otter-grader does with Docker) when it
-   matters.
+How a class is graded
+---------------------
+1. **Every notebook is read into memory and validated first** (a size cap, the
+   notebook schema, a nesting-depth cap; symbolic links and anything but a plain
+   file are refused).  A notebook that fails gives its student zero with the
+   reason; nothing on disk is read again, so no submission can change another.
+2. **Student code runs in an OS-level sandbox**: on Linux with bubblewrap
+   (``bwrap``) one sandbox holds a read-only view of the interpreter and of this
+   package only (not the submissions, not the book, not the instructor edition,
+   not the grader's output), a private tmpfs as the only writable place, no
+   network, its own PID namespace, a non-root user, and CPU, memory, process and
+   file-size limits set from outside.  Inside, a process that has imported torch
+   forks one *student process* per notebook; when it ends, every process it left
+   behind is killed and the tmpfs is emptied (``--sandbox-per-student`` starts a
+   fresh sandbox for every student instead, slower).  Without bubblewrap the
+   grader says so on its first line and in the CSV, and runs the student process
+   under an in-process audit hook: **a guard against accidents only**.
+3. The student process runs the notebook's imports, definitions, constants,
+   lambdas and exercise cells (``--run-all``: every cell), statement by statement
+   (a failing statement is logged and the next one runs).
+   ``get_exercise(NAME).check(fn)`` records ``fn``: the exercises graded are the
+   checks that ran.
+4. For each exercise the grader draws fresh inputs (trial ``t`` uses
+   ``exercise_seed(run_seed, NAME) + t``; the run seed never enters the sandbox),
+   sends them, and gets the student's outputs back as data only
+   (``torch.load(weights_only=True)``).  **The reference outputs and the
+   comparison are computed in the grader's process, outside the sandbox**, after
+   strict type, dtype, shape, layout and finiteness checks.
+5. Zero for an exercise, with the reason, when the function raises, returns a
+   wrong value, changes its input in place, runs past ``--timeout`` (a deadline
+   kept by the grader, which nothing the student sends can move), prints more
+   than ``--output-limit`` bytes while it runs, kills its process, or calls or
+   copies the package's own answer (a best-effort check inside the student
+   process: see the instructors' page).  Zero for every exercise of a notebook
+   that leaves a process running after it finished.
 
-The CSV has one row per student: ``student``, one score column per exercise,
-``total``, ``max``, ``seed`` and ``notes`` (the reason for every lost point).
+The CSV (written atomically) has one row per student: ``student``, one score column
+per exercise, ``total``, ``max``, ``seed``, ``isolation`` and ``notes``.
 """
 
 from __future__ import annotations
@@ -50,37 +50,46 @@ from __future__ import annotations
 import ast
 import contextlib
 import csv
-import errno
 import hashlib
-import io
 import json
-import multiprocessing
+import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
+import stat
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewclip_tutorial import _grading_child as child
+
 __all__ = [
     "ExerciseGrade",
     "GradeConfig",
+    "Isolation",
     "StudentGrades",
-    "exercise_seed",
     "build_parser",
+    "check_output_path",
+    "detect_isolation",
+    "exercise_seed",
+    "exercises_in",
     "find_submissions",
-    "main",
-    "new_run_seed",
     "grade_directory",
     "grade_notebooks",
+    "load_submissions",
+    "main",
+    "new_run_seed",
     "notebook_code",
+    "parse_notebook",
     "write_grades_csv",
 ]
 
@@ -105,6 +114,7 @@ class StudentGrades:
     grades: dict[str, ExerciseGrade] = field(default_factory=dict)
     notebooks: list[str] = field(default_factory=list)
     log: str = ""
+    problems: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -124,10 +134,15 @@ class GradeConfig:
             :func:`exercise_seed` ``(seed, name) + t``.
         timeout: seconds one exercise (all its trials) may take.
         setup_timeout: seconds the notebook's cells may take before the exercises.
-        output_limit: bytes a student process may print (stdout + stderr together).
-        memory_limit: bytes of address space the student process may add (Linux).
+        output_limit: bytes a student's function may print while it is graded.
+        memory_limit: bytes of address space the student process may add.
         n_trials: trials per exercise (default: the exercise's own ``n_trials``).
         run_all: run every cell, not only imports, definitions and exercise cells.
+        sandbox: ``"auto"`` (bubblewrap when it works, else the guard), ``"bwrap"``
+            (an error without it) or ``"none"`` (the in-process guard only).
+        sandbox_per_student: a fresh sandbox for every student (slower: each start
+            imports torch again).
+        max_notebook_bytes: larger notebooks are refused.
     """
 
     seed: int = 0
@@ -137,6 +152,9 @@ class GradeConfig:
     memory_limit: int = 4 << 30
     n_trials: int | None = None
     run_all: bool = False
+    sandbox: str = "auto"
+    sandbox_per_student: bool = False
+    max_notebook_bytes: int = 20 << 20
 
 
 def exercise_seed(run_seed: int, name: str) -> int:
@@ -145,19 +163,92 @@ def exercise_seed(run_seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x3FFFFFFF
 
 
+def new_run_seed() -> int:
+    """A fresh run seed (so that no list of inputs can be learnt in advance)."""
+    return secrets.randbits(30)
+
+
 # --------------------------------------------------------------------------- notebooks
 
 _MAGIC = re.compile(r"^\s*[%!]")
 _EXERCISE_CALL = re.compile(r"get_exercise\s*\(\s*['\"]([A-Za-z0-9_]+)['\"]\s*\)")
 _KEEP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+MAX_DEPTH = 64
 
 
-def _read_notebook(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        nb = json.load(f)
+def parse_notebook(data: bytes, max_bytes: int = 20 << 20) -> dict[str, Any]:
+    """A validated notebook from its bytes; ValueError naming the problem otherwise.
+
+    Checks: at most ``max_bytes``, UTF-8 JSON, nesting at most ``MAX_DEPTH``, a dict
+    with a ``cells`` list of dicts whose ``cell_type`` is a string and whose
+    ``source`` is a string or a list of strings.
+    """
+    if len(data) > max_bytes:
+        raise ValueError(f"the file is {len(data)} bytes, over the limit of {max_bytes}")
+    depth = level = 0
+    in_string = escaped = False
+    for byte in data:  # the nesting depth before the JSON parser recurses into it
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            level += 1
+            depth = max(depth, level)
+            if depth > MAX_DEPTH:
+                raise ValueError(f"its JSON is nested more than {MAX_DEPTH} levels deep")
+        elif byte in (0x5D, 0x7D):
+            level -= 1
+    try:
+        nb = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"it is not a JSON notebook ({str(err)[:120]})") from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise ValueError(f"{path} is not a Jupyter notebook (no 'cells' list).")
+        raise ValueError("it is not a Jupyter notebook (no 'cells' list)")
+    for i, cell in enumerate(nb["cells"], 1):
+        if not isinstance(cell, dict) or not isinstance(cell.get("cell_type"), str):
+            raise ValueError(f"cell {i} is not a notebook cell (no 'cell_type')")
+        src = cell.get("source", "")
+        if not (
+            isinstance(src, str) or (isinstance(src, list) and all(isinstance(s, str) for s in src))
+        ):
+            raise ValueError(f"cell {i}'s 'source' is not text")
     return nb
+
+
+def _read_notebook(path: Path, max_bytes: int = 20 << 20) -> dict[str, Any]:
+    return parse_notebook(_read_regular_file(path, max_bytes), max_bytes)
+
+
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """A plain file's bytes; ValueError for a symbolic link, a FIFO, a folder, a large file."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError("it is a symbolic link (hand in the notebook itself)")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("it is not a plain file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("it is not a plain file")
+        if st.st_size > max_bytes:
+            raise ValueError(f"the file is {st.st_size} bytes, over the limit of {max_bytes}")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"the file is over the limit of {max_bytes} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _cell_source(cell: Mapping[str, Any]) -> str:
@@ -165,12 +256,31 @@ def _cell_source(cell: Mapping[str, Any]) -> str:
     return "".join(src) if isinstance(src, list) else str(src)
 
 
+def _is_cheap(node: ast.AST) -> bool:
+    """An assignment whose value makes no call outside a lambda: a constant, a lambda, an alias."""
+    value = getattr(node, "value", None)
+    if value is None:
+        return False
+    todo: list[ast.AST] = [value]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Lambda):
+            continue
+        if isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr)):
+            return False
+        if isinstance(n, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return False
+        todo.extend(ast.iter_child_nodes(n))
+    return True
+
+
 def notebook_code(nb: Mapping[str, Any], run_all: bool = False) -> list[tuple[str, str]]:
     """The code a graded notebook runs, as ``(label, code)`` pairs in cell order.
 
     IPython magics (``%...``, ``!...``) are dropped.  Unless ``run_all``, a cell
-    that does not call ``get_exercise(...)`` keeps only its top-level imports,
-    functions and classes; a cell that does not parse is kept as it is (running it
+    that does not mention ``get_exercise`` keeps only its top-level imports,
+    functions, classes and *cheap* assignments (constants, lambdas, aliases: no
+    call outside a lambda); a cell that does not parse is kept as it is (running it
     reports the ``SyntaxError``).
     """
     out: list[tuple[str, str]] = []
@@ -190,17 +300,23 @@ def notebook_code(nb: Mapping[str, Any], run_all: bool = False) -> list[tuple[st
             continue
         try:
             tree = ast.parse(src)
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             out.append((label, src))
             continue
-        kept = [node for node in tree.body if isinstance(node, _KEEP)]
+        kept = [
+            node
+            for node in tree.body
+            if isinstance(node, _KEEP)
+            or (isinstance(node, (ast.Assign, ast.AnnAssign)) and _is_cheap(node))
+        ]
         if kept:
             out.append((label, "\n\n".join(ast.get_source_segment(src, k) or "" for k in kept)))
     return out
 
 
 def exercises_in(nb: Mapping[str, Any]) -> list[str]:
-    """Names a notebook's code passes to ``get_exercise``, in order of first appearance."""
+    """Names a notebook's code passes literally to ``get_exercise``, in order (a hint only:
+    the grader grades the checks that actually ran)."""
     names: list[str] = []
     for cell in nb.get("cells", []):
         if cell.get("cell_type") == "code":
@@ -210,10 +326,15 @@ def exercises_in(nb: Mapping[str, Any]) -> list[str]:
     return names
 
 
+# --------------------------------------------------------------------------- submissions
+
+
 def find_submissions(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
     """``{student: [notebooks]}``: ``root/NAME.ipynb`` or every notebook under ``root/NAME/``.
 
-    Checkpoint folders (``.ipynb_checkpoints``) and hidden files are skipped.
+    Checkpoint folders (``.ipynb_checkpoints``) and hidden files are skipped; symbolic
+    links are listed (and refused when read); symbolic links to folders are not
+    followed.  ``NAME.ipynb`` and a folder ``NAME/`` are the same student.
     """
     root = Path(root)
     if not root.is_dir():
@@ -222,16 +343,19 @@ def find_submissions(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.suffix == ".ipynb":
-            found[entry.stem] = [entry]
-        elif entry.is_dir():
-            notebooks = sorted(
-                p
-                for p in entry.rglob("*.ipynb")
-                if not any(part.startswith(".") for part in p.relative_to(entry).parts)
-            )
+        if entry.name.endswith(".ipynb") and (entry.is_symlink() or not entry.is_dir()):
+            found.setdefault(entry.name[: -len(".ipynb")], []).append(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            notebooks: list[Path] = []
+            for top, dirs, files in os.walk(entry, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                notebooks += [
+                    Path(top) / f for f in sorted(files) if f.endswith(".ipynb") and f[0] != "."
+                ]
             if notebooks:
-                found[entry.name] = notebooks
+                found.setdefault(entry.name, []).extend(notebooks)
+        elif entry.is_symlink() and entry.is_dir():
+            found.setdefault(entry.name, []).append(entry)
     if not found:
         raise FileNotFoundError(
             f"No notebooks in {root}: put one NAME.ipynb per student, or one folder per student."
@@ -239,329 +363,214 @@ def find_submissions(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
     return found
 
 
-# --------------------------------------------------------------------------- the student process
-#
-# Everything below ``_child_main`` runs in the forked student process.  Messages to
-# the grader are bytes: one JSON header line, then (for results) a torch.save payload.
+@dataclass
+class LoadedNotebook:
+    """One submitted notebook, read and validated (``error``: why it cannot be graded)."""
 
-_FORBIDDEN_EVENTS_PREFIX = (
-    "subprocess.",
-    "os.system",
-    "os.exec",
-    "os.spawn",
-    "os.posix_spawn",
-    "os.fork",
-    "os.forkpty",
-    "os.kill",
-    "os.killpg",
-    "pty.spawn",
-    "socket.",
-    "ctypes.",
-    "gc.get_",
-    "sys.addaudithook",
-    "winreg.",
-    "webbrowser.",
-    "urllib.Request",
-)
-_PATH_EVENTS = {
-    "os.remove": 1,
-    "os.rmdir": 1,
-    "os.rename": 2,
-    "os.truncate": 1,
-    "os.chmod": 1,
-    "os.chown": 1,
-    "os.chflags": 1,
-    "os.lchflags": 1,
-    "os.mkdir": 1,
-    "os.link": 2,
-    "os.symlink": 2,
-    "os.utime": 1,
-    "os.setxattr": 1,
-    "os.removexattr": 1,
-    "shutil.rmtree": 1,
-    "shutil.copyfile": 2,
-    "shutil.copytree": 2,
-    "shutil.move": 2,
-    "shutil.unpack_archive": 2,
-    "shutil.make_archive": 1,
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    path: Path
+    notebook: dict[str, Any] | None
+    error: str = ""
 
 
-class SandboxViolation(PermissionError):
-    """A submission tried something the grader does not allow."""
-
-
-def _install_sandbox(sandbox: Path, package_files: set[str], private: Sequence[str] = ()) -> None:
-    """Install the audit hook: writes only under ``sandbox``, nothing at all under ``private``."""
-    root = os.path.realpath(sandbox)
-    hidden = [os.path.realpath(p) for p in private]
-
-    def under(real: str, top: str) -> bool:
-        return real == top or real.startswith(top + os.sep)
-
-    def inside(path: Any) -> bool:
-        if isinstance(path, int):  # an already open descriptor
-            return True
-        try:
-            real = os.path.realpath(os.fsdecode(path))
-        except (TypeError, ValueError):
-            return False
-        return under(real, root)
-
-    def is_private(path: Any) -> bool:
-        if isinstance(path, int) or path is None:
-            return False
-        try:
-            real = os.path.realpath(os.fsdecode(path))
-        except (TypeError, ValueError):
-            return False
-        return any(under(real, top) for top in hidden)
-
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event.startswith(_FORBIDDEN_EVENTS_PREFIX):
-            raise SandboxViolation(f"sandbox: {event} is not allowed in a graded submission")
-        if event in ("open", "os.listdir", "os.scandir") and args and is_private(args[0]):
-            raise SandboxViolation("sandbox: the submissions are not readable from a submission")
-        if event == "open":
-            path, mode, flags = (list(args) + [None, None, None])[:3]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and mode is None and flags & _WRITE_FLAGS
-            )
-            if writing and not inside(path):
-                raise SandboxViolation(f"sandbox: writing {path!r} is not allowed")
-            return
-        n_paths = _PATH_EVENTS.get(event)
-        if n_paths:
-            for path in args[:n_paths]:
-                if path is not None and not inside(path):
-                    raise SandboxViolation(f"sandbox: {event} on {path!r} is not allowed")
-            return
-        if event == "exec" and args:
-            filename = getattr(args[0], "co_filename", "")
-            if filename in package_files:
-                raise SandboxViolation(
-                    "sandbox: re-executing the package's own code "
-                    f"({os.path.basename(filename)}) is not allowed"
-                )
-        if event == "object.__setattr__" and len(args) >= 2 and args[1] == "__code__":
-            raise SandboxViolation("sandbox: replacing a function's __code__ is not allowed")
-
-    sys.addaudithook(hook)
-
-
-def _sanitize(x: Any, depth: int = 0) -> Any:
-    """Tensors, numbers, strings and containers of them; anything else as a description."""
-    import numpy as np
-    import torch
-
-    from fewclip_tutorial.exercises import _describe
-
-    if depth > 20:
-        return {"__opaque__": "a structure nested too deeply"}
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().clone().as_subclass(torch.Tensor)
-    if x is None or isinstance(x, (bool, int, float, str, complex)):
-        return x
-    if isinstance(x, np.ndarray) and x.dtype != object:
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(x).copy())}
-    if isinstance(x, np.generic):
-        return x.item()
-    if type(x) in (list, tuple):
-        return type(x)(_sanitize(v, depth + 1) for v in x)
-    if type(x) is dict and all(isinstance(k, str) for k in x):
-        if "__opaque__" in x or "__ndarray__" in x:
-            return {"__opaque__": "a dict with a reserved key"}
-        return {k: _sanitize(v, depth + 1) for k, v in x.items()}
-    try:
-        desc = _describe(x)
-    except Exception:  # noqa: BLE001 - a hostile __repr__ must not break grading
-        desc = "an object"
-    return {"__opaque__": desc}
-
-
-def _restore(x: Any) -> Any:
-    from fewclip_tutorial.exercises import Opaque
-
-    if isinstance(x, dict):
-        if set(x) == {"__opaque__"}:
-            return Opaque(str(x["__opaque__"]))
-        if set(x) == {"__ndarray__"}:
-            return x["__ndarray__"].numpy()
-        return {k: _restore(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_restore(v) for v in x)
-    return x
-
-
-def _pack(header: Mapping[str, Any], payload: Any = None) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    if payload is not None:
-        torch.save(payload, buf)
-    return json.dumps(header).encode() + b"\n" + buf.getvalue()
-
-
-def _child_main(
-    conn: Any,
-    sandbox: str,
-    code: list[tuple[str, str]],
-    jobs: list[tuple[str, list[Any]]],
-    output_limit: int,
-    memory_limit: int,
-    private: Sequence[str] = (),
-) -> None:  # pragma: no cover - runs in the forked student process (covered by the tests)
-    import resource
-    import threading
-
-    os.setsid()
-    sandbox_path = Path(sandbox)
-    out_fd = os.open(sandbox_path / "output.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.chdir(sandbox_path)
-    for var in ("HOME", "TMPDIR", "TEMP", "TMP", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
-        os.environ[var] = sandbox
-    os.environ["FEWCLIP_EDITION"] = "student"
-    tempfile.tempdir = sandbox
-    with contextlib.suppress(Exception):
-        resource.setrlimit(resource.RLIMIT_FSIZE, (output_limit, output_limit))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with contextlib.suppress(Exception):
-        vm = _vm_size()
-        if vm:
-            resource.setrlimit(resource.RLIMIT_AS, (vm + memory_limit, vm + memory_limit))
-
-    import torch
-
-    import fewclip_tutorial
-    import fewclip_tutorial.exercises as exmod
-
-    torch.set_num_threads(1)
-    exmod.list_exercises()  # import every chapter's exercises before the student code
-    exmod.set_edition("student")
-
-    answers: dict[str, Any] = {}
-
-    def recording_check(self: Any, student_fn: Any, *args: Any, **kwargs: Any) -> bool:
-        answers[self.name] = student_fn
-        return True
-
-    exmod.Exercise.check = recording_check  # type: ignore[method-assign]
-
-    forbidden: dict[str, dict[Any, str]] = {}
-    for name, _ in jobs:
-        with contextlib.suppress(KeyError):
-            forbidden[name] = {
-                fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
-                for fn in exmod.get_exercise(name).forbidden_functions()
-            }
-    active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
-    hits: list[str] = []
-
-    def profiler(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code in active[0]:
-            hits.append(active[0][frame.f_code])
-
-    package_dir = os.path.dirname(fewclip_tutorial.__file__)
-    package_files = {
-        m.__file__
-        for m in list(sys.modules.values())
-        if getattr(m, "__file__", None) and str(m.__file__).startswith(package_dir)
-    }
-    get_profile = sys.getprofile  # kept before the student's code can replace it
-    sys.setprofile(profiler)
-    threading.setprofile(profiler)
-    _install_sandbox(sandbox_path, package_files, private)
-
-    conn.send_bytes(_pack({"event": "setup"}))
-    namespace: dict[str, Any] = {"__name__": "__main__", "display": print}
-    for label, src in code:
-        try:
-            exec(compile(src, f"<{label}>", "exec"), namespace)  # noqa: S102
-        except BaseException:  # noqa: BLE001 - a failing cell is reported, the next one runs
-            print(f"[grader] {label} raised:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
-    sys.stdout.flush()
-
-    for name, trials in jobs:
-        conn.send_bytes(_pack({"event": "start", "name": name}))
-        fn = answers.get(name)
-        if fn is None:
-            conn.send_bytes(
-                _pack(
-                    {
-                        "event": "result",
-                        "name": name,
-                        "error": f"no answer: no cell calls get_exercise({name!r}).check(...)",
-                    }
-                )
-            )
-            continue
-        del hits[:]
-        active[0] = forbidden.get(name, {})
-        outputs: list[Any] = []
-        error = ""
-        module = getattr(fn, "__module__", "") or ""
-        if module.startswith("fewclip_tutorial"):
-            error = (
-                "uses the package's reference solution: the answer is "
-                f"{module}.{getattr(fn, '__qualname__', fn)}"
-            )
-        copied = _same_code(getattr(fn, "__code__", None), forbidden.get(name, {}))
-        if copied and not error:
-            error = f"uses the package's reference solution: a copy of {copied}"
-        for t, inputs in enumerate(trials if not error else []):
-            before = exmod._clone(inputs)
+def load_submissions(
+    root: str | os.PathLike[str], max_bytes: int = 20 << 20
+) -> dict[str, list[LoadedNotebook]]:
+    """Every student's notebooks, read into memory and validated before anything runs."""
+    out: dict[str, list[LoadedNotebook]] = {}
+    for student, paths in find_submissions(root).items():
+        loaded: list[LoadedNotebook] = []
+        for p in paths:
             try:
-                got = exmod._call(fn, inputs)
-            except BaseException as err:  # noqa: BLE001 - any error is the student's
-                if isinstance(err, OSError) and err.errno == errno.EFBIG:
-                    error = f"printed more than the output limit ({output_limit} bytes)"
-                else:
-                    try:
-                        message = str(err)
-                    except BaseException:  # noqa: BLE001 - a hostile __str__
-                        message = "(no message)"
-                    error = f"trial {t + 1} raised {type(err).__name__}: {message}"[:500]
-                break
-            if hits or get_profile() is not profiler:
-                break
-            if exmod.compare_outputs(inputs, before, atol=0, rtol=0):
-                error = f"trial {t + 1}: the function modified its input in place; work on a copy"
-                break
-            outputs.append(_sanitize(got))
-        active[0] = {}
-        if get_profile() is not profiler:
-            error = "removed the grader's profiler (sys.setprofile): not allowed"
-        if hits:
-            error = f"uses the package's reference solution: it calls {hits[0]}"
-        header = {"event": "result", "name": name, "error": error}
-        conn.send_bytes(_pack(header, None if error else outputs))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+                loaded.append(LoadedNotebook(p, _read_notebook(p, max_bytes)))
+            except (OSError, ValueError) as err:
+                loaded.append(LoadedNotebook(p, None, f"{p.name}: {err}"))
+        out[student] = loaded
+    return out
 
 
-def _same_code(code: Any, forbidden: Mapping[Any, str]) -> str:
-    """The name of the forbidden function whose bytecode ``code`` repeats, or ""."""
-    if code is None:
-        return ""
+# --------------------------------------------------------------------------- isolation
 
-    def key(c: Any) -> tuple[Any, ...]:
-        # names, local names, constants (the docstring aside) and arguments: the compiler
-        # does not emit the same bytecode for the package's file and for an exec'd copy
-        return (c.co_names, c.co_varnames, c.co_consts[1:], c.co_argcount)
 
+@dataclass
+class Isolation:
+    """How student code is isolated: ``kind`` is ``"bubblewrap"`` or ``"guard"``."""
+
+    kind: str
+    description: str
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.kind == "bubblewrap"
+
+    @property
+    def label(self) -> str:
+        """The CSV's ``isolation`` column."""
+        return "bubblewrap" if self.sandboxed else "none (in-process guard against accidents only)"
+
+
+_BWRAP_OK: dict[str, str] = {}
+
+
+def _bwrap_problem() -> str:
+    """Why bubblewrap cannot be used here ("" when it can)."""
+    if "problem" in _BWRAP_OK:
+        return _BWRAP_OK["problem"]
+    problem = ""
+    exe = shutil.which("bwrap")
+    if sys.platform != "linux":
+        problem = f"no OS sandbox on {sys.platform} (bubblewrap needs Linux)"
+    elif exe is None:
+        problem = "bwrap not found (Debian/Ubuntu: apt-get install bubblewrap)"
+    else:
+        try:
+            run = subprocess.run(
+                [*_bwrap_prefix(), "--", sys.executable, "-c", "import sys"],
+                capture_output=True,
+                timeout=60,
+                env=_sandbox_env(),
+            )
+            if run.returncode:
+                why = run.stderr.decode(errors="replace").strip()[:200]
+                problem = f"bwrap cannot create a sandbox here ({why}: user namespaces disabled?)"
+        except (OSError, subprocess.SubprocessError) as err:
+            problem = f"bwrap does not run ({err})"
+    _BWRAP_OK["problem"] = problem
+    return problem
+
+
+def detect_isolation(mode: str = "auto") -> Isolation:
+    """The isolation a run will use (``mode``: ``auto``, ``bwrap`` or ``none``)."""
+    if mode not in ("auto", "bwrap", "none"):
+        raise ValueError(f"Unknown sandbox mode {mode!r}; use auto, bwrap or none.")
+    problem = "--sandbox none was asked for" if mode == "none" else _bwrap_problem()
+    if not problem:
+        return Isolation(
+            "bubblewrap",
+            "bubblewrap sandbox: read-only interpreter and package, private tmpfs, no network, "
+            "own PID namespace, uid 65534, CPU/memory/process/file-size limits",
+        )
+    if mode == "bwrap":
+        raise ValueError(f"--sandbox bwrap: {problem}")
+    return Isolation(
+        "guard",
+        f"NO OS SANDBOX ({problem}): student code runs under an in-process audit hook, "
+        "a guard against accidents only, not against a deliberate student",
+    )
+
+
+_BASE_FLAGS = (
+    "--unshare-all",
+    "--die-with-parent",
+    "--new-session",
+    "--uid",
+    "65534",
+    "--gid",
+    "65534",
+)
+
+
+def _package_dir() -> Path:
+    import fewclip_tutorial
+
+    return Path(fewclip_tutorial.__file__).resolve().parent
+
+
+def _bwrap_supports(flag: str) -> bool:
+    """Whether this bwrap knows ``flag`` (``--size`` is bwrap >= 0.8)."""
+    key = f"flag {flag}"
+    if key not in _BWRAP_OK:
+        try:
+            out = subprocess.run(
+                [shutil.which("bwrap") or "bwrap", "--help"], capture_output=True, timeout=30
+            )
+            _BWRAP_OK[key] = "yes" if flag.encode() in out.stdout + out.stderr else ""
+        except (OSError, subprocess.SubprocessError):
+            _BWRAP_OK[key] = ""
+    return bool(_BWRAP_OK[key])
+
+
+def _sandbox_env() -> dict[str, str]:
+    """The whole environment inside the sandbox (bwrap passes its own on)."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",
+        "PYTHONPATH": str(_package_dir().parent),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "FEWCLIP_EDITION": "student",
+        "LANG": "C.UTF-8",
+    }
+
+
+def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> list[str]:
+    """bwrap with a read-only view of the interpreter, its libraries and this package only.
+
+    ValueError when a folder the interpreter needs holds one of ``private`` (the
+    submissions would be visible inside).
+    """
+    exe = shutil.which("bwrap") or "bwrap"
+    cmd = [exe, *_BASE_FLAGS]
+    for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        cmd += ["--ro-bind-try", system, system]
+    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/fonts"):
+        cmd += ["--ro-bind-try", f, f]
+    roots = _interpreter_roots()
+    hidden = [Path(os.path.realpath(x)) for x in private]
+    for r in [*roots, Path("/usr")]:
+        for h in hidden:
+            if h == r or r in h.parents:
+                raise ValueError(
+                    f"the sandbox must show {r} (the interpreter's files), which holds {h}: "
+                    "move the submissions out of it"
+                )
+    for r in roots:
+        cmd += ["--ro-bind", str(r), str(r)]
+    package = _package_dir()
+    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(tmp_bytes)]
+    return [*cmd, "--tmpfs", "/tmp", "--chdir", "/tmp"]
+
+
+def _interpreter_roots() -> list[Path]:
+    """The folders the interpreter and its libraries live in (the sandbox shows them)."""
+    package = _package_dir()
+    roots: list[Path] = []
+    candidates = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).parent]
+    for entry in sys.path:
+        p = Path(entry) if entry else None
+        if p is None or not p.is_dir():
+            continue
+        if (p / package.name).resolve() == package:
+            continue  # the folder above the package (a source checkout): the package only
+        if p.name in ("site-packages", "dist-packages"):
+            candidates.append(p)
+    for c in candidates:
+        for p in {c, c.resolve()}:
+            if p.is_dir() and not any(p == r or r in p.parents for r in roots):
+                roots = [r for r in roots if p not in r.parents] + [p]
+    return roots
+
+
+def _readable_by_others(paths: Iterable[Path]) -> bool:
+    """Whether another user (65534) can reach and read every one of ``paths``."""
     try:
-        mine = key(code)
-        return next((label for ref, label in forbidden.items() if key(ref) == mine), "")
-    except Exception:  # noqa: BLE001 - an odd code object is simply not a copy
-        return ""
+        for p in paths:
+            p = Path(os.path.realpath(p))
+            if not os.stat(p).st_mode & stat.S_IROTH:
+                return False
+            if not all(os.stat(d).st_mode & stat.S_IXOTH for d in [p, *p.parents]):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _bwrap_command(output_fd: int, private: Sequence[str] = ()) -> list[str]:
+    """The sandbox's command line: bwrap, then the zygote."""
+    zygote = ["-m", child.__name__, "--sandboxed", "--output-fd", str(output_fd)]
+    return [*_bwrap_prefix(private), "--", sys.executable, *zygote]
 
 
 def _vm_size() -> int:
@@ -575,55 +584,243 @@ def _vm_size() -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- the grader process
+class _SandboxDied(Exception):
+    """The sandbox's process ended or stopped answering."""
 
-_CONTEXT: Any = None
 
+class _Box:
+    """One sandbox (or, without bubblewrap, one guarded process) with a zygote inside."""
 
-def _context() -> Any:
-    """A forkserver context whose server has imported torch and every exercise."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        if sys.platform == "win32":
-            raise RuntimeError(
-                "fewclip grade needs fork (Linux or macOS); on Windows run it in WSL."
-            )
-        ctx = multiprocessing.get_context("forkserver")
-        from fewclip_tutorial.exercises import EXERCISE_MODULES
+    def __init__(self, isolation: Isolation, config: GradeConfig, private: Sequence[str]) -> None:
+        self.isolation = isolation
+        self.config = config
+        self.private = list(private)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.frames = child.FrameBuffer(child.MAX_FRAME + 1)
+        self.pending: list[bytes] = []
+        self.out_r = -1
+        self.output = bytearray()
+        self.output_seen = 0
+        self.log_limit = 64_000
+        self.work = "/tmp/work"
+        self.drop_ok = True
 
-        ctx.set_forkserver_preload(
-            ["torch", "numpy", "fewclip_tutorial.exercises", *EXERCISE_MODULES]
+    # ---- life cycle
+    def start(self) -> None:
+        """Start the zygote; as root, bwrap itself runs as user 65534 when that user can read
+        the interpreter (else, or if that fails, as root with uid 65534 inside only)."""
+        drop = (
+            self.isolation.sandboxed
+            and self.drop_ok
+            and hasattr(os, "geteuid")
+            and os.geteuid() == 0
+            and _readable_by_others([*_interpreter_roots(), _package_dir()])
         )
-        _CONTEXT = ctx
-    return _CONTEXT
+        try:
+            self._start(drop)
+        except (_SandboxDied, subprocess.SubprocessError, OSError):
+            if not drop:
+                raise
+            self.drop_ok = False
+            self._start(False)
+
+    def _start(self, drop: bool) -> None:
+        import resource
+
+        if sys.platform == "win32":
+            raise OSError("fewclip grade needs fork (Linux or macOS); on Windows run it in WSL.")
+        self.close()
+        out_r, out_w = os.pipe()
+        os.set_blocking(out_r, False)
+        self.out_r = out_r
+        sandboxed = self.isolation.sandboxed
+        if sandboxed:
+            try:
+                cmd = _bwrap_command(out_w, self.private)
+            except ValueError as err:
+                os.close(out_w)
+                raise _SandboxDied(str(err)) from None
+            self.work = "/tmp/work"
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="fewclip-grade-")
+            self.work = os.path.join(self._tmp, "work")
+            cmd = [sys.executable, "-m", child.__name__, "--guard", "--output-fd", str(out_w)]
+        address_space = _vm_size() + self.config.memory_limit + (1 << 30)
+
+        def limits() -> None:  # pragma: no cover - runs between fork and exec
+            os.setsid()
+            for res, value in (
+                (resource.RLIMIT_AS, address_space),
+                (resource.RLIMIT_FSIZE, 256 << 20),
+                (resource.RLIMIT_CORE, 0),
+                (resource.RLIMIT_NOFILE, 1024),
+            ):
+                with contextlib.suppress(Exception):
+                    resource.setrlimit(res, (value, value))
+            if sandboxed:  # counted per user namespace (Linux >= 5.14): the sandbox's own
+                with contextlib.suppress(Exception):
+                    resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
+            if drop:  # not root outside the sandbox either
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+
+        if sandboxed:
+            env = _sandbox_env()
+        else:
+            env = dict(os.environ)
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FEWCLIP_EDITION="student")
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(_package_dir().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=out_w,
+            pass_fds=(out_w,),
+            preexec_fn=limits,  # noqa: PLW1509 - setrlimit before exec is what it is for
+            env=env,
+        )
+        os.close(out_w)
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        assert self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        self.frames = child.FrameBuffer(child.MAX_FRAME + 1)
+        self.pending = []
+        source, header, _ = self.next(time.monotonic() + 600)
+        if source != "Z" or header.get("event") != "ready":
+            raise _SandboxDied("the sandbox did not start")
+        self.take_output()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            with contextlib.suppress(Exception):
+                self.proc.wait(10)
+            for f in (self.proc.stdin, self.proc.stdout):
+                with contextlib.suppress(Exception):
+                    f.close()  # type: ignore[union-attr]
+            self.proc = None
+        if self.out_r >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.out_r)
+            self.out_r = -1
+        if getattr(self, "_tmp", None):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- messages
+    def send(self, header: Mapping[str, Any], payload: Any = None, timeout: float = 60.0) -> None:
+        """Write a frame, reading what comes meanwhile (neither side can block the other)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        data = memoryview(child.encode(header, payload))
+        fd_in, fd_out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _SandboxDied("the sandbox stopped reading the grader's messages")
+            ready, can_write, _ = select.select([fd_out, self.out_r], [fd_in], [], min(left, 0.5))
+            if self.out_r in ready:
+                self._drain_output()
+            if fd_out in ready:
+                self._read_frames(fd_out)
+            if can_write:
+                try:
+                    data = data[os.write(fd_in, data[: 1 << 16]) :]
+                except BlockingIOError:
+                    continue
+                except OSError as err:
+                    raise _SandboxDied(f"the sandbox stopped ({err})") from None
+
+    def _read_frames(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._drain_output()
+            raise _SandboxDied("the sandbox's process ended")
+        try:
+            self.pending += self.frames.feed(chunk)
+        except ValueError as err:
+            raise _SandboxDied(str(err)) from None
+
+    def _drain_output(self) -> None:
+        while self.out_r >= 0:
+            try:
+                chunk = os.read(self.out_r, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.output_seen += len(chunk)
+            room = self.log_limit - len(self.output)
+            if room > 0:
+                self.output += chunk[:room]
+
+    def take_output(self) -> str:
+        self._drain_output()
+        text = self.output.decode("utf-8", "replace")
+        if self.output_seen > len(self.output):
+            text += f"\n[grader] ... {self.output_seen - len(self.output)} more bytes not kept"
+        self.output = bytearray()
+        self.output_seen = 0
+        return text
+
+    def next(
+        self, deadline: float, flood_limit: int | None = None
+    ) -> tuple[str, dict[str, Any], bytes]:
+        """The next frame: ``("Z" | "C", header, payload)``, ``("timeout"|"flood", {}, b"")``."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        if flood_limit is not None:
+            self._drain_output()  # what the cells printed before does not count
+        start_seen = self.output_seen
+        while not self.pending:
+            if flood_limit is not None and self.output_seen - start_seen > flood_limit:
+                return "flood", {}, b""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout", {}, b""
+            ready, _, _ = select.select([fd, self.out_r], [], [], min(left, 0.5))
+            if self.out_r in ready:
+                self._drain_output()
+            if fd in ready:
+                self._read_frames(fd)
+        body = self.pending.pop(0)
+        source, body = body[:1].decode("latin-1"), body[1:]
+        try:
+            header, payload = child.decode(body)
+        except (ValueError, RecursionError):
+            header, payload = {"event": "unreadable"}, b""
+        return source, header, payload
 
 
-@contextlib.contextmanager
-def _without_main_module() -> Any:
-    """Start a process without it re-importing the grader's ``__main__`` script.
-
-    multiprocessing's forkserver children import the parent's main module (a
-    script without an ``if __name__ == "__main__"`` guard would run again); the
-    student process needs nothing from it.
-    """
-    import types
-
-    real = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if real is not None:
-            sys.modules["__main__"] = real
+# --------------------------------------------------------------------------- grading
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "did not finish"
+def _describe_exit(code: Any) -> str:
+    if not isinstance(code, int):
+        return "the process ended"
     if code < 0:
         sig = -code
+        if sig == getattr(signal, "SIGXCPU", -1):
+            return "used more CPU time than allowed"
         if sig == getattr(signal, "SIGXFSZ", -1):
-            return "printed or wrote too much (output limit reached)"
+            return "wrote a file larger than allowed"
         try:
             return f"the process died ({signal.Signals(sig).name})"
         except ValueError:
@@ -631,125 +828,337 @@ def _describe_exit(code: int | None) -> str:
     return f"the process exited with status {code} before finishing"
 
 
-def _kill(proc: Any) -> None:
-    with contextlib.suppress(Exception):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        proc.kill()
-    proc.join(5)
+def _restore(x: Any, depth: int = 0) -> Any:
+    from fewclip_tutorial.exercises import Opaque
 
-
-def _run_notebook(
-    nb: Mapping[str, Any],
-    jobs: list[tuple[str, list[Any]]],
-    config: GradeConfig,
-    private: Sequence[str] = (),
-) -> tuple[dict[str, tuple[str, Any]], str]:
-    """Run one notebook's code and its exercises; ``{name: (error, outputs)}`` and the log."""
-    ctx = _context()
-    code = notebook_code(nb, run_all=config.run_all)
-    results: dict[str, tuple[str, Any]] = {}
-    log_parts: list[str] = []
-    remaining = list(jobs)
-    while remaining:
-        sandbox = tempfile.mkdtemp(prefix="fewclip-grade-")
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_child_main,
-            args=(
-                child_conn,
-                sandbox,
-                code,
-                remaining,
-                config.output_limit,
-                config.memory_limit,
-                list(private),
-            ),
-            daemon=True,
-        )
-        with _without_main_module():
-            proc.start()
-        child_conn.close()
-        current: str | None = None
-        deadline = time.monotonic() + config.setup_timeout + 30.0  # +30 s: process start
-        problem = ""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                problem = (
-                    f"ran past the time limit ({config.timeout:g} s)"
-                    if current
-                    else f"the notebook's cells ran past the time limit ({config.setup_timeout:g} s)"
-                )
-                break
-            if not parent_conn.poll(min(left, 0.5)):
-                if not proc.is_alive() and not parent_conn.poll(0):
-                    proc.join(1)
-                    problem = _describe_exit(proc.exitcode)
-                    break
-                continue
-            try:
-                raw = parent_conn.recv_bytes(maxlength=64 << 20)
-            except OSError:
-                problem = "returned more data than the grader accepts (64 MiB)"
-                break
-            except EOFError:
-                proc.join(1)
-                problem = _describe_exit(proc.exitcode)
-                break
-            head, _, payload = raw.partition(b"\n")
-            try:
-                msg = json.loads(head)
-            except ValueError:
-                problem = "sent a message the grader cannot read"
-                break
-            event = msg.get("event")
-            if event == "setup":
-                deadline = time.monotonic() + config.setup_timeout
-            elif event == "start":
-                current = str(msg.get("name"))
-                deadline = time.monotonic() + config.timeout
-            elif event == "result":
-                name = str(msg.get("name"))
-                outputs = None
-                if not msg.get("error"):
-                    try:
-                        outputs = _load_outputs(payload)
-                    except Exception as err:  # noqa: BLE001
-                        msg["error"] = f"returned something the grader cannot read ({err})"[:300]
-                results[name] = (str(msg.get("error") or ""), outputs)
-                remaining = [j for j in remaining if j[0] != name]
-                current = None
-                if not remaining:
-                    break
-        _kill(proc)
-        parent_conn.close()
-        log_parts.append(_read_log(Path(sandbox) / "output.txt"))
-        shutil.rmtree(sandbox, ignore_errors=True)
-        if not remaining:
-            break
-        if current is None:  # the cells themselves failed: nothing more can run
-            for name, _ in remaining:
-                results.setdefault(name, (problem, None))
-            break
-        results[current] = (problem, None)
-        remaining = [j for j in remaining if j[0] != current]
-    return results, "\n".join(p for p in log_parts if p)
+    if depth > 40:
+        raise ValueError("nested too deeply")
+    if isinstance(x, dict):
+        if set(x) == {"__opaque__"}:
+            return Opaque(str(x["__opaque__"])[:300])
+        if set(x) == {"__ndarray__"}:
+            return x["__ndarray__"].numpy()
+        return {k: _restore(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_restore(v, depth + 1) for v in x)
+    return x
 
 
 def _load_outputs(payload: bytes) -> Any:
+    return _restore(child.load_payload(payload))
+
+
+def _strict_problem(got: Any, want: Any, where: str = "output") -> str | None:
+    """Type, dtype, shape, layout and finiteness before any tensor arithmetic."""
+    import numpy as np
     import torch
 
-    return _restore(torch.load(io.BytesIO(payload), weights_only=True))
+    if isinstance(want, torch.Tensor):
+        if type(got) is not torch.Tensor:
+            return None  # compare_outputs names the type
+        if got.layout != torch.strided or got.device.type != "cpu":
+            return f"{where} should be a dense CPU tensor, got layout {got.layout}."
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            return None  # compare_outputs explains
+        if (got.is_floating_point() or got.is_complex()) and bool(
+            (~torch.isfinite(got) & torch.isfinite(want)).any()
+        ):
+            return f"{where} contains inf or NaN where the reference is finite."
+        return None
+    if isinstance(want, np.ndarray):
+        return None
+    if isinstance(want, Mapping) and isinstance(got, Mapping) and set(got) == set(want):
+        for k in want:
+            p = _strict_problem(got[k], want[k], f"{where}[{k!r}]")
+            if p:
+                return p
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)) and len(got) == len(want):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            p = _strict_problem(g, w, f"{where}[{i}]")
+            if p:
+                return p
+    if isinstance(want, float) and isinstance(got, float) and math.isfinite(want):
+        if not math.isfinite(got):
+            return f"{where} is {got!r}, expected a finite number."
+    return None
 
 
-def _read_log(path: Path, limit: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read(limit).decode("utf-8", "replace")
-    except OSError:
+class _Grader:
+    """Grades notebooks one after the other in one sandbox (restarted when it breaks)."""
+
+    def __init__(
+        self,
+        config: GradeConfig,
+        isolation: Isolation,
+        private: Sequence[str | os.PathLike[str]] = (),
+        exercises: Sequence[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.isolation = isolation
+        self.box = _Box(isolation, config, [os.fspath(p) for p in private])
+        self.wanted = list(exercises) if exercises is not None else None
+        self.inputs: dict[str, list[Any]] = {}
+        self.expected: dict[str, list[Any]] = {}
+        self.setup_problem = ""
+
+    def close(self) -> None:
+        self.box.close()
+
+    def _ensure(self) -> None:
+        if not self.box.alive:
+            self.box.start()
+
+    def _trial_inputs(self, name: str) -> list[Any]:
+        from fewclip_tutorial.exercises import get_exercise
+
+        if name not in self.inputs:
+            ex = get_exercise(name)
+            self.inputs[name] = ex.trial_inputs(
+                exercise_seed(self.config.seed, name), self.config.n_trials
+            )
+        return self.inputs[name]
+
+    def _judge(self, name: str, outputs: Any) -> str:
+        from fewclip_tutorial.exercises import _call, _clone, compare_outputs, get_exercise
+
+        ex = get_exercise(name)
+        inputs = self._trial_inputs(name)
+        if name not in self.expected:
+            self.expected[name] = [_call(ex.reference_fn, _clone(x)) for x in inputs]
+        if not isinstance(outputs, list) or len(outputs) != len(inputs):
+            return "did not return an output for every trial"
+        try:
+            for t, (want, got) in enumerate(zip(self.expected[name], outputs, strict=True)):
+                problem = _strict_problem(got, want) or compare_outputs(
+                    got, want, atol=ex.atol, rtol=ex.rtol
+                )
+                if problem:
+                    return f"trial {t + 1}: {problem}"
+        except Exception as err:  # noqa: BLE001 - an odd output is the student's problem
+            return f"returned something the grader cannot compare ({type(err).__name__})"
         return ""
-    return text
+
+    def _kill_child(self) -> dict[str, Any]:
+        """Stop the student process; the zygote's ``done`` header (empty if it broke)."""
+        try:
+            self.box.send({"event": "kill"})
+            deadline = time.monotonic() + 10
+            while True:
+                source, header, _ = self.box.next(deadline)
+                if source in ("timeout", "flood"):
+                    break
+                if source == "Z" and header.get("event") == "done":
+                    return header
+        except _SandboxDied:
+            pass
+        self.box.close()
+        return {}
+
+    def _finish(self) -> dict[str, Any]:
+        """Let the student process end (``end``), as the zygote reports it."""
+        try:
+            self.box.send({"event": "end"})
+            deadline = time.monotonic() + 10
+            while True:
+                source, header, _ = self.box.next(deadline)
+                if source in ("timeout", "flood"):
+                    return self._kill_child()
+                if source == "Z" and header.get("event") == "done":
+                    return header
+        except _SandboxDied:
+            self.box.close()
+            return {}
+
+    def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str], list[str], str]:
+        """``({name: reason for zero, "" when right}, names in check order, log)``."""
+        from fewclip_tutorial.exercises import get_exercise
+
+        code = notebook_code(nb, run_all=self.config.run_all)
+        self.setup_problem = ""
+        results: dict[str, tuple[str, Any]] = {}
+        order: list[str] = []
+        remaining: list[str] | None = None
+        logs: list[str] = []
+        leftover = False
+        cfg = self.config
+        cpu = int(cfg.setup_timeout + cfg.timeout * 50 + 60)
+        while remaining is None or remaining:
+            try:
+                self._ensure()
+            except (_SandboxDied, OSError) as err:
+                why = f"the grader could not start the sandbox ({err})"
+                for name in remaining or []:
+                    results[name] = (why, None)
+                break
+            request = {
+                "event": "student",
+                "code": code,
+                "work": self.box.work,
+                "cpu_limit": cpu,
+                "private": self.box.private,
+            }
+            current: str | None = None
+            done: dict[str, Any] = {}
+            problem = ""
+            try:
+                self.box.send(request)
+                source, header, _ = self.box.next(time.monotonic() + cfg.setup_timeout)
+                if source == "C" and header.get("event") == "answers":
+                    names = header.get("names")
+                    if not isinstance(names, list) or not all(
+                        isinstance(n, str) and len(n) < 200 for n in names
+                    ):
+                        problem = "sent a list of exercises the grader cannot read"
+                        done = self._kill_child()
+                    else:
+                        for n in names:
+                            known = True
+                            try:
+                                get_exercise(n)
+                            except KeyError:
+                                known = False
+                            if (
+                                known
+                                and n not in order
+                                and (self.wanted is None or n in self.wanted)
+                            ):
+                                order.append(n)
+                        if remaining is None:
+                            remaining = list(order)
+                        else:
+                            remaining = [n for n in remaining if n in names]
+                elif source == "timeout":
+                    flood = self.box.output_seen > cfg.output_limit
+                    problem = (
+                        f"the notebook's cells ran past the time limit ({cfg.setup_timeout:g} s)"
+                    )
+                    if flood:
+                        problem += f" while printing {self.box.output_seen} bytes (an output flood)"
+                    done = self._kill_child()
+                elif source == "Z" and header.get("event") == "done":
+                    done = header
+                    problem = "the notebook's cells " + _describe_exit(header.get("exit")).replace(
+                        "the process", "ended the process:"
+                    )
+                else:
+                    problem = "sent a message the grader does not expect"
+                    done = self._kill_child()
+                if problem:
+                    logs.append(self.box.take_output())
+                    if remaining is None:
+                        self.setup_problem = problem
+                    for name in remaining or []:
+                        results[name] = (problem, None)
+                    leftover |= bool(done.get("leftover"))
+                    break
+                for name in list(remaining or []):
+                    current = name
+                    trials = list(self._trial_inputs(name))
+                    self.box.send({"event": "run", "name": name}, trials)
+                    deadline = time.monotonic() + cfg.timeout  # the child cannot move it
+                    source, header, payload = self.box.next(deadline, flood_limit=cfg.output_limit)
+                    if (
+                        source == "C"
+                        and header.get("event") == "result"
+                        and header.get("name") == name
+                    ):
+                        error = header.get("error")
+                        error = (
+                            error[:500] if isinstance(error, str) else "sent an unreadable result"
+                        )
+                        outputs = None
+                        if not error:
+                            try:
+                                outputs = _load_outputs(payload)
+                            except Exception as err:  # noqa: BLE001
+                                error = f"returned something the grader cannot read ({type(err).__name__})"
+                        results[name] = (error, outputs)
+                        remaining.remove(name)
+                        current = None
+                        continue
+                    if source == "timeout":
+                        problem = f"ran past the time limit ({cfg.timeout:g} s)"
+                        done = self._kill_child()
+                    elif source == "flood":
+                        problem = (
+                            f"printed more than the output limit ({cfg.output_limit} bytes) "
+                            "while it ran: an output flood"
+                        )
+                        done = self._kill_child()
+                    elif source == "Z" and header.get("event") == "done":
+                        done = header
+                        problem = _describe_exit(header.get("exit"))
+                        if header.get("problem"):
+                            problem = str(header["problem"])[:300]
+                    else:
+                        problem = "sent a message the grader does not expect"
+                        done = self._kill_child()
+                    break
+                if not problem:
+                    done = self._finish()
+            except _SandboxDied as err:
+                problem = f"the sandbox stopped ({err}): the submission killed or exhausted it"
+                self.box.close()
+            leftover |= bool(done.get("leftover"))
+            logs.append(self.box.take_output())
+            if problem and current is not None and remaining is not None:
+                results[current] = (problem, None)
+                remaining.remove(current)
+            elif problem:
+                if remaining is None:  # before any check ran: said in the notes instead
+                    self.setup_problem = problem
+                for name in remaining or []:
+                    results[name] = (problem, None)
+                break
+        if leftover:
+            why = "left a process running after its notebook finished (a daemon): not allowed"
+            for name in order:
+                results[name] = (why, None)
+        graded: dict[str, str] = {}
+        for name in order:
+            error, outputs = results.get(name, ("not graded", None))
+            graded[name] = error or self._judge(name, outputs)
+        return graded, order, "\n".join(p for p in logs if p)
+
+    def grade_student(self, student: str, notebooks: Sequence[LoadedNotebook]) -> StudentGrades:
+        from fewclip_tutorial.exercises import get_exercise
+
+        result = StudentGrades(student=student, notebooks=[str(n.path) for n in notebooks])
+        logs: list[str] = []
+        unreadable = [n.error for n in notebooks if n.error]
+        for loaded in notebooks:
+            if loaded.notebook is None:
+                continue
+            graded, order, log = self.run_notebook(loaded.notebook)
+            if self.setup_problem:
+                unreadable.append(f"{loaded.path.name}: {self.setup_problem}")
+            if log:
+                logs.append(f"--- {loaded.path.name}\n{log}")
+            for name in order:
+                if name in result.grades:
+                    continue  # graded in an earlier notebook
+                ex = get_exercise(name)
+                error = graded[name]
+                result.grades[name] = ExerciseGrade(
+                    name, 0.0 if error else ex.points, ex.points, error
+                )
+        result.problems = unreadable
+        result.log = "\n".join(logs)
+        return result
+
+
+def _complete(grades: list[StudentGrades], exercises: Sequence[str]) -> None:
+    """Every student gets every column: zero with the reason where no check of theirs ran."""
+    from fewclip_tutorial.exercises import get_exercise
+
+    for g in grades:
+        for name in exercises:
+            if name not in g.grades:
+                why = "no notebook checks this exercise"
+                if g.problems:
+                    why += f" (not graded: {'; '.join(g.problems)})"
+                g.grades[name] = ExerciseGrade(name, 0.0, get_exercise(name).points, why)
+        g.grades = {n: g.grades[n] for n in exercises}
 
 
 def grade_notebooks(
@@ -759,62 +1168,24 @@ def grade_notebooks(
     student: str = "",
     private: Sequence[str | os.PathLike[str]] = (),
 ) -> StudentGrades:
-    """Grade one student's notebooks on ``exercises`` (see the module docstring).
+    """Grade one student's notebooks on ``exercises`` (see the module docstring)."""
+    from fewclip_tutorial.exercises import get_exercise
 
-    An exercise answered in several notebooks is graded in the first one that
-    checks it.  A notebook that cannot be read gives zero with the reason.
-    ``private``: folders the student's code may not even read or list (the class's
-    submissions).
-    """
-    from fewclip_tutorial.exercises import _call, _clone, compare_outputs, get_exercise
-
-    result = StudentGrades(student=student, notebooks=[str(p) for p in notebooks])
-    inputs: dict[str, list[Any]] = {}
     for name in exercises:
-        ex = get_exercise(name)
-        inputs[name] = ex.trial_inputs(exercise_seed(config.seed, name), config.n_trials)
-    expected: dict[str, list[Any]] = {}  # reference outputs, computed here only when needed
-    todo = list(exercises)
-    logs: list[str] = []
-    unreadable: list[str] = []
-    for path in notebooks:
+        get_exercise(name)
+    loaded: list[LoadedNotebook] = []
+    for p in map(Path, notebooks):
         try:
-            nb = _read_notebook(Path(path))
+            loaded.append(LoadedNotebook(p, _read_notebook(p, config.max_notebook_bytes)))
         except (OSError, ValueError) as err:
-            unreadable.append(f"{Path(path).name}: {err}")
-            continue
-        checked = [n for n in exercises_in(nb) if n in todo]
-        if not checked:
-            continue
-        jobs = [(n, [_clone(x) for x in inputs[n]]) for n in checked]
-        outcomes, log = _run_notebook(nb, jobs, config, [os.fspath(p) for p in private])
-        if log:
-            logs.append(f"--- {Path(path).name}\n{log}")
-        for name in checked:
-            ex = get_exercise(name)
-            error, outputs = outcomes.get(name, ("not graded", None))
-            if not error:
-                if name not in expected:
-                    expected[name] = [_call(ex.reference_fn, _clone(x)) for x in inputs[name]]
-                for t, (want, got) in enumerate(zip(expected[name], outputs, strict=False)):
-                    problem = compare_outputs(got, want, atol=ex.atol, rtol=ex.rtol)
-                    if problem:
-                        error = f"trial {t + 1}: {problem}"
-                        break
-                else:
-                    if len(outputs) != len(inputs[name]):
-                        error = "did not return an output for every trial"
-            score = 0.0 if error else ex.points
-            result.grades[name] = ExerciseGrade(name, score, ex.points, error)
-            todo.remove(name)
-    for name in todo:
-        why = "no notebook checks this exercise"
-        if unreadable:
-            why += f" (unreadable: {'; '.join(unreadable)})"
-        result.grades[name] = ExerciseGrade(name, 0.0, get_exercise(name).points, why)
-    result.grades = {n: result.grades[n] for n in exercises}
-    result.log = "\n".join(logs)
-    return result
+            loaded.append(LoadedNotebook(p, None, f"{p.name}: {err}"))
+    grader = _Grader(config, detect_isolation(config.sandbox), private, exercises)
+    try:
+        g = grader.grade_student(student, loaded)
+    finally:
+        grader.close()
+    _complete([g], exercises)
+    return g
 
 
 def grade_directory(
@@ -822,97 +1193,138 @@ def grade_directory(
     config: GradeConfig | None = None,
     exercises: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    isolation: Isolation | None = None,
 ) -> list[StudentGrades]:
     """Grade every student under ``root`` (see :func:`find_submissions`).
 
-    Every notebook is read before the first one runs, so a submission that
-    deletes files cannot change what the others hand in.  ``exercises`` defaults
-    to every exercise that any submission checks, in order of first appearance.
+    Every notebook is read and validated before the first one runs.  ``exercises``
+    defaults to every exercise whose check ran in some submission, in order of
+    first appearance.
     """
     from fewclip_tutorial.exercises import get_exercise
 
     config = config or GradeConfig()
-    submissions = find_submissions(root)
-    staged = Path(tempfile.mkdtemp(prefix="fewclip-submissions-"))
-    try:
-        copies: dict[str, list[Path]] = {}
-        for student, paths in submissions.items():
-            folder = staged / _safe_name(student)
-            folder.mkdir()
-            copies[student] = []
-            for i, p in enumerate(paths):
-                dest = folder / f"{i:03d}_{_safe_name(p.name)}"
-                shutil.copyfile(p, dest)
-                copies[student].append(dest)
-        if exercises is None:
-            names: list[str] = []
-            for paths in copies.values():
-                for p in paths:
-                    with contextlib.suppress(Exception):
-                        for n in exercises_in(_read_notebook(p)):
-                            if n not in names:
-                                names.append(n)
-            exercises = names
-        exercises = list(exercises)
+    if exercises is not None:
         for name in exercises:
             get_exercise(name)  # an unknown name fails here, before any grading
-        grades: list[StudentGrades] = []
-        for student, paths in copies.items():
+    isolation = isolation or detect_isolation(config.sandbox)
+    submissions = load_submissions(root, config.max_notebook_bytes)
+    grader = _Grader(config, isolation, [Path(root).resolve()], exercises)
+    grades: list[StudentGrades] = []
+    try:
+        try:
+            grader.box.start()  # a sandbox that cannot start is the grader's problem: say so
+        except (_SandboxDied, OSError) as err:
+            tail = grader.box.take_output().strip()[-1500:]
+            raise RuntimeError(
+                f"the {isolation.kind} process did not start ({err}); its output:\n{tail}\n"
+                "Fix the sandbox, or grade without it with --sandbox none "
+                "(an in-process guard against accidents only)."
+            ) from None
+        for student, notebooks in submissions.items():
             if progress:
                 progress(student)
-            g = grade_notebooks(
-                paths, exercises, config, student=student, private=[staged, Path(root)]
-            )
-            g.notebooks = [str(p) for p in submissions[student]]
-            grades.append(g)
-        return grades
+            try:
+                grades.append(grader.grade_student(student, notebooks))
+            except Exception as err:  # noqa: BLE001 - one student never costs the others
+                g = StudentGrades(student, notebooks=[str(n.path) for n in notebooks])
+                g.problems = [f"the grader failed on this submission ({type(err).__name__}: {err})"]
+                grades.append(g)
+                grader.close()
+            if config.sandbox_per_student:
+                grader.close()
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        grader.close()
+    names = list(exercises) if exercises is not None else []
+    if exercises is None:
+        for g in grades:
+            names += [n for n in g.grades if n not in names]
+    _complete(grades, names)
+    return grades
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100] or "_"
+# --------------------------------------------------------------------------- the CSV
 
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def write_grades_csv(
-    grades: Iterable[StudentGrades], path: str | os.PathLike[str], seed: int
-) -> Path:
-    """One row per student: ``student``, a column per exercise, ``total``, ``max``, ``seed``, ``notes``."""
-    grades = list(grades)
-    names: list[str] = []
-    for g in grades:
-        for n in g.grades:
-            if n not in names:
-                names.append(n)
+def _cell(value: Any) -> str:
+    """A CSV cell that no spreadsheet reads as a formula."""
+    text = str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """The CSV path, checked before grading: ValueError for a FIFO, link, folder or device."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["student", *names, "total", "max", "seed", "notes"])
-        for g in grades:
-            notes = "; ".join(
-                f"{n}: {e.reason}" for n, e in g.grades.items() if e.reason and e.score < e.points
-            )
-            w.writerow(
-                [
-                    g.student,
-                    *(_fmt(g.grades[n].score) if n in g.grades else "" for n in names),
-                    _fmt(g.total),
-                    _fmt(g.max_points),
-                    seed,
-                    notes,
-                ]
-            )
+    if path.is_symlink():
+        raise ValueError(f"--out {path} is a symbolic link; give the path of a plain file.")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--out {path} exists and is not a plain file (a folder or a FIFO?).")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is not a folder.")
     return path
 
 
-def new_run_seed() -> int:
-    """A fresh run seed (so that no list of inputs can be learnt in advance)."""
-    return secrets.randbits(30)
+def write_grades_csv(
+    grades: Iterable[StudentGrades], path: str | os.PathLike[str], seed: int, isolation: str = ""
+) -> Path:
+    """One row per student (``student``, a column per exercise, ``total``, ``max``, ``seed``,
+    ``isolation``, ``notes``), written to a temporary file and then renamed over ``path``."""
+    grades = list(grades)
+    names: list[str] = []
+    for g in grades:
+        names += [n for n in g.grades if n not in names]
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["student", *names, "total", "max", "seed", "isolation", "notes"])
+            for g in grades:
+                notes = "; ".join(
+                    [
+                        f"{n}: {e.reason}"
+                        for n, e in g.grades.items()
+                        if e.reason and e.score < e.points
+                    ]
+                )
+                w.writerow(
+                    [
+                        _cell(g.student),
+                        *(_fmt(g.grades[n].score) if n in g.grades else "" for n in names),
+                        _fmt(g.total),
+                        _fmt(g.max_points),
+                        seed,
+                        _cell(isolation),
+                        _cell(notes),
+                    ]
+                )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _printable(name: str) -> str:
+    """A student's name for the terminal: control characters (escape sequences) replaced."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in name)
+
+
+def log_name(student: str) -> str:
+    """A log file name unique for every student name (any Unicode)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", unicodedata.normalize("NFKC", student))[:60].strip(".")
+    digest = hashlib.sha256(student.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{safe or 'student'}-{digest}.log"
 
 
 # --------------------------------------------------------------------------- command line
@@ -926,8 +1338,8 @@ def build_parser() -> Any:
         prog="fewclip grade",
         description=(
             "Grade a folder of submitted notebooks (one NAME.ipynb or one NAME/ folder per "
-            "student): each notebook runs in its own sandboxed process, each exercise on fresh "
-            "random inputs; one CSV row per student."
+            "student): student code runs in a bubblewrap sandbox (or, without one, under an "
+            "in-process guard), each exercise on fresh random inputs; one CSV row per student."
         ),
     )
     p.add_argument("submissions", help="folder of submissions")
@@ -949,13 +1361,25 @@ def build_parser() -> Any:
         "--output-limit",
         type=int,
         default=1_000_000,
-        help="bytes a submission may print (default: 1000000)",
+        help="bytes an exercise's function may print while graded (default: 1000000)",
     )
     p.add_argument(
         "--trials", type=int, default=None, help="trials per exercise (default: its own)"
     )
     p.add_argument(
         "--run-all", action="store_true", help="run every cell, not only definitions and exercises"
+    )
+    p.add_argument(
+        "--sandbox",
+        choices=("auto", "bwrap", "none"),
+        default="auto",
+        help="auto: bubblewrap when it works, else the in-process guard (default); "
+        "bwrap: fail without it; none: the guard only",
+    )
+    p.add_argument(
+        "--sandbox-per-student",
+        action="store_true",
+        help="a fresh sandbox for every student (each start imports torch: slower)",
     )
     p.add_argument("--logs", default=None, help="folder for one log per student (what it printed)")
     return p
@@ -968,9 +1392,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    if args.trials is not None and args.trials < 1:
-        print("fewclip grade: error: --trials must be at least 1", file=sys.stderr)
+
+    def fail(message: str) -> int:
+        print(f"fewclip grade: error: {message}", file=sys.stderr)
         return 2
+
+    if args.trials is not None and args.trials < 1:
+        return fail("--trials must be at least 1")
+    try:
+        isolation = detect_isolation(args.sandbox)
+    except ValueError as err:
+        return fail(str(err))
+    print(f"isolation: {isolation.description}", file=sys.stderr)
     seed = new_run_seed() if args.seed is None else args.seed
     config = GradeConfig(
         seed=seed,
@@ -979,28 +1412,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_limit=args.output_limit,
         n_trials=args.trials,
         run_all=args.run_all,
+        sandbox=args.sandbox,
+        sandbox_per_student=args.sandbox_per_student,
     )
     names = [n.strip() for n in args.exercises.split(",") if n.strip()] if args.exercises else None
+    try:
+        out = check_output_path(args.out)
+        if args.logs and (Path(args.logs).is_symlink() or Path(args.logs).is_file()):
+            raise ValueError(f"--logs {args.logs} is not a folder")
+    except ValueError as err:
+        return fail(str(err))
     print(f"run seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
     try:
         grades = grade_directory(
             args.submissions,
             config,
             exercises=names,
-            progress=lambda s: print(f"grading {s} ...", file=sys.stderr),
+            progress=lambda s: print(f"grading {_printable(s)} ...", file=sys.stderr),
+            isolation=isolation,
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"fewclip grade: error: {message}", file=sys.stderr)
-        return 2
-    path = write_grades_csv(grades, args.out, seed)
+        return fail(message)
+    try:
+        path = write_grades_csv(grades, out, seed, isolation.label)
+    except (OSError, ValueError) as err:
+        return fail(f"could not write {out}: {err}")
     if args.logs:
         logs = Path(args.logs)
         logs.mkdir(parents=True, exist_ok=True)
         for g in grades:
-            (logs / f"{_safe_name(g.student)}.log").write_text(g.log, encoding="utf-8")
-    width = max(len(g.student) for g in grades)
+            text = g.log + ("\n" + "\n".join(g.problems) if g.problems else "")
+            (logs / log_name(g.student)).write_text(text, encoding="utf-8")
+    width = max(len(_printable(g.student)) for g in grades)
     for g in grades:
-        print(f"{g.student.ljust(width)}  {_fmt(g.total)} / {_fmt(g.max_points)}")
+        print(f"{_printable(g.student).ljust(width)}  {_fmt(g.total)} / {_fmt(g.max_points)}")
     print(f"wrote {path}")
     return 0

@@ -543,6 +543,57 @@ def bench_feature_extraction(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- grading
+
+#: one student's chapter-1 exercises, both right (the grader's own test notebooks look alike)
+_GRADING_CELLS = (
+    "import torch\nfrom fewclip_tutorial.exercises import get_exercise",
+    "def my_prompt_ensemble(t):\n    t = t / t.norm(dim=2, keepdim=True)\n"
+    "    m = t.mean(1)\n    return m / m.norm(dim=1, keepdim=True)\n\n"
+    "_ = get_exercise('prompt_ensemble').check(my_prompt_ensemble)",
+    "def my_zero_shot_logits(f, W, logit_scale=100.0):\n    return logit_scale * (f @ W.T)\n\n"
+    "_ = get_exercise('zero_shot_logits').check(my_zero_shot_logits)",
+)
+
+
+def bench_grading_isolation(cfg: Config) -> dict[str, Any]:
+    """`fewclip grade` on a class of correct submissions: the bubblewrap sandbox against the
+    in-process guard (no OS sandbox), same class, same run. Issue 18 asks for under 3x."""
+    import tempfile
+
+    import nbformat
+
+    from fewclip_tutorial import grading
+
+    isolation = grading.detect_isolation("auto")
+    if isolation.kind != "bubblewrap":
+        return {"skipped": isolation.description}
+    students = 3 if cfg.tiny else 30
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(students):
+            nb = nbformat.v4.new_notebook()
+            nb.cells = [nbformat.v4.new_code_cell(c) for c in _GRADING_CELLS]
+            nbformat.write(nb, os.path.join(tmp, f"student{i:02d}.ipynb"))
+        seconds: dict[str, float] = {}
+        for mode in ("none", "bwrap"):
+            config = grading.GradeConfig(seed=1, timeout=60.0, sandbox=mode)
+            start = time.perf_counter()
+            grades = grading.grade_directory(tmp, config)
+            seconds[mode] = time.perf_counter() - start
+            full = [g.total for g in grades].count(2.0)
+            if full != students:
+                raise RuntimeError(f"--sandbox {mode}: {full} of {students} got full marks")
+    return {
+        "students": students,
+        "ours_s": seconds["bwrap"],
+        "baseline_s": seconds["none"],
+        "ratio": seconds["bwrap"] / seconds["none"],
+        "ratio_means": "sandboxed seconds / unsandboxed seconds (lower is better; goal < 3)",
+        "ours": "bubblewrap sandbox (one sandbox per run, a process per student)",
+        "baseline": "--sandbox none: the in-process guard",
+    }
+
+
 # --------------------------------------------------------------------------- harness
 
 BENCHMARKS: dict[str, Callable[[Config], dict[str, Any]]] = {
@@ -551,6 +602,7 @@ BENCHMARKS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "tip_f_epoch": bench_tip_f_epoch,
     "clap_step": bench_clap_step,
     "feature_extraction": bench_feature_extraction,
+    "grading_isolation": bench_grading_isolation,
 }
 
 

@@ -374,7 +374,9 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         GOOD_ZS,
     )
     victim_stat = victim.stat()
-    config = GradeConfig(seed=RUN_SEED, timeout=3.0, setup_timeout=30.0, output_limit=200_000)
+    # 10 s per exercise: honest ones take milliseconds, so a loaded machine cannot push
+    # them past it; the two endless students cost 10 s each
+    config = GradeConfig(seed=RUN_SEED, timeout=10.0, setup_timeout=30.0, output_limit=200_000)
     start = time.monotonic()
     grades = grade_directory(subs, config, isolation=ISOLATION)
     seconds = time.monotonic() - start
@@ -541,7 +543,7 @@ def test_killing_the_sandbox_or_exhausting_memory_costs_one_exercise(graded: dic
 
 def test_forged_messages_do_not_move_the_deadline(graded: dict) -> None:
     reason = _reason(graded, "forger", "prompt_ensemble")
-    assert "time limit (3 s)" in reason or "does not expect" in reason
+    assert "time limit (10 s)" in reason or "does not expect" in reason
     assert graded["rows"]["forger"]["zero_shot_logits"] == "1"
 
 
@@ -609,7 +611,7 @@ def test_a_crash_costs_its_exercise_only(graded: dict) -> None:
 def test_endless_loops_and_floods_are_stopped(graded: dict) -> None:
     row = graded["rows"]["endless"]
     assert row["total"] == "0"
-    assert "time limit (3 s)" in _reason(graded, "endless", "prompt_ensemble")
+    assert "time limit (10 s)" in _reason(graded, "endless", "prompt_ensemble")
     assert "output limit" in _reason(graded, "endless", "zero_shot_logits")
 
 

@@ -436,8 +436,17 @@ def _loopback_server() -> tuple[int, list[bytes]]:
     return server.getsockname()[1], got
 
 
-def _grader_processes() -> list[int]:
-    """Processes of this checkout's grader sandboxes still running (any namespace)."""
+def _grader_processes(wait: float = 30.0) -> list[int]:
+    """Processes of this checkout's grader sandboxes still running (any namespace), after
+    waiting up to ``wait`` seconds for them to go: the kernel ends a PID namespace's
+    processes after its init is killed, which takes a moment on a loaded machine."""
+    deadline = time.monotonic() + wait
+    while (found := _grader_processes_now()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def _grader_processes_now() -> list[int]:
     mine = f"PYTHONPATH={grading._package_dir().parent}".encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -49,7 +49,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import random
 import re
 import sys
@@ -71,6 +70,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fewclip_tutorial.data.base import LabeledSplit  # noqa: E402
+from fewclip_tutorial.device import cpu_info  # noqa: E402
 
 #: Keys every non-skipped line has.
 REQUIRED_KEYS = (
@@ -115,22 +115,6 @@ class Config:
     def world(self) -> dict[str, int]:
         """ShapeWorld pool sizes: the default world, or a few images per class when tiny."""
         return {"train_per_class": 8, "val_per_class": 4, "test_per_class": 2} if self.tiny else {}
-
-
-def cpu_info() -> dict[str, Any]:
-    """``cpu_model`` (from /proc/cpuinfo), ``cpu_capability`` (the instruction set torch's
-    kernels use, e.g. AVX512) and ``threads`` (torch's thread count)."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _device_name(device: torch.device) -> str:

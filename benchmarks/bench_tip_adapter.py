@@ -55,10 +55,8 @@ prints one JSON line per case.  ``make bench`` runs it through ``benchmarks/benc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fewclip_tutorial.device import cpu_info  # noqa: E402
 from fewclip_tutorial.methods.tip_adapter import (  # noqa: E402
     build_cache_keys,
     build_cache_values,
@@ -225,21 +224,6 @@ def _peak_rss_gb() -> float | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
     except (ImportError, AttributeError):
         return None
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU's model, the instruction set torch's kernels use, and torch's thread count."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _seconds_per_call(fn: Callable[[], Any], device: torch.device, min_s: float) -> float:

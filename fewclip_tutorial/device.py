@@ -225,3 +225,23 @@ def float32_or_64(x: torch.Tensor) -> torch.Tensor:
     instead of float32's ~1e-7, and compare it to a reference with a tight tolerance.
     """
     return x if x.dtype == torch.float64 else x.float()
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a measurement ran on: ``cpu_model`` (from /proc/cpuinfo where there is one),
+    ``cpu_capability`` (the instruction set torch's kernels use, e.g. ``AVX512``; set by
+    ``ATEN_CPU_CAPABILITY``) and ``threads`` (torch's thread count)."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    return {
+        "cpu_model": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }

@@ -524,13 +524,16 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
                     f"the sandbox must show {r} (the interpreter's files), which holds {h}: "
                     "move the submissions out of it"
                 )
+    # the private /tmp first: an interpreter or package that lives under /tmp (a virtual
+    # environment in a CI checkout there) is bound on top of it, read-only, and stays visible
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(tmp_bytes)]
+    cmd += ["--tmpfs", "/tmp"]
     for r in roots:
         cmd += ["--ro-bind", str(r), str(r)]
     package = _package_dir()
     cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
-    if _bwrap_supports("--size"):
-        cmd += ["--size", str(tmp_bytes)]
-    return [*cmd, "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    return [*cmd, "--chdir", "/tmp"]
 
 
 def _interpreter_roots() -> list[Path]:

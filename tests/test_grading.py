@@ -979,3 +979,18 @@ def test_as_root_a_failed_drop_to_nobody_falls_back(monkeypatch: pytest.MonkeyPa
 def test_names_reach_the_terminal_without_control_characters() -> None:
     assert grading._printable("ann\x1b[2J\nlee") == "ann\ufffd[2J\ufffdlee"
     assert grading._printable("李雷 ann_lee") == "李雷 ann_lee"
+
+
+def test_an_interpreter_under_tmp_stays_visible_in_the_sandbox(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A virtual environment in a checkout under /tmp (as CI may clone it) is bound on top
+    of the sandbox's private /tmp, not hidden by it."""
+    venv = Path("/tmp/some-ci-checkout/.venv")
+    monkeypatch.setattr(grading, "_interpreter_roots", lambda: [venv])
+    cmd = grading._bwrap_prefix()
+    tmpfs = cmd.index("--tmpfs")
+    assert cmd[tmpfs + 1] == "/tmp"
+    bind = [i for i, a in enumerate(cmd) if a == "--ro-bind" and cmd[i + 1] == str(venv)]
+    assert bind and bind[0] > tmpfs, cmd
+    assert cmd.index(str(grading._package_dir())) > tmpfs

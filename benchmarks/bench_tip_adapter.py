@@ -20,9 +20,11 @@ one whole tensor, whichever is faster):
 * ``gemm_s``: the one affinity product ``(M, D) @ (D, N)``, timed at its real size;
 * ``exp_s``: ``B x M x N`` exponentials (the affinity of every key, for every beta);
 * ``segment_sum_s``: ``B x M x N`` additions into ``(M, C)`` class sums (the segment sum
-  over each class's keys, timed as a reduction over the ``(K, C)`` layout);
+  over each class's keys, timed as a reduction over K in both layouts the search can use,
+  ``(rows, K, C)`` and ``(K, C x rows)``, the faster counting);
 * ``combine_s``: one pass over the ``B x M x C`` class sums (a max over the classes) plus
-  one comparison per ``(beta, alpha, image)``, timed as a max over classes.
+  one comparison per ``(beta, alpha, image)``, timed as a max over classes in both layouts
+  (classes innermost or rows innermost), the faster counting.
 
 Ours forms the exponent ``beta * (S - 1)`` in a pass of its own (to round as before), which
 the limit does not count; a kernel that fused the scaling, the exponential and the segment
@@ -273,8 +275,9 @@ def measure_limit(
     ``features`` ``(M, D)``, ``keys`` ``(N, D)`` (``N = K x C``, K keys per class).  Timed here,
     on the current thread count: the affinity product ``features @ keys.T`` (best of 3), and
     the best per-element rates of ``torch.exp``, of the segment sum (``torch.sum`` over the
-    K axis of ``(rows, K, C)`` blocks) and of a max over classes (``torch.amax`` over
-    ``(rows, C)``) on blocks of 16 K elements to the whole size.  The limit is
+    K axis of ``(rows, K, C)`` or of ``(K, C x rows)`` blocks) and of a max over classes
+    (``torch.amax`` over ``(rows, C)`` or ``(C, rows)``) on blocks of 16 K elements to the
+    whole size.  The limit is
     ``gemm + B M N (exp + segment sum) + (B M C + B A M) max`` seconds.
     """
     device = features.device
@@ -295,15 +298,31 @@ def measure_limit(
         y = out[: x.shape[0] * c].view(-1, c)
         return lambda: torch.sum(x, dim=1, out=y)
 
+    def segment_rows_inner(size: int) -> Callable[[], Any]:
+        x = sample[:size].view(1, k, -1)  # (1, K, C * rows): rows innermost
+        y = out[: x.shape[2]].view(1, -1)
+        return lambda: torch.sum(x, dim=1, out=y)
+
     def max_kernel(size: int) -> Callable[[], Any]:
         x = sample[:size].view(-1, c)
         y = out[: x.shape[0]]
         return lambda: torch.amax(x, dim=1, out=y)
 
+    def max_rows_inner(size: int) -> Callable[[], Any]:
+        x = sample[:size].view(1, c, -1)  # (1, C, rows)
+        y = out[: x.shape[2]].view(1, -1)
+        return lambda: torch.amax(x, dim=1, out=y)
+
     exp_rate, exp_n = _best_rate(exp_kernel, affinity, device, min_s)
-    seg_rate, seg_n = _best_rate(segment_kernel, affinity, device, min_s, granule=k * c)
+    seg_rate, seg_n = min(
+        _best_rate(segment_kernel, affinity, device, min_s, granule=k * c),
+        _best_rate(segment_rows_inner, affinity, device, min_s, granule=k * c),
+    )
     combine = num_betas * m * c + num_betas * num_alphas * m
-    max_rate, max_n = _best_rate(max_kernel, num_betas * m * c, device, min_s, granule=c)
+    max_rate, max_n = min(
+        _best_rate(max_kernel, num_betas * m * c, device, min_s, granule=c),
+        _best_rate(max_rows_inner, num_betas * m * c, device, min_s, granule=c),
+    )
     parts = {
         "gemm_s": gemm_s,
         "exp_s": affinity * exp_rate,

@@ -75,6 +75,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # ------------------------------------------------------------------ cache construction
 
 
+@pytest.fixture(params=["rows_innermost", "classes_innermost"])
+def both_layouts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a search test under both block layouts of search_hparams (chosen by class count)."""
+    monkeypatch.setattr(ta, "_FEW_CLASSES", 10**6 if request.param == "rows_innermost" else 0)
+    return request.param
+
+
 def test_cache_keys_are_normalised_average_of_normalised_views() -> None:
     views = torch.tensor(
         [
@@ -243,12 +250,14 @@ def check_against_authors(args, beta_list, alpha_list) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("val_per_class", [1, 6])  # 1: a few images -> many tied pairs
-def test_search_chooses_what_the_authors_loop_chooses(seed: int, val_per_class: int) -> None:
+def test_search_chooses_what_the_authors_loop_chooses(
+    seed: int, val_per_class: int, both_layouts: str
+) -> None:
     data = problem(seed, noise=3.0, val_per_class=val_per_class)
     check_against_authors(_args(data), authors_grid(7, 25), authors_grid(3, 8))
 
 
-def test_ties_keep_the_first_best_pair_in_the_authors_order() -> None:
+def test_ties_keep_the_first_best_pair_in_the_authors_order(both_layouts: str) -> None:
     data = problem(0, val_per_class=1)  # 4 validation images: accuracies tie a lot
     beta_list, alpha_list = authors_grid(7, 12), authors_grid(3, 6)
     (i, j), grid = authors_search(*_args(data), beta_list, alpha_list)
@@ -259,7 +268,7 @@ def test_ties_keep_the_first_best_pair_in_the_authors_order() -> None:
     assert (res.best_beta, res.best_alpha) == (betas[i].item(), alphas[j].item())
 
 
-def test_exact_logit_ties_between_classes_follow_argmax() -> None:
+def test_exact_logit_ties_between_classes_follow_argmax(both_layouts: str) -> None:
     # Classes 1 and 2 are copies (same text weight, same keys): their logits tie exactly, and
     # the authors' top-1 and our search both give the first class.
     g = torch.Generator().manual_seed(5)
@@ -273,7 +282,9 @@ def test_exact_logit_ties_between_classes_follow_argmax() -> None:
     check_against_authors((f, labels, w, keys, values), authors_grid(7, 10), authors_grid(3, 5))
 
 
-def test_search_in_small_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_in_small_blocks_equals_one_block(
+    monkeypatch: pytest.MonkeyPatch, both_layouts: str
+) -> None:
     data = problem(2, noise=3.0, num_classes=5, shots=3, val_per_class=7)
     args, grid = _args(data), default_search_grid(beta_steps=17, alpha_steps=5)
     whole = search_hparams(*args, *grid)
@@ -283,7 +294,7 @@ def test_search_in_small_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch
     check_against_authors(args, grid[0].tolist(), grid[1].tolist())
 
 
-def test_unequal_classes_and_soft_values() -> None:
+def test_unequal_classes_and_soft_values(both_layouts: str) -> None:
     data = problem(1, noise=3.0)
     keep = torch.ones(len(data["train_labels"]), dtype=torch.bool)
     keep[[0, 1, 2, 9]] = False  # class 0 keeps 5 keys, class 1 keeps 7, others 8
@@ -522,7 +533,7 @@ def _full_search(monkeypatch: pytest.MonkeyPatch, *args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_screened_search_equals_every_logit_computed(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, seed: int
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, seed: int, both_layouts: str
 ) -> None:
     # The screen decides most (beta, image) cells from the two ends of the alpha range; the
     # counts must be exactly those of computing every logit, including tied classes.
@@ -559,7 +570,7 @@ def test_screen_decides_nothing_on_non_finite_inputs() -> None:
     assert 0 < finite < 1e-2  # a few float32 roundings of logits near 100 + 3 x 8 x 2
 
 
-def test_search_in_float64_equals_the_loop_everywhere() -> None:
+def test_search_in_float64_equals_the_loop_everywhere(both_layouts: str) -> None:
     # In float64 no two logits of these problems agree to within rounding, so the segment
     # sums (another order of additions than A @ L) give the loop's grid exactly.
     for seed in range(3):
@@ -570,3 +581,18 @@ def test_search_in_float64_equals_the_loop_everywhere() -> None:
         loop = search_hparams_loop(*args, *grid)
         assert torch.equal(fast.accuracy, loop.accuracy)
         assert (fast.best_beta, fast.best_alpha) == (loop.best_beta, loop.best_alpha)
+
+
+def test_both_block_layouts_give_the_same_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows innermost (few classes) and classes innermost (many) add the same class sums in
+    # the same order of keys; in float64 no logits of these problems come within rounding
+    # of each other, so the two grids are equal.
+    data = problem(4, noise=3.0, num_classes=6, shots=5, val_per_class=8)
+    args = [t.double() if t.is_floating_point() else t for t in _args(data)]
+    grid = default_search_grid(beta_steps=25, alpha_steps=9)
+    monkeypatch.setattr(ta, "_FEW_CLASSES", 10**6)
+    rows_inner = search_hparams(*args, *grid)
+    monkeypatch.setattr(ta, "_FEW_CLASSES", 0)
+    classes_inner = search_hparams(*args, *grid)
+    assert torch.equal(rows_inner.accuracy, classes_inner.accuracy)
+    assert ta._FEW_CLASSES == 0 and rows_inner.accuracy.std() > 0  # a grid that varies

@@ -71,6 +71,8 @@ __all__ = [
 #: Elements of one work block of the vectorised search (beta chunk x rows x width); it
 #: bounds the search's extra memory (4 bytes each) and keeps a block in the CPU's cache.
 _BLOCK_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 27}
+#: The class sums of a group of betas are screened at once: up to this many blocks' worth.
+_SCREEN_GROUP = 4
 
 
 class TipAdapterError(ValueError):
@@ -363,14 +365,18 @@ def _prepare_search(
     ).to(val_features.device)
     if val_features.shape[0] == 0:
         raise TipAdapterError("val_features is empty; the search needs validation images.")
-    default_betas, default_alphas = default_search_grid()
-    betas_t = torch.as_tensor(default_betas if betas is None else betas, dtype=torch.float32)
-    alphas_t = torch.as_tensor(default_alphas if alphas is None else alphas, dtype=torch.float32)
+    if betas is None or alphas is None:
+        default_betas, default_alphas = default_search_grid()
+        betas = default_betas if betas is None else betas
+        alphas = default_alphas if alphas is None else alphas
+    betas_t = torch.as_tensor(betas, dtype=torch.float32)
+    alphas_t = torch.as_tensor(alphas, dtype=torch.float32)
     for name, grid in (("betas", betas_t), ("alphas", alphas_t)):
         if grid.dim() != 1 or grid.numel() == 0:
             raise TipAdapterError(f"{name} must be a non-empty 1-D sequence of numbers.")
-    for beta in betas_t.tolist():
-        _check_beta(beta)
+    bad = ~(torch.isfinite(betas_t) & (betas_t >= 0))
+    if bool(bad.any()):
+        _check_beta(float(betas_t[bad][0]))  # raises, naming the first bad beta
     return labels, betas_t.to(val_features.dtype), alphas_t.to(val_features.dtype)
 
 
@@ -435,22 +441,23 @@ def _one_hot_layout(cache_values: Tensor) -> tuple[Tensor, Tensor | None, int] |
     the class sums add ``K`` contiguous blocks of ``C``; smaller classes get masked slots.
     """
     v = cache_values
-    if not (((v == 0) | (v == 1)).all() and (v.sum(dim=1) == 1).all()):
-        return None
     labels = v.argmax(dim=1)
     num_keys, num_classes = v.shape
+    one_hot = torch.zeros_like(v).scatter_(1, labels.view(-1, 1), 1.0)
+    if not torch.equal(v, one_hot):
+        return None
     counts = torch.bincount(labels, minlength=num_classes)
     k = int(counts.max())
     if num_classes * k > 4 * num_keys:  # very unequal classes: padding would cost more
         return None
-    order = torch.argsort(labels, stable=True)
+    order = torch.argsort(labels, stable=True)  # keys class by class, in their order
     sorted_labels = labels[order]
     starts = torch.cumsum(counts, 0) - counts
     slots = (torch.arange(num_keys, device=v.device) - starts[sorted_labels]) * num_classes
     slots += sorted_labels
     index = torch.zeros(num_classes * k, dtype=torch.long, device=v.device)
     index[slots] = order
-    if bool((counts == k).all()):
+    if int(counts.min()) == k:
         return index, None, k
     mask = torch.zeros(num_classes * k, dtype=v.dtype, device=v.device)
     mask[slots] = 1.0
@@ -493,17 +500,21 @@ class _RowBlock:
     """Per-row data of a block of validation rows, shared by all its betas.
 
     ``y`` ``(m,)`` labels; ``clip_y`` ``(m,)`` their CLIP logits; ``clip_others`` ``(m, C)``
-    CLIP logits with -inf at the labels; ``top`` ``(m,)`` the best other class by CLIP and
-    ``clip_top`` ``(m,)`` its logit; ``clip_wins`` ``(m,)`` the label's CLIP logit beats every
-    other class's by more than the screen's tolerance.
+    CLIP logits with -inf at the labels and ``clip_others_t`` the same as ``(C, m)``; ``top``
+    ``(m,)`` the best other class by CLIP and ``clip_top`` ``(m,)`` its logit; ``clip_wins``
+    ``(m,)`` the label's CLIP logit beats every other class's by more than the screen's
+    tolerance; ``own_at`` ``(m,)`` the flat positions ``label * m + row`` in a ``(C, m)``
+    block.
     """
 
     y: Tensor
     clip_y: Tensor
     clip_others: Tensor
+    clip_others_t: Tensor
     top: Tensor
     clip_top: Tensor
     clip_wins: Tensor
+    own_at: Tensor
 
     @classmethod
     def of(cls, clip: Tensor, y: Tensor, tol: float) -> _RowBlock:
@@ -511,13 +522,16 @@ class _RowBlock:
         # The labels' own logits are computed apart; -inf hides them among the others.
         clip_others = clip.scatter(1, y.view(-1, 1), -math.inf)  # (m, C)
         clip_top, top = clip_others.max(dim=1)
-        return cls(y, clip_y, clip_others, top, clip_top, clip_y > clip_top + tol)
+        wins = clip_y > clip_top + tol
+        own_at = y * y.shape[0] + torch.arange(y.shape[0], device=y.device)
+        return cls(y, clip_y, clip_others, clip_others.T.contiguous(), top, clip_top, wins, own_at)
 
 
 def _full_counts(cache: Tensor, rb: _RowBlock, alphas: Tensor) -> Tensor:
     """Hits per (beta, alpha) of a block, every ``(b, m, A, C)`` logit computed: ``(b, A)``.
 
-    ``cache`` ``(b, m, C)`` class sums of the rows of ``rb``; ``alphas`` ``(A,)``.
+    ``cache`` ``(b, m, C)`` class sums of the rows of ``rb`` (any strides); ``alphas``
+    ``(A,)``.
     """
     others = torch.mul(cache.unsqueeze(2), alphas.view(-1, 1)).add_(rb.clip_others.unsqueeze(1))
     own = (cache.gather(2, rb.y.view(1, -1, 1).expand(cache.shape[0], -1, 1)) * alphas).add_(
@@ -550,6 +564,14 @@ def _screen_tolerance(
         return math.inf
     cache_max = 2.0 * column_max * math.exp(exponent) * 1.01
     return 16.0 * unit * (clip_max + 2.0 * alpha_max * cache_max) + 1e-30
+
+
+#: Up to this many classes the search lays a block's class sums out ``(b, C, m)`` (rows
+#: innermost) and screens every class of every (beta, image) at once
+#: (:func:`_screened_counts_few`); above it, ``(b, m, C)`` (classes innermost, where a max
+#: over classes is a contiguous reduction) with a first pass of two logits per
+#: (beta, image) (:func:`_screened_counts`).  Both give the same counts (tests run both).
+_FEW_CLASSES = 32
 
 
 def _screened_counts(
@@ -589,7 +611,7 @@ def _screened_counts(
         return counts
     # 2. every class at both ends, for the undecided (beta, row)s: (P, 2, C) differences.
     r_idx = cells % m
-    sub = cache.view(nb * m, -1).index_select(0, cells)  # (P, C)
+    sub = cache.reshape(nb * m, -1).index_select(0, cells)  # (P, C)
     diff = torch.mul(sub.unsqueeze(1), ends.view(2, 1))
     diff.add_(rb.clip_others.index_select(0, r_idx).unsqueeze(1))
     diff.sub_(own_ends.view(nb * m, 2).index_select(0, cells).unsqueeze(2))  # l_c - l_y
@@ -600,16 +622,66 @@ def _screened_counts(
     if left.numel() == 0:
         return counts
     # 3. the classes that come within tol of the label: logits at every alpha.
-    cells, r_idx = cells[left], r_idx[left]
-    p, c = (diff.index_select(0, left) >= -tol).any(dim=1).nonzero(as_tuple=True)  # (Q,)
-    rows = r_idx[p]
-    own_a = (own.view(-1)[cells].unsqueeze(1) * alphas).add_(rb.clip_y[r_idx].unsqueeze(1))
-    logit = (sub[left[p], c].unsqueeze(1) * alphas).add_(rb.clip_others[rows, c].unsqueeze(1))
-    own_q = own_a[p]  # (Q, A): the label's logits, as in _full_counts
-    beats = (logit > own_q) | ((logit == own_q) & (c < rb.y[rows]).unsqueeze(1))
+    cells, r_idx, sub, diff = cells[left], r_idx[left], sub[left], diff[left]
+    num_classes = sub.shape[1]
+    near = (torch.maximum(diff[:, 0], diff[:, 1]) >= -tol).view(-1).nonzero().view(-1)  # p*C+c
+    p = near.div(num_classes, rounding_mode="floor")
+    c = near - p * num_classes
+    rows = r_idx.index_select(0, p)
+    own_a = own.view(-1).index_select(0, cells).unsqueeze(1) * alphas
+    own_a.add_(rb.clip_y.index_select(0, r_idx).unsqueeze(1))  # (P, A), as in _full_counts
+    logit = sub.reshape(-1).index_select(0, near).unsqueeze(1) * alphas
+    logit.add_(rb.clip_others.view(-1).index_select(0, rows * num_classes + c).unsqueeze(1))
+    own_q = own_a.index_select(0, p)  # (Q, A): the label's logits
+    beats = logit > own_q
+    ties = logit == own_q
+    if bool(ties.any()):  # an exact tie: the first class wins, as argmax
+        beats |= ties & (c < rb.y.index_select(0, rows)).unsqueeze(1)
     lost = torch.zeros(own_a.shape, dtype=torch.int32, device=own_a.device)
     lost.index_add_(0, p, beats.int())
     return counts.index_add_(0, cells // m, (lost == 0).long())
+
+
+def _screened_counts_few(
+    cache: Tensor, rb: _RowBlock, alphas: Tensor, ends: Tensor, tol: float
+) -> Tensor:
+    """:func:`_screened_counts` for few classes, on ``(b, C, m)`` class sums (rows innermost).
+
+    Steps 2 and 3 of :func:`_screened_counts` without step 1: the logits of every class at
+    both ends of the alpha range for every (beta, row) (``2 C`` per row: with few classes
+    this costs less than a first pass), then every logit at every alpha for the rows left
+    undecided, laid out ``(A, C, P)`` so that the max over classes runs over contiguous
+    rows.  Rounding and the tie rule are those of :func:`_full_counts`.  Returns ``(b, A)``
+    int64 counts.
+    """
+    nb, num_classes, m = cache.shape
+    own = cache.view(nb, num_classes * m).index_select(1, rb.own_at)  # (b, m)
+    own_ends = (own.unsqueeze(1) * ends.view(1, 2, 1)).add_(rb.clip_y)  # (b, 2, m)
+    # l_c - l_y at both ends for every (beta, class, row): (b, 2, C, m).
+    diff = torch.mul(cache.unsqueeze(1), ends.view(1, 2, 1, 1)).add_(rb.clip_others_t)
+    diff.sub_(own_ends.unsqueeze(2))
+    hit = diff.view(nb, 2 * num_classes, m).amax(dim=1) < -tol  # (b, m)
+    miss = torch.minimum(diff[:, 0], diff[:, 1]).amax(dim=1) > tol
+    counts = hit.sum(dim=1).view(nb, 1).expand(nb, alphas.shape[0]).clone()
+    cells = (~(hit | miss)).view(-1).nonzero().view(-1)  # sorted flat (beta, row) indices
+    if cells.numel() == 0:
+        return counts
+    b_idx = cells.div(m, rounding_mode="floor")
+    r_idx = cells - b_idx * m
+    classes = torch.arange(num_classes, device=cells.device).view(-1, 1)
+    a = alphas.view(-1, 1, 1)
+    sums = cache.take(b_idx * (num_classes * m) + r_idx + classes * m)  # (C, P)
+    others = (sums * a).add_(rb.clip_others_t.index_select(1, r_idx))  # (A, C, P)
+    own_a = (own.view(-1).index_select(0, cells) * a[:, 0]).add_(rb.clip_y.index_select(0, r_idx))
+    other = others.amax(dim=1)  # (A, P)
+    hits = own_a > other
+    ties = own_a == other
+    if bool(ties.any()):  # the first class that reaches the label's logit wins
+        ai, pi = ties.nonzero(as_tuple=True)
+        first = (others[ai, :, pi] == own_a[ai, pi].unsqueeze(1)).int().argmax(dim=1)
+        hits[ai, pi] = first > rb.y.index_select(0, r_idx)[pi]
+    counts.T.index_add_(1, b_idx, hits.long())
+    return counts
 
 
 @torch.no_grad()
@@ -630,19 +702,21 @@ def search_hparams(
     * per beta, the exponentials ``exp(beta * (S - 1))`` (``S - 1`` computed once) and,
       because the values are one-hot, the class sums as a segment sum over each class's
       keys (:func:`class_sums`; non-one-hot values fall back to ``A @ L``);
-    * per beta, the ``(M, C)`` logits at the two ends of the alpha range; a validation
-      image whose label wins (or loses to one class) by more than every rounding error at
-      both ends wins (loses) at every alpha in between, since a logit is linear in alpha.
-      Only the other images, and of their classes those that come near the label, get
-      logits at every alpha (:func:`_screened_counts`), with the same rounding and the
-      same tie rule (first class wins) as the full ``(M, A, C)`` computation.
+    * per beta, the logits at the two ends of the alpha range; a validation image whose
+      label wins (or loses to one class) by more than every rounding error at both ends
+      wins (loses) at every alpha in between, since a logit is linear in alpha.  Only the
+      other images get logits at every alpha (:func:`_screened_counts`,
+      :func:`_screened_counts_few`), with the same rounding and the same tie rule (first
+      class wins) as the full ``(M, A, C)`` computation.
 
     Work is done in blocks of rows and betas (at most ``_BLOCK_ELEMENTS`` floats each, sized
-    to stay in the CPU's L2 cache), so the extra memory is ``S`` plus a few blocks.  The
-    chosen pair is the first best in beta-major, alpha-minor order, as in the authors' loop
-    (:func:`search_hparams_loop`).  The accuracy grid equals the loop's except where two
-    class logits of a validation image agree to within float rounding (the exponent and the
-    class sums are rounded in another order than ``-(beta - beta * S)`` and ``A @ L``).
+    to stay in the CPU's L2 cache), so the extra memory is ``S`` plus a few blocks.  With
+    up to ``_FEW_CLASSES`` classes a block's rows are innermost (the segment sum then adds
+    runs of ``C x rows`` floats), otherwise its classes.  The chosen pair is the first best
+    in beta-major, alpha-minor order, as in the authors' loop (:func:`search_hparams_loop`).
+    The accuracy grid equals the loop's except where two class logits of a validation
+    image agree to within float rounding (the exponent and the class sums are rounded in
+    another order than ``-(beta - beta * S)`` and ``A @ L``).
 
     Args:
         val_features: ``(M, D)`` validation features (never test); val_labels: ``(M,)``.
@@ -670,51 +744,78 @@ def search_hparams(
     ends = torch.stack([alphas_dev.min(), alphas_dev.max()])  # (2,) the alpha range
     column_max = float(k) if layout is not None else float(cache_values.abs().sum(dim=0).max())
     tol = _screen_tolerance(clip, shifted, column_max, betas_t, alphas_t)
+    few = num_classes <= _FEW_CLASSES  # rows innermost: (W, m) blocks, (b, C, m) sums
     budget = _BLOCK_ELEMENTS.get(device.type, 1 << 17)
     rows = max(1, min(num_val, budget // width))  # a block: `chunk` betas x `rows` rows
     chunk = max(1, min(n_b, budget // (rows * width)))
     # Class sums of a group of betas are screened at once (fewer, larger calls).
-    group = min(n_b, max(chunk, (4 * budget) // (rows * num_classes)) // chunk * chunk)
+    group = min(n_b, max(chunk, (_SCREEN_GROUP * budget) // (rows * num_classes)) // chunk * chunk)
     correct = torch.zeros(n_b, n_a, dtype=torch.long, device=device)
     e_buf = shifted.new_empty(chunk * rows * width)  # reused: no allocation per block
     c_buf = shifted.new_empty(group * rows * num_classes)
-    plans: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+    t_buf = shifted.new_empty(width * rows) if few else None
+    values_t = cache_values.T.contiguous() if few and layout is None else None  # (C, N)
+    if layout is not None and mask is not None:  # the grouped view's (K, C) slots
+        mask = mask.view(k, num_classes, 1) if few else mask.view(k, num_classes)
+    # Per beta chunk: (first beta, exps, their class-grouped view or None, class sums).
+    plans: dict[int, list[tuple[int, Tensor, Tensor | None, Tensor]]] = {}
 
-    def plan(m: int, g0: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Views of one group's blocks: (betas (b, 1, 1), exps (b, m, W), its class-grouped
-        view (b, m, K, C) or None, class sums (b, m, C)); built once per (rows, group)."""
-        key = (m, min(group, n_b - g0))
-        if key not in plans:
-            ng, steps = key[1], []
+    def plan(m: int, ng: int) -> list[tuple[int, Tensor, Tensor | None, Tensor]]:
+        """Views of one group's blocks (built once per (rows, group size)): exps
+        ``(b, W, m)`` or ``(b, m, W)``, grouped ``(b, K, C, m)`` or ``(b, m, K, C)``, class
+        sums ``(b, C, m)`` or ``(b, m, C)``."""
+        if (m, ng) not in plans:
+            steps = []
             for b0 in range(0, ng, chunk):
                 nb = min(chunk, ng - b0)
-                e = e_buf[: nb * m * width].view(nb, m, width)
-                grouped = None if layout is None else e.view(nb, m, k, num_classes)
                 out = c_buf[b0 * m * num_classes : (b0 + nb) * m * num_classes]
-                steps.append((b0, e, grouped, out.view(nb, m, num_classes)))
-            plans[key] = steps
-        return [(betas_dev[g0 + b0 : g0 + b0 + e.shape[0]].view(-1, 1, 1), e, grouped, out)
-                for b0, e, grouped, out in plans[key]]  # fmt: skip
+                if few:
+                    e = e_buf[: nb * width * m].view(nb, width, m)
+                    grouped = None if layout is None else e.view(nb, k, num_classes, m)
+                    steps.append((b0, e, grouped, out.view(nb, num_classes, m)))
+                else:
+                    e = e_buf[: nb * m * width].view(nb, m, width)
+                    grouped = None if layout is None else e.view(nb, m, k, num_classes)
+                    steps.append((b0, e, grouped, out.view(nb, m, num_classes)))
+            plans[(m, ng)] = steps
+        return plans[(m, ng)]
 
+    # Each chunk's betas as a (b, 1, 1) view, made once (chunks start at multiples of chunk).
+    beta_chunks = [betas_dev[i : i + chunk].view(-1, 1, 1) for i in range(0, n_b, chunk)]
     for r0 in range(0, num_val, rows):
-        t = shifted[r0 : r0 + rows]
-        m = t.shape[0]
-        rb = _RowBlock.of(clip[r0 : r0 + rows], labels[r0 : r0 + rows], tol)
+        m = min(rows, num_val - r0)
+        if t_buf is not None:
+            t = t_buf[: width * m].view(width, m)
+            t.copy_(shifted[r0 : r0 + m].T)  # (W, m): this block's T, rows innermost
+        else:
+            t = shifted[r0 : r0 + m]  # (m, W)
+        rb = _RowBlock.of(clip[r0 : r0 + m], labels[r0 : r0 + m], tol)
         for g0 in range(0, n_b, group):
             ng = min(group, n_b - g0)
-            for beta, e, grouped, out in plan(m, g0):
-                torch.mul(t, beta, out=e).exp_()
-                if grouped is None:
-                    torch.matmul(e, cache_values, out=out)  # (b, m, C)
+            for b0, e, grouped, out in plan(m, ng):
+                torch.mul(t, beta_chunks[(g0 + b0) // chunk], out=e).exp_()
+                if grouped is None:  # A @ L
+                    if few:
+                        torch.matmul(values_t, e, out=out)  # (C, N) @ (b, N, m)
+                    else:
+                        torch.matmul(e, cache_values, out=out)  # (b, m, N) @ (N, C)
                 else:  # segment sum over each class's K slots
                     if mask is not None:
-                        e.mul_(mask)
-                    torch.sum(grouped, dim=2, out=out)
-            cache = c_buf[: ng * m * num_classes].view(ng, m, num_classes)
-            if math.isfinite(tol):
-                correct[g0 : g0 + ng] += _screened_counts(cache, rb, alphas_dev, ends, tol)
+                        grouped.mul_(mask)
+                    torch.sum(grouped, dim=1 if few else 2, out=out)
+            cache = c_buf[: ng * m * num_classes]
+            if few:
+                cache = cache.view(ng, num_classes, m)
+                if math.isfinite(tol):
+                    correct[g0 : g0 + ng] += _screened_counts_few(cache, rb, alphas_dev, ends, tol)
+                else:
+                    correct[g0 : g0 + ng] += _full_counts(cache.transpose(1, 2), rb, alphas_dev)
             else:
-                correct[g0 : g0 + ng] += _full_counts(cache, rb, alphas_dev)
+                cache = cache.view(ng, m, num_classes)
+                if math.isfinite(tol):
+                    correct[g0 : g0 + ng] += _screened_counts(cache, rb, alphas_dev, ends, tol)
+                else:
+                    correct[g0 : g0 + ng] += _full_counts(cache, rb, alphas_dev)
     return _result(correct, betas_t, alphas_t, num_val)
 
 

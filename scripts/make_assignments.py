@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewclip_tutorial.assignments import make_assignments  # noqa: E402
+from fewclip_tutorial.course.assignments import make_assignments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

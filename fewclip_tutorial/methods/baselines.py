@@ -10,17 +10,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from fewclip_tutorial.experiment import CLIP_LOGIT_SCALE, Context, Option, register_method
+from fewclip_tutorial.episode import Context
 from fewclip_tutorial.linear_probe import DEFAULT_CS, fit_linear_probe
+from fewclip_tutorial.methods.registry import make_config, option, register_method
 from fewclip_tutorial.metrics import accuracy, per_class_accuracy
-from fewclip_tutorial.zeroshot import prompt_text_features, zero_shot_logits
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_text_features, zero_shot_logits
 
-__all__ = ["run_linear_probe", "run_zero_shot"]
+__all__ = ["LinearProbeConfig", "ZeroShotConfig", "run_linear_probe", "run_zero_shot"]
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """The options of ``zero-shot``."""
+
+    by_prompt: bool = option(
+        False, "also report the test accuracy of each single template (analysis only)"
+    )
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """The options of ``linear-probe``."""
+
+    max_iter: int = option(1000, "L-BFGS iterations of the logistic regression")
 
 
 def _flat(features: Tensor) -> Tensor:
@@ -30,15 +48,14 @@ def _flat(features: Tensor) -> Tensor:
 
 @register_method(
     "zero-shot",
-    options={
-        "by_prompt": Option(
-            bool, False, "also report the test accuracy of each single template (analysis only)"
-        ),
-    },
+    config=ZeroShotConfig,
     help="Zero-shot CLIP with the dataset's prompt ensemble (no training images).",
 )
-def run_zero_shot(ctx: Context, by_prompt: bool = False) -> dict[str, Any]:
+def run_zero_shot(
+    ctx: Context, config: ZeroShotConfig = ZeroShotConfig(), **options: Any
+) -> dict[str, Any]:
     """Zero-shot CLIP: ``100 * f @ W.T`` with the prompt-ensemble classifier ``W`` (C, D)."""
+    by_prompt = make_config(ZeroShotConfig, config, options, "zero-shot").by_prompt
     W = ctx.text_classifier
 
     def predict(f: Tensor) -> Tensor:
@@ -67,13 +84,14 @@ def run_zero_shot(ctx: Context, by_prompt: bool = False) -> dict[str, Any]:
 
 @register_method(
     "linear-probe",
-    options={
-        "max_iter": Option(int, 1000, "L-BFGS iterations of the logistic regression"),
-    },
+    config=LinearProbeConfig,
     help="Logistic regression on frozen image features; C chosen on the few-shot val split.",
 )
-def run_linear_probe(ctx: Context, max_iter: int = 1000) -> dict[str, Any]:
+def run_linear_probe(
+    ctx: Context, config: LinearProbeConfig = LinearProbeConfig(), **options: Any
+) -> dict[str, Any]:
     """Linear probe (CLIP Sec. 3.2): sklearn logistic regression, ``C`` searched on val."""
+    max_iter = make_config(LinearProbeConfig, config, options, "linear-probe").max_iter
     train = ctx.features("train")
     val = ctx.features("val")
     probe = fit_linear_probe(

@@ -6,7 +6,7 @@
 
 ``DIR/student/`` has every solution cell removed (not hidden) and
 ``solution_source()`` disabled; ``DIR/instructor/`` is the book's notebooks with
-their solutions.  See fewclip_tutorial/assignments.py and book/instructors.md.
+their solutions.  See fewclip_tutorial/course/assignments.py and book/instructors.md.
 """
 
 from __future__ import annotations

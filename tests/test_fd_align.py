@@ -8,6 +8,7 @@ written out here, or the authors' formulas from ``skingorz/FD-Align``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 
@@ -537,7 +538,7 @@ def test_options_are_the_config_and_presets_are_the_papers() -> None:
     from fewclip_tutorial.methods.registry import get_method
 
     spec = get_method("fd-align")
-    fields = {f.name: f.default for f in fd.dataclasses.fields(fd.FDAlignConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(fd.FDAlignConfig)}
     assert {n: o.default for n, o in spec.options.items()} == fields
     assert spec.options["kl_direction"].choices == ["paper", "code"]
     paper = fd.preset("colab")

@@ -358,8 +358,7 @@ def _validation_table_inputs(gen: torch.Generator) -> tuple[Tensor]:
 
 
 def _register_comparison() -> None:
-    """Register the comparison chapter's exercises ``seed_mean_std`` and
-    ``select_on_validation`` (calling it again is harmless)."""
+    """The comparison chapter's ``seed_mean_std`` and ``select_on_validation``."""
 
     register_exercise(
         "seed_mean_std",

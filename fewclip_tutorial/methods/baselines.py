@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fewclip_tutorial.episode import Context
 from fewclip_tutorial.linear_probe import DEFAULT_CS, fit_linear_probe
-from fewclip_tutorial.methods.registry import make_config, option, register_method
+from fewclip_tutorial.methods.registry import option, register_method
 from fewclip_tutorial.metrics import accuracy, per_class_accuracy
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_text_features, zero_shot_logits
 
@@ -27,7 +27,7 @@ __all__ = ["LinearProbeConfig", "ZeroShotConfig", "run_linear_probe", "run_zero_
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    """The options of ``zero-shot``."""
+    """Zero-shot CLIP with the dataset's prompt ensemble (no training images)."""
 
     by_prompt: bool = option(
         False, "also report the test accuracy of each single template (analysis only)"
@@ -36,7 +36,7 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """The options of ``linear-probe``."""
+    """Logistic regression on frozen image features; C chosen on the few-shot val split."""
 
     max_iter: int = option(1000, "L-BFGS iterations of the logistic regression")
 
@@ -46,16 +46,9 @@ def _flat(features: Tensor) -> Tensor:
     return features.mean(0) if features.ndim == 3 else features
 
 
-@register_method(
-    "zero-shot",
-    config=ZeroShotConfig,
-    help="Zero-shot CLIP with the dataset's prompt ensemble (no training images).",
-)
-def run_zero_shot(
-    ctx: Context, config: ZeroShotConfig = ZeroShotConfig(), **options: Any
-) -> dict[str, Any]:
+@register_method("zero-shot", config=ZeroShotConfig)
+def run_zero_shot(ctx: Context, config: ZeroShotConfig) -> dict[str, Any]:
     """Zero-shot CLIP: ``100 * f @ W.T`` with the prompt-ensemble classifier ``W`` (C, D)."""
-    by_prompt = make_config(ZeroShotConfig, config, options, "zero-shot").by_prompt
     W = ctx.text_classifier
 
     def predict(f: Tensor) -> Tensor:
@@ -70,7 +63,7 @@ def run_zero_shot(
         for name, acc in zip(ctx.classnames, per_class, strict=True)
     }
     result["templates"] = len(ctx.dataset.templates)
-    if by_prompt:
+    if config.by_prompt:
         # (C, M, D): one classifier per template; reported for analysis, nothing is chosen.
         per_prompt = prompt_text_features(ctx.backbone, ctx.classnames, ctx.dataset.templates)
         result["zero_shot_by_prompt"] = {
@@ -82,16 +75,9 @@ def run_zero_shot(
     return result
 
 
-@register_method(
-    "linear-probe",
-    config=LinearProbeConfig,
-    help="Logistic regression on frozen image features; C chosen on the few-shot val split.",
-)
-def run_linear_probe(
-    ctx: Context, config: LinearProbeConfig = LinearProbeConfig(), **options: Any
-) -> dict[str, Any]:
+@register_method("linear-probe", config=LinearProbeConfig)
+def run_linear_probe(ctx: Context, config: LinearProbeConfig) -> dict[str, Any]:
     """Linear probe (CLIP Sec. 3.2): sklearn logistic regression, ``C`` searched on val."""
-    max_iter = make_config(LinearProbeConfig, config, options, "linear-probe").max_iter
     train = ctx.features("train")
     val = ctx.features("val")
     probe = fit_linear_probe(
@@ -100,7 +86,7 @@ def run_linear_probe(
         _flat(val.features),
         val.labels,
         Cs=DEFAULT_CS,
-        max_iter=max_iter,
+        max_iter=config.max_iter,
         seed=ctx.seed,
         num_classes=ctx.num_classes,
     )

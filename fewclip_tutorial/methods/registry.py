@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import types
@@ -228,14 +229,18 @@ def register_method(
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Decorator registering a runner as method ``name``.
 
-    Every method of the package passes ``config=XConfig`` (a frozen dataclass whose fields
-    are the options, see :func:`config_options`) and is called ``fn(ctx, config,
-    progress=...)``.  A method declared with an ``options`` dict of :class:`Option` instead
-    is called ``fn(ctx, **options)``.  The function returns at least ``val_accuracy`` and
-    ``test_accuracy`` (percent), ``ood_accuracy`` when the dataset has OOD splits
-    (``ctx.report`` gives all three), plus method-specific keys.  Re-registering the same
-    function (a reloaded module) replaces the entry; a different function under a taken
-    name is an error.
+    Every method of the package passes ``config=XConfig``: a frozen dataclass whose fields
+    are the options (:func:`config_options`) and whose docstring's first paragraph is the
+    help line.  Its runner is written ``fn(ctx, config: XConfig, progress=...) -> dict``;
+    the decorator returns it wrapped so that it can also be called with option names
+    (``run_clap(ctx, steps=80)``), checked and converted as :func:`run_method` does
+    (:func:`make_config`).  A method declared with an ``options`` dict of :class:`Option`
+    instead is called ``fn(ctx, **options)``.
+
+    The function returns at least ``val_accuracy`` and ``test_accuracy`` (percent),
+    ``ood_accuracy`` when the dataset has OOD splits (``ctx.report`` gives all three),
+    plus method-specific keys.  Re-registering the same function (a reloaded module)
+    replaces the entry; a different function under a taken name is an error.
     """
     if config is not None and options is not None:
         raise ValueError(f"Method {name!r}: pass options or config, not both.")
@@ -245,6 +250,8 @@ def register_method(
             raise ValueError(f"Option name {opt_name!r} of method {name!r} must be an identifier.")
         if not isinstance(opt, Option):
             raise TypeError(f"Option {opt_name!r} of method {name!r} must be an Option.")
+    if config is not None and not help:
+        help = " ".join((inspect.getdoc(config) or "").split("\n\n")[0].split())
 
     def decorator(fn: Callable[..., dict]) -> Callable[..., dict]:
         old = METHODS.get(name)
@@ -256,11 +263,28 @@ def register_method(
                 f"Method {name!r} is already registered by "
                 f"{old.fn.__module__}.{old.fn.__qualname__}; choose another name."
             )
+        runner = fn if config is None else _with_options(fn, config, name)
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS[name] = MethodSpec(name=name, fn=fn, options=opts, help=help or doc, config=config)
-        return fn
+        METHODS[name] = MethodSpec(
+            name=name, fn=runner, options=opts, help=help or doc, config=config
+        )
+        return runner
 
     return decorator
+
+
+def _with_options(fn: Callable[..., dict], config: type, name: str) -> Callable[..., dict]:
+    """``fn(ctx, config, **params)`` callable as ``fn(ctx, config=None, **params, **options)``."""
+    params = set(list(inspect.signature(fn).parameters)[2:])
+
+    @functools.wraps(fn)
+    def runner(ctx: Any, config_: Any = None, /, **kwargs: Any) -> dict:
+        given = kwargs.pop("config", config_)
+        options = {k: v for k, v in kwargs.items() if k not in params}
+        extra = {k: v for k, v in kwargs.items() if k in params}
+        return fn(ctx, make_config(config, given, options, name), **extra)
+
+    return runner
 
 
 def list_methods() -> list[str]:

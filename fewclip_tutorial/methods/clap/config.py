@@ -47,7 +47,10 @@ class CLAPConfig:
 
 @dataclass(frozen=True)
 class CLAPOptions:
-    """The options of the ``clap`` method (``fewclip run clap --help`` lists them)."""
+    """CLAP: a residual network on CLIP features trained with augmented prompts.
+
+    The options of the ``clap`` method (``fewclip run clap --help`` lists them).
+    """
 
     variant: str = option(
         "clap", "clap (augmented prompts) or im-aug (augmented images)", ["clap", "im-aug"]

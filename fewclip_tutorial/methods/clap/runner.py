@@ -161,14 +161,8 @@ def train_clap_episode(
     return CLAPFit(result, lam, lam_scores, text, opts)
 
 
-@register_method(
-    "clap",
-    config=CLAPOptions,
-    help="CLAP: a residual network on CLIP features trained with augmented prompts.",
-)
-def run_clap(
-    ctx: Any, config: CLAPOptions | None = None, progress: bool = True, **options: Any
-) -> dict:
+@register_method("clap", config=CLAPOptions)
+def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
     """The registered ``"clap"`` method: :func:`train_clap_episode`, then every evaluation.
 
     The standard keys (``val_accuracy``, ``test_accuracy``, ``ood_accuracy``) use refined
@@ -178,7 +172,7 @@ def run_clap(
     for the paper's ZS(C/PC/CP/NC) prompts on test; ``attack_images > 0`` adds
     ``adversarial`` (clean / FGSM / PGD-20 / CW-20 accuracy of CLIP and of the refined classifier).
     """
-    fitted = train_clap_episode(ctx, config, progress=progress, **options)
+    fitted = train_clap_episode(ctx, config, progress=progress)
     result, lam, opts = fitted.result, fitted.lam, fitted.options
     net = result.network
     dev = ctx.backbone.device

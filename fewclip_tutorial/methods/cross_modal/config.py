@@ -27,7 +27,11 @@ GRIDS: dict[str, dict[str, tuple[float, ...] | tuple[int, ...]]] = {
 
 @dataclass(frozen=True)
 class CrossModalConfig:
-    """Cross-modal linear probe, WiSE-FT or partial fine-tuning on one episode."""
+    """Cross-modal adaptation (Lin et al., CVPR 2023): class-name text embeddings as extra
+    training samples of a linear head initialised from the zero-shot classifier.
+
+    The linear head, its WiSE-FT average or partial fine-tuning, on one episode.
+    """
 
     variant: str = option(
         "linear",

@@ -17,7 +17,7 @@ from fewclip_tutorial.methods.cross_modal.train import (
     train_cross_modal,
     train_partial_finetune,
 )
-from fewclip_tutorial.methods.registry import make_config, register_method
+from fewclip_tutorial.methods.registry import register_method
 from fewclip_tutorial.zeroshot import prompt_text_features
 
 __all__ = ["run_cross_modal"]
@@ -71,15 +71,8 @@ def _run_partial(ctx: Context, text: Tensor, modality: str, iters: int, flip: bo
     return result, ctx.report(result.predict, features_by_split=features)
 
 
-@register_method(
-    "cross-modal",
-    config=CrossModalConfig,
-    help="Cross-modal adaptation (Lin et al., CVPR 2023): class-name text embeddings as "
-    "extra training samples of a linear head initialised from the zero-shot classifier.",
-)
-def run_cross_modal(
-    ctx: Context, config: CrossModalConfig | None = None, progress: bool = True, **options: Any
-) -> dict[str, Any]:
+@register_method("cross-modal", config=CrossModalConfig)
+def run_cross_modal(ctx: Context, config: CrossModalConfig, progress: bool = True) -> dict:
     """Cross-modal linear probe / WiSE-FT / partial fine-tuning on one few-shot episode.
 
     The options and their defaults are :class:`CrossModalConfig`.
@@ -96,7 +89,7 @@ def run_cross_modal(
         the selected run's validation ``history`` and ``final_train_loss`` (its mean
         training loss over the last 100 steps).
     """
-    cfg = make_config(CrossModalConfig, config, options, "cross-modal")
+    cfg = config
     variant, modality, iters, templates, init = (
         cfg.variant, cfg.modality, cfg.iters, cfg.templates, cfg.init
     )  # fmt: skip

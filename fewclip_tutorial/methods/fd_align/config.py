@@ -17,7 +17,10 @@ __all__ = ["FD_ALIGN_PRESETS", "FDAlignConfig", "preset"]
 
 @dataclass(frozen=True)
 class FDAlignConfig:
-    """Every option of FD-Align, declared once (the CLI and :func:`run_method` read them here).
+    """FD-Align (Song et al., NeurIPS 2023): fine-tune the image encoder while keeping its
+    distribution over spurious (style) prototypes close to the frozen model's.
+
+    Every option of FD-Align, declared once (the CLI and ``run_method`` read them here).
 
     The defaults are the embedded setting (``shapeworld-tiny`` on a CPU); the paper's
     setting is ``FD_ALIGN_PRESETS["colab"]``.  The embedded learning rate follows one rule

@@ -23,7 +23,7 @@ from fewclip_tutorial.methods.fd_align.core import (
     spurious_prototypes,
 )
 from fewclip_tutorial.methods.fd_align.train import train_fd_align
-from fewclip_tutorial.methods.registry import make_config, register_method
+from fewclip_tutorial.methods.registry import register_method
 from fewclip_tutorial.methods.tip_adapter.config import TipAdapterConfig
 from fewclip_tutorial.methods.tip_adapter.core import (
     build_cache_keys,
@@ -59,19 +59,9 @@ def spurious_templates(
     raise ValueError(f"templates={which!r} is unknown; use 'auto', 'dataset' or 'imagenet'.")
 
 
-@register_method(
-    "fd-align",
-    config=FDAlignConfig,
-    help="FD-Align (Song et al., NeurIPS 2023): fine-tune the image encoder while keeping its "
-    "distribution over spurious (style) prototypes close to the frozen model's.",
-)
+@register_method("fd-align", config=FDAlignConfig)
 def run_fd_align(
-    ctx: Context,
-    config: FDAlignConfig | None = None,
-    *,
-    progress: bool = True,
-    return_result: bool = False,
-    **options: Any,
+    ctx: Context, config: FDAlignConfig, *, progress: bool = True, return_result: bool = False
 ) -> dict:
     """FD-Align on one few-shot episode (options: :class:`FDAlignConfig`; ``beta=0`` is
     plain fine-tuning, like for like).
@@ -83,7 +73,7 @@ def run_fd_align(
     ``"history"``: :meth:`FDAlignResult.epochs`; with ``return_result`` (a direct call,
     not an option) also ``"result"``: the :class:`FDAlignResult` with the encoders.
     """
-    cfg = make_config(FDAlignConfig, config, options, "fd-align")
+    cfg = config
     backbone = ctx.backbone
     names = spurious_templates(ctx.dataset.name, ctx.dataset.templates, cfg.templates)
     text = prompt_text_features(backbone, ctx.classnames, names)

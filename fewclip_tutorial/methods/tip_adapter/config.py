@@ -15,7 +15,10 @@ __all__ = ["TipAdapterConfig", "TipAdapterFConfig"]
 
 @dataclass(frozen=True)
 class TipAdapterConfig:
-    """Training-free Tip-Adapter: the cache and the authors' ``search_hp`` grid."""
+    """Training-free Tip-Adapter: cache model, alpha/beta searched on the few-shot val split.
+
+    The cache's views and the authors' ``search_hp`` grid.
+    """
 
     views: int = option(10, "augmented views per training image averaged into a cache key")
     beta_scale: float = option(7.0, "beta grid scale: authors' grid 0.1 + i*(scale-0.1)/steps")
@@ -26,7 +29,10 @@ class TipAdapterConfig:
 
 @dataclass(frozen=True)
 class TipAdapterFConfig(TipAdapterConfig):
-    """Tip-Adapter-F: the search's options plus training (see ``train_tip_adapter_f``)."""
+    """Tip-Adapter-F: fine-tune the cache keys; kept step and alpha/beta chosen on val.
+
+    The search's options plus training (see ``train_tip_adapter_f``).
+    """
 
     epochs: int = option(20, "training epochs (authors: 20; 100 for EuroSAT)")
     min_steps: int = option(100, "at least this many optimiser steps (small training sets)")

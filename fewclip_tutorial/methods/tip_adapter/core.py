@@ -94,14 +94,14 @@ def _check_beta(beta: float) -> None:
 
 
 def _check_features_and_keys(f: Tensor, cache_keys: Tensor) -> None:
-    _require_2d("f (features)", f, "M", "D")
-    _require_2d("cache_keys", cache_keys, "N", "D")
-    if f.shape[1] != cache_keys.shape[1]:
-        raise TipAdapterError(
-            f"feature dimension mismatch: f has D={f.shape[1]} but cache_keys has "
-            f"D={cache_keys.shape[1]}; build the cache and the features with the same "
-            f"image encoder."
-        )
+    dims = (_require_2d("f (features)", f, "M", "D").shape[1],
+            _require_2d("cache_keys", cache_keys, "N", "D").shape[1])  # fmt: skip
+    if dims[0] == dims[1]:
+        return
+    raise TipAdapterError(
+        f"feature dimension mismatch: f has D={dims[0]} but cache_keys has D={dims[1]}; "
+        f"build the cache and the features with the same image encoder."
+    )
 
 
 def _check_cache(cache_keys: Tensor, cache_values: Tensor, num_classes: int | None) -> None:

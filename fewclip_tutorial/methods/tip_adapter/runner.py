@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fewclip_tutorial.episode import Context
-from fewclip_tutorial.methods.registry import make_config, register_method
+from fewclip_tutorial.methods.registry import register_method
 from fewclip_tutorial.methods.tip_adapter.config import TipAdapterConfig, TipAdapterFConfig
 from fewclip_tutorial.methods.tip_adapter.core import (
     CLIP_LOGIT_SCALE,
@@ -71,29 +71,17 @@ def _run(ctx: Context, o: TipAdapterConfig, progress: bool) -> dict[str, Any]:
     return result
 
 
-@register_method(
-    "tip-adapter",
-    config=TipAdapterConfig,
-    help="Training-free Tip-Adapter: cache model, alpha/beta searched on the few-shot val split.",
-)
-def run_tip_adapter(
-    ctx: Context, config: TipAdapterConfig | None = None, progress: bool = True, **options: Any
-) -> dict[str, Any]:
+@register_method("tip-adapter", config=TipAdapterConfig)
+def run_tip_adapter(ctx: Context, config: TipAdapterConfig, progress: bool = True) -> dict:
     """Tip-Adapter ([Tip logits]) with alpha, beta searched on validation (:class:`TipAdapterConfig`)."""
-    return _run(ctx, make_config(TipAdapterConfig, config, options, "tip-adapter"), progress)
+    return _run(ctx, config, progress)
 
 
-@register_method(
-    "tip-adapter-f",
-    config=TipAdapterFConfig,
-    help="Tip-Adapter-F: fine-tune the cache keys; kept step and alpha/beta chosen on val.",
-)
-def run_tip_adapter_f(
-    ctx: Context, config: TipAdapterFConfig | None = None, progress: bool = True, **options: Any
-) -> dict[str, Any]:
+@register_method("tip-adapter-f", config=TipAdapterFConfig)
+def run_tip_adapter_f(ctx: Context, config: TipAdapterFConfig, progress: bool = True) -> dict:
     """Tip-Adapter-F (:class:`TipAdapterFConfig`): keys trained from the searched pair.
 
     Training starts at the alpha/beta of the training-free search on validation (the
     authors start from fixed per-dataset values instead).
     """
-    return _run(ctx, make_config(TipAdapterFConfig, config, options, "tip-adapter-f"), progress)
+    return _run(ctx, config, progress)

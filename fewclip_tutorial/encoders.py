@@ -173,8 +173,10 @@ def split_visual_encoder(visual: nn.Module, copy_modules: bool = True) -> Visual
     """Cut an open_clip image encoder before its last stage, for partial fine-tuning.
 
     Supported: ``open_clip.transformer.VisionTransformer`` (trainable: the last residual
-    block of ``visual.transformer.resblocks``, ``ln_post`` and ``proj``) and
-    ``open_clip.modified_resnet.ModifiedResNet`` (trainable: ``attnpool``).  The prefix
+    block of ``visual.transformer.resblocks``, ``ln_post`` and ``proj``, i.e. the parameters
+    of ``trainable_parameter_names(visual, 1)``) and
+    ``open_clip.modified_resnet.ModifiedResNet`` (trainable: ``attnpool``, the head of
+    :func:`encoder_blocks`, ``trainable_parameter_names(visual, 0)``).  The prefix
     activations can be computed once and cached, so a training step only runs the
     suffix.  In eval mode, ``split.suffix(split.prefix(x))`` equals ``visual(x)``.
 

@@ -89,11 +89,9 @@ def run_cross_modal(ctx: Context, config: CrossModalConfig, progress: bool = Tru
         the selected run's validation ``history`` and ``final_train_loss`` (its mean
         training loss over the last 100 steps).
     """
-    cfg = config
-    variant, modality, iters, templates, init = (
-        cfg.variant, cfg.modality, cfg.iters, cfg.templates, cfg.init
-    )  # fmt: skip
-    wise_weight, flip, grid = cfg.wise_weight, cfg.flip, cfg.grid
+    variant, modality, iters, init = config.variant, config.modality, config.iters, config.init
+    templates, flip, grid = config.templates, config.flip, config.grid
+    wise_weight = config.wise_weight
     if variant == "partial" and init != "text":
         raise ValueError("variant='partial' supports init='text' only.")
     if variant == "wise-ft" and not 0.0 <= wise_weight <= 1.0:

@@ -213,7 +213,7 @@ def tip_search(case: str) -> Callable[[Config], dict[str, Any]]:
 
 def bench_tip_f_epoch(cfg: Config) -> dict[str, Any]:
     """One Tip-Adapter-F epoch: cached augmented features against re-encoding the images."""
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
     from fewclip_tutorial.features import augment_transform, extract_features
     from fewclip_tutorial.methods.tip_adapter import (
         TipAdapterF,
@@ -306,7 +306,7 @@ def bench_clap_step(cfg: Config) -> dict[str, Any]:
     amortised over the authors' schedule: the distinct strings of ``steps`` steps (counted
     by drawing them) are encoded once, at the per-string cost measured here.
     """
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
     from fewclip_tutorial.methods.clap import (
         AugmentConfig,
         CLAPConfig,
@@ -531,7 +531,7 @@ def bench_feature_extraction(cfg: Config) -> dict[str, Any]:
 
 #: one student's chapter-1 exercises, both right (the grader's own test notebooks look alike)
 _GRADING_CELLS = (
-    "import torch\nfrom fewclip_tutorial.exercises import get_exercise",
+    "import torch\nfrom fewclip_tutorial.course.exercises import get_exercise",
     "def my_prompt_ensemble(t):\n    t = t / t.norm(dim=2, keepdim=True)\n"
     "    m = t.mean(1)\n    return m / m.norm(dim=1, keepdim=True)\n\n"
     "_ = get_exercise('prompt_ensemble').check(my_prompt_ensemble)",
@@ -547,7 +547,7 @@ def bench_grading_isolation(cfg: Config) -> dict[str, Any]:
 
     import nbformat
 
-    from fewclip_tutorial import grading
+    from fewclip_tutorial.course import grading
 
     isolation = grading.detect_isolation("auto")
     if isolation.kind != "bubblewrap":

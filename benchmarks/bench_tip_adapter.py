@@ -158,7 +158,7 @@ def _authors_grid(scale: float, steps: int) -> list[float]:
 
 
 def _shapeworld_inputs(device: torch.device) -> dict[str, Any]:
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
 
     ctx = build_context("shapeworld", "shapeworld-tiny", shots=16, seed=1, progress=False)
     train = ctx.features("train", views=10, augment=True)

@@ -2,7 +2,8 @@
 
 The package behind the fewclip-tutorial Jupyter Book.  Each method has a
 functional core (tensors in, tensors out) in :mod:`fewclip_tutorial.methods`
-and a thin runner registered with :mod:`fewclip_tutorial.experiment`.
+and a thin runner registered with :mod:`fewclip_tutorial.methods.registry`;
+one episode is :mod:`fewclip_tutorial.episode`, the course tools :mod:`fewclip_tutorial.course`.
 
 The embedded default is ``shapeworld`` (a generated image world, see
 :mod:`fewclip_tutorial.data.shapeworld`) with ``shapeworld-tiny`` (a small

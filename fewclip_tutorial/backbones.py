@@ -64,6 +64,7 @@ __all__ = [
     "register_embedded_config",
     "resolve_local_arch",
     "resolve_pretrained_tag",
+    "state_dict_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def _weights_short_id(path: str | os.PathLike) -> str:
     return file_sha256(real)[:12]
 
 
-def _state_dict_digest(model: torch.nn.Module) -> str:
+def state_dict_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in model.state_dict().items():
         h.update(key.encode())
@@ -719,7 +720,7 @@ def load_backbone(
                 torch.manual_seed(seed)
             with _quiet_random_init_warning():
                 model, preprocess = _build(resolved, pretrained=None)
-        weights_id = f"random-init-seed{seed}" if seed is not None else _state_dict_digest(model)
+        weights_id = f"random-init-seed{seed}" if seed is not None else state_dict_digest(model)
         if seed is None:
             weights_id = f"random-init-{weights_id}"
         return _finalise(

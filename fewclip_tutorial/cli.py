@@ -8,7 +8,7 @@
     fewclip pretrain --help
 
 ``fewclip run`` has one sub-command per registered method, with one
-``--option`` per :class:`~fewclip_tutorial.experiment.Option` of the method.
+``--option`` per :class:`~fewclip_tutorial.methods.registry.Option` of the method.
 Bad input (unknown method, dataset or backbone, too many shots, an invalid
 option value, a dataset that is missing or fails to download) prints a one-line error
 and exits with status 2.  Set ``FEWCLIP_DEBUG=1`` to get the full traceback instead.
@@ -165,15 +165,15 @@ def _method_help() -> dict[str, str]:
     """Method name -> help: the built-in methods and any registered in this process so far
     (read from the registry only when something already imported it)."""
     helps = dict(BUILTIN_METHODS)
-    experiment = sys.modules.get("fewclip_tutorial.experiment")
-    if experiment is not None:
-        helps.update({name: spec.help for name, spec in experiment.METHODS.items()})
+    registry = sys.modules.get("fewclip_tutorial.methods.registry")
+    if registry is not None:
+        helps.update({name: spec.help for name, spec in registry.METHODS.items()})
     return dict(sorted(helps.items()))
 
 
 def _registered_methods() -> dict[str, str]:
     """Method name -> help from the registry (imports every method, hence torch)."""
-    from fewclip_tutorial.experiment import get_method, list_methods
+    from fewclip_tutorial.methods.registry import get_method, list_methods
 
     helps = {**_method_help(), **{name: get_method(name).help for name in list_methods()}}
     return dict(sorted(helps.items()))
@@ -215,7 +215,7 @@ def _build_parsers(
     for name, help_text in helps.items():
         mp = methods.add_parser(name, help=help_text, description=help_text)
         if name in with_options:
-            from fewclip_tutorial.experiment import get_method
+            from fewclip_tutorial.methods.registry import get_method
 
             _add_common_run_args(mp)
             _add_method_options(mp, get_method(name))
@@ -271,8 +271,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def run_method(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Indirection so tests can replace the experiment runner."""
-    from fewclip_tutorial.experiment import run_method as _run
+    """Indirection so tests can replace the method runner."""
+    from fewclip_tutorial.methods.registry import run_method as _run
 
     return _run(*args, **kwargs)
 
@@ -344,7 +344,7 @@ def _info() -> dict[str, Any]:
 
     from fewclip_tutorial.backbones import EMBEDDED_BACKBONE, embedded_checkpoint_path
     from fewclip_tutorial.device import get_device
-    from fewclip_tutorial.experiment import list_methods
+    from fewclip_tutorial.methods.registry import list_methods
 
     try:
         from fewclip_tutorial.data.registry import list_datasets
@@ -602,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "sweep":
             return _cmd_sweep(argv[1:])
         if argv and argv[0] == "grade":
-            from fewclip_tutorial.grading import main as grade_main
+            from fewclip_tutorial.course.grading import main as grade_main
 
             return grade_main(argv[1:])
         method = argv[1] if argv[:1] == ["run"] and len(argv) > 1 else None

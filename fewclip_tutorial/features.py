@@ -43,6 +43,7 @@ __all__ = [
     "CACHE_ENV_VAR",
     "FEATURE_FORMAT_VERSION",
     "FeatureSet",
+    "ViewDataset",
     "augment_transform",
     "cache_key",
     "cache_path",
@@ -272,7 +273,7 @@ def _read_cache(path: Path, key: str) -> FeatureSet:
 # --------------------------------------------------------------------------- extraction
 
 
-class _ViewDataset(Dataset):
+class ViewDataset(Dataset):
     """``views`` passes over the ``split`` images through ``transform``: item ``v * N + i`` is
     image ``i`` of view ``v``.  With ``seed`` set, it is transformed under its own torch seed
     derived from ``(seed, v, i)``, so the result depends neither on the batch size nor on the
@@ -432,9 +433,9 @@ def extract_features(
             tf = augment_transform(
                 backbone.image_size, tuple(backbone.mean), tuple(backbone.std), flip=flip
             )
-            ds = _ViewDataset(split, tf, seed=seed, views=views)
+            ds = ViewDataset(split, tf, seed=seed, views=views)
         else:
-            ds = _ViewDataset(split, backbone.preprocess, seed=None)
+            ds = ViewDataset(split, backbone.preprocess, seed=None)
         encoded = _encode_view(backbone, ds, batch_size, num_workers, pbar)
 
     if augment:

@@ -14,7 +14,6 @@ __all__ = [
     "mean_std_over_seeds",
     "per_class_accuracy",
     "predictions",
-    "register_exercises",
     "round_metrics",
     "select_on_validation",
 ]
@@ -183,59 +182,3 @@ def select_on_validation(val_acc: Tensor, tol: float = 1e-6) -> int:
         raise ValueError(f"tol must be >= 0, got {tol}.")
     mean = val_acc.mean(dim=0)
     return int(torch.nonzero(mean >= mean.max() - tol)[0, 0])
-
-
-def _results_table_inputs(gen: torch.Generator) -> tuple[Tensor]:
-    seeds = int(torch.randint(2, 6, (1,), generator=gen))
-    methods = int(torch.randint(2, 7, (1,), generator=gen))
-    return (torch.rand(seeds, methods, generator=gen, dtype=torch.float64) * 60 + 40,)
-
-
-def _validation_table_inputs(gen: torch.Generator) -> tuple[Tensor]:
-    """Validation accuracies on 40 images (multiples of 2.5 points) with a planted tie: a
-    later column holds the best column's values in another seed order (the same mean)."""
-    seeds = int(torch.randint(1, 5, (1,), generator=gen))
-    methods = int(torch.randint(3, 7, (1,), generator=gen))
-    val = torch.randint(16, 41, (seeds, methods), generator=gen).double() * 2.5
-    best = int(val.mean(0).argmax())
-    other = int(torch.randint(0, methods - 1, (1,), generator=gen))
-    other += other >= best  # any column but the best
-    val[:, other] = val[torch.randperm(seeds, generator=gen), best]
-    return (val,)
-
-
-def register_exercises() -> None:
-    """Register the comparison chapter's exercises ``seed_mean_std`` and
-    ``select_on_validation`` (calling it again is harmless)."""
-    from fewclip_tutorial.exercises import register_exercise
-
-    register_exercise(
-        "seed_mean_std",
-        mean_std_over_seeds,
-        _results_table_inputs,
-        description=(
-            "Write mean_std_over_seeds(acc) taking an (S, M) table of accuracies (one row per "
-            "seed, one column per method) and returning a tuple (mean, std) of (M,) tensors: "
-            "the mean over the seeds and the population standard deviation (divide by S), "
-            "as the book's 'mean ± std' tables print them."
-        ),
-        hint=(
-            "Reduce over dim=0 (the seeds). torch.std divides by S - 1 unless you pass "
-            "correction=0; the book's tables divide by S."
-        ),
-    )
-    register_exercise(
-        "select_on_validation",
-        select_on_validation,
-        _validation_table_inputs,
-        description=(
-            "Write select_on_validation(val_acc) taking an (S, M) table of validation "
-            "accuracies (seeds x methods, methods listed from the simplest) and returning the "
-            "int index of the method with the highest mean over the seeds; methods whose means "
-            "are equal (within 1e-6 points) tie, and a tie goes to the method listed first."
-        ),
-        hint=(
-            "Average over dim=0 first, then take the first index that reaches the maximum: "
-            "every input has a planted tie between two methods."
-        ),
-    )

@@ -1,7 +1,7 @@
 """Run methods over datasets, shots and seeds and collect the results in a table.
 
 Every chapter's "accuracy against shots" figure comes from :func:`run_sweep`: one
-:class:`~fewclip_tutorial.experiment.Context` per ``(dataset, shots, seed)`` episode,
+:class:`~fewclip_tutorial.episode.Context` per ``(dataset, shots, seed)`` episode,
 shared by all methods so they see the same few-shot images and the same cached features.
 
 A sweep is a grid of *cells*, one method on one episode (:class:`Cell`).  The same grid
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewclip_tutorial.experiment import build_context, run_method
+from fewclip_tutorial.episode import build_context
+from fewclip_tutorial.methods.registry import run_method
 
 __all__ = [
     "Cell",
@@ -143,7 +144,7 @@ class Cell:
 
     @property
     def episode(self) -> tuple:
-        """What the cell's :class:`~fewclip_tutorial.experiment.Context` depends on."""
+        """What the cell's :class:`~fewclip_tutorial.episode.Context` depends on."""
         return (
             self.dataset,
             self.backbone,
@@ -232,7 +233,7 @@ def _coerce_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         UnknownMethodError, ValueError: unknown method, unknown option or invalid value.
     """
-    from fewclip_tutorial.experiment import get_method, resolve_options
+    from fewclip_tutorial.methods.registry import get_method, resolve_options
 
     spec = get_method(method)
     resolve_options(spec, options)  # unknown names and bad values fail here, before any run
@@ -287,7 +288,7 @@ def parse_method_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
     ``METHOD`` alone labels the column with the method name; ``METHOD:opt=value`` sets
     options without a label.  Option values stay strings here; the method's declared
-    :class:`~fewclip_tutorial.experiment.Option` converts them (``resolve_options``).
+    :class:`~fewclip_tutorial.methods.registry.Option` converts them (``resolve_options``).
     """
     text = spec.strip()
     eq, colon = text.find("="), text.find(":")

@@ -42,8 +42,8 @@ from fewclip_tutorial.backbones import load_backbone  # noqa: E402
 from fewclip_tutorial.data.registry import load_dataset  # noqa: E402
 from fewclip_tutorial.data.torchvision_datasets import EUROSAT_CLASSNAMES, ConcatSplit  # noqa: E402
 from fewclip_tutorial.device import autocast_dtype, default_num_workers, get_device  # noqa: E402
-from fewclip_tutorial.experiment import get_method, list_methods  # noqa: E402
 from fewclip_tutorial.features import extract_features  # noqa: E402
+from fewclip_tutorial.methods.registry import get_method, list_methods  # noqa: E402
 
 TINY_ARCH = "smoke-tiny-vit"
 TINY_CONFIG = {

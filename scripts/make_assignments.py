@@ -6,7 +6,7 @@
 
 ``DIR/student/`` has every solution cell removed (not hidden) and
 ``solution_source()`` disabled; ``DIR/instructor/`` is the book's notebooks with
-their solutions.  See fewclip_tutorial/assignments.py and book/instructors.md.
+their solutions.  See fewclip_tutorial/course/assignments.py and book/instructors.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewclip_tutorial.assignments import make_assignments  # noqa: E402
+from fewclip_tutorial.course.assignments import make_assignments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

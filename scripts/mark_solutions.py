@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewclip_tutorial.assignments import SOLUTION_FIRST_LINE, SOLUTION_TAG  # noqa: E402
+from fewclip_tutorial.course.assignments import SOLUTION_FIRST_LINE, SOLUTION_TAG  # noqa: E402
 
 
 def _source(cell: dict) -> str:

@@ -1,6 +1,6 @@
 """Tests of the student and instructor editions (``make assignments``).
 
-The solution code is found here independently of fewclip_tutorial.assignments: by
+The solution code is found here independently of fewclip_tutorial.course.assignments: by
 parsing each solution cell and taking the bodies of the functions it defines.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fewclip_tutorial import exercises as exmod
-from fewclip_tutorial.assignments import (
+from fewclip_tutorial.course import exercises as exmod
+from fewclip_tutorial.course.assignments import (
     EDITION_CELL,
     make_assignments,
     solution_leaks,
@@ -80,7 +80,7 @@ def test_no_solution_code_in_the_student_edition(editions: Path) -> None:
 
 
 def test_every_exercise_stub_stays_in_the_student_edition(editions: Path) -> None:
-    from fewclip_tutorial.grading import exercises_in
+    from fewclip_tutorial.course.grading import exercises_in
 
     for path in BOOK:
         book = nbformat.read(path, as_version=4)
@@ -224,7 +224,7 @@ def test_the_instructor_edition_gets_full_marks_and_the_student_edition_none(
     editions: Path, tmp_path: Path
 ) -> None:
     """The book's own solutions are correct answers; the handed-out stubs answer nothing."""
-    from fewclip_tutorial.grading import GradeConfig, grade_directory
+    from fewclip_tutorial.course.grading import GradeConfig, grade_directory
 
     subs = tmp_path / "subs"
     for edition in ("instructor", "student"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -625,7 +624,7 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
         features=features,
         report=report,
     )
-    res = clap.run_clap_experiment(ctx, steps=4, eval_every=2, hidden=8, progress=False)
+    res = clap.run_clap(ctx, steps=4, eval_every=2, hidden=8, progress=False)
     assert requested[0] == "val" and "test" in requested  # val first; test only for reporting
     assert set(res["zero_shot_by_prompt"]) == {"C", "PC", "CP", "NC"}
     assert set(res["zero_shot_by_prompt"]["NC"]) == {"clip", "refined"}
@@ -634,20 +633,12 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
     assert res["history"]["val_step"] == [0, 2, 4] and res["steps_run"] == 4
     assert len(res["history"]["val_accuracy_at_1"]) == 3
     # text features in the (C, M, D) layout of every other module
-    fitted = clap.fit_clap(ctx, steps=0, progress=False)
+    fitted = clap.train_clap_episode(ctx, steps=0, progress=False)
     assert fitted.text_features.shape == (3, 2, dim) and fitted.result.best_step == 0
     with pytest.raises(ValueError, match="'val'"):
-        clap.run_clap_experiment(ctx, steps=1, lam="best", progress=False)
+        clap.run_clap(ctx, steps=1, lam="best", progress=False)
     with pytest.raises(ValueError, match="has no option"):
-        clap.run_clap_experiment(ctx, stpes=1, progress=False)
-
-
-def test_clap_options_are_declared_once() -> None:
-    from fewclip_tutorial.experiment import get_method
-
-    assert get_method("clap").options == clap.CLAP_OPTIONS
-    for f in fields(clap.CLAPConfig):
-        assert clap.CLAP_OPTIONS[f.name].default == f.default
+        clap.run_clap(ctx, stpes=1, progress=False)
 
 
 def test_pixel_space_classifier_matches_backbone_features(backbone) -> None:
@@ -676,9 +667,8 @@ def test_pixel_space_classifier_matches_backbone_features(backbone) -> None:
 
 
 def test_exercises_are_registered() -> None:
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
-    clap.register_exercises()
     ocd = get_exercise("prompt_augmentation")
     assert ocd.check(lambda p: delete_color(p).render(), verbose=False)
     assert not ocd.check(lambda p: delete_size(p).render(), verbose=False)
@@ -690,7 +680,8 @@ def test_exercises_are_registered() -> None:
 @pytest.mark.parametrize("task", ["shapeworld", "shapeworld-patterns"])
 def test_imaug_renders_each_prompt_with_its_class_and_style(task):
     from fewclip_tutorial.data import shapeworld as sw
-    from fewclip_tutorial.methods.clap import PromptAttributes, _render_shapeworld_prompts
+    from fewclip_tutorial.methods.clap import PromptAttributes
+    from fewclip_tutorial.methods.clap.runner import _render_shapeworld_prompts
 
     t = sw.TASKS[task]
     prompts = [

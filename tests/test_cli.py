@@ -15,7 +15,7 @@ import pytest
 from fewclip_tutorial import cli
 from fewclip_tutorial.backbones import UnknownBackboneError
 from fewclip_tutorial.data.splits import NotEnoughExamplesError
-from fewclip_tutorial.experiment import METHODS, Option, register_method
+from fewclip_tutorial.methods.registry import METHODS, Option, register_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_a_method_typo_gets_did_you_mean(
 
 def test_builtin_method_names_match_the_registry() -> None:
     """`fewclip --help` lists the methods without importing them: the list must not drift."""
-    from fewclip_tutorial.experiment import get_method, list_methods
+    from fewclip_tutorial.methods.registry import get_method, list_methods
 
     registered = {name: get_method(name).help for name in list_methods()}
     registered = {k: v for k, v in registered.items() if not k.startswith("_")}  # test methods

@@ -191,18 +191,18 @@ def test_training_draws_every_batch_through_the_taught_builder(monkeypatch) -> N
         seen.append(taught(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(cm, "build_mixed_batch", spy)
+    monkeypatch.setattr(cm.core, "build_mixed_batch", spy)
     head = cm.CrossModalHead(W0)
     kw = {"lr": 1e-2, "weight_decay": 1e-2, "batch_size": 6, "seed": 5, "device": "cpu"}
-    cm.fit_head(head, feats, labels, txt, txt_labels, val, val_labels, iters=7, **kw)
+    cm.train_head(head, feats, labels, txt, txt_labels, val, val_labels, iters=7, **kw)
     assert len(seen) == 7
-    monkeypatch.setattr(cm, "build_mixed_batch", taught)
+    monkeypatch.setattr(cm.core, "build_mixed_batch", taught)
     stream = cm.mixed_batches(feats, labels, txt, txt_labels, 6, torch.Generator().manual_seed(5))
     assert all(torch.equal(b.x, next(stream).x) for b in seen)
 
     # one step, rebuilt independently: torch's AdamW on the authors' loss for that batch
     head1 = cm.CrossModalHead(W0)
-    cm.fit_head(head1, feats, labels, txt, txt_labels, val, val_labels, iters=1, warmup=0,
+    cm.train_head(head1, feats, labels, txt, txt_labels, val, val_labels, iters=1, warmup=0,
                 select_best=False, **kw)  # fmt: skip
     w = torch.nn.Parameter(W0.clone())
     opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=1e-2)
@@ -230,14 +230,14 @@ def test_trainer_keeps_its_start_when_no_step_improves_validation() -> None:
     common = {"weight_decay": 0.0, "batch_size": 8, "iters": 60, "eval_every": 20, "device": "cpu"}
     # lr = 0: nothing moves, so nothing is strictly better than the start
     head = cm.CrossModalHead(W0)
-    res = cm.fit_head(head, feats, labels, txt, txt_labels, val, val_labels, lr=0.0, **common)
+    res = cm.train_head(head, feats, labels, txt, txt_labels, val, val_labels, lr=0.0, **common)
     assert res.best_step == 0 and torch.equal(head.weight.detach(), W0)
     # adversarial validation: labelled as the (wrong) zero-shot head predicts, so training
     # on the images makes validation worse; the trainer returns the start exactly
     adversarial = (val_labels - 1) % 4
     assert _val_score(W0, val, adversarial)[0] == 100.0
     head = cm.CrossModalHead(W0)
-    res = cm.fit_head(head, feats, labels, txt, txt_labels, val, adversarial, lr=1e-2, **common)
+    res = cm.train_head(head, feats, labels, txt, txt_labels, val, adversarial, lr=1e-2, **common)
     assert res.best_step == 0 and torch.equal(head.weight.detach(), W0)
     assert res.history["val_step"] == [0, 20, 40, 60] and len(res.history["loss"]) == 60
 
@@ -316,7 +316,7 @@ def test_text_only_training_keeps_a_zero_shot_like_head() -> None:
     txt, txt_labels = cm.text_samples(t)
     W0 = cm.class_prototypes(t)
     head = cm.CrossModalHead(W0)
-    cm.fit_head(head, torch.zeros(0, 32), torch.zeros(0, dtype=torch.long), txt, txt_labels,
+    cm.train_head(head, torch.zeros(0, 32), torch.zeros(0, dtype=torch.long), txt, txt_labels,
                 W0, torch.arange(6), lr=1e-3, weight_decay=0.0, batch_size=8, iters=200,
                 warmup=10, image_ratio=0.0, select_best=False, device="cpu")  # fmt: skip
     W = head.weight.detach()
@@ -367,7 +367,7 @@ def test_every_trainer_goes_through_the_one_loop(monkeypatch) -> None:
         calls.append(kwargs["schedule"])
         return training.fit(*args, **kwargs)
 
-    monkeypatch.setattr(cm, "fit", counting_fit)
+    monkeypatch.setattr(cm.train, "fit", counting_fit)
     feats, labels, text, val, val_labels = _shifted_problem()
     cm.train_cross_modal(feats, labels, text, val, val_labels, iters=2, lrs=[1e-3, 1e-4],
                          weight_decays=[0.0], batch_sizes=[6], progress=False)  # fmt: skip
@@ -447,25 +447,15 @@ def ctx():
     from fixtures_data import make_spec
 
     from fewclip_tutorial.backbones import load_backbone
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
 
     bb = load_backbone("shapeworld-tiny", pretrained=None, device="cpu")
     spec = make_spec([5, 5, 5])
     return build_context(spec, bb, shots=2, seed=1, cache_dir=None, progress=False, device="cpu")
 
 
-def test_options_are_declared_once() -> None:
-    from fewclip_tutorial.experiment import METHODS
-
-    spec = METHODS["cross-modal"]
-    assert spec.options == cm.OPTIONS
-    params = inspect.signature(cm.run_cross_modal).parameters
-    assert all(params[name].default is inspect.Parameter.empty for name in cm.OPTIONS)
-    assert spec.options["iters"].default == cm.DEFAULT_ITERS
-
-
 def test_runner_variants(ctx) -> None:
-    from fewclip_tutorial.experiment import run_method
+    from fewclip_tutorial.methods.registry import run_method
 
     kw = {"context": ctx, "iters": 10, "grid": "small", "progress": False}
     lin = run_method("cross-modal", **kw)
@@ -488,9 +478,8 @@ def test_runner_variants(ctx) -> None:
 
 
 def test_exercises_registered_and_reference_passes() -> None:
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
-    cm.register_exercises()  # idempotent
     assert get_exercise("wise_ft").check(cm.wise_ft, verbose=False)
     batch = get_exercise("cross_modal_batch")
 
@@ -510,7 +499,8 @@ def test_flipped_views_follow_the_datasets_mirror_invariance() -> None:
     from fixtures_data import make_spec
 
     from fewclip_tutorial.backbones import load_backbone
-    from fewclip_tutorial.experiment import build_context, run_method
+    from fewclip_tutorial.episode import build_context
+    from fewclip_tutorial.methods.registry import run_method
 
     bb = load_backbone("shapeworld-tiny", pretrained=None, device="cpu")
     kw = {"iters": 5, "grid": "small", "progress": False}

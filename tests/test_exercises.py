@@ -1,4 +1,4 @@
-"""Tests of fewclip_tutorial.exercises: the checker must reject wrong answers."""
+"""Tests of fewclip_tutorial.course.exercises: the checker must reject wrong answers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewclip_tutorial import exercises as exmod
-from fewclip_tutorial.exercises import (
+from fewclip_tutorial.course import catalog
+from fewclip_tutorial.course import exercises as exmod
+from fewclip_tutorial.course.exercises import (
     UnknownExerciseError,
     check,
     compare_outputs,
@@ -101,7 +102,7 @@ def test_later_trial_failures_are_found() -> None:
     def only_first(t: torch.Tensor) -> torch.Tensor:
         return F.normalize(t[:, 0], dim=-1)
 
-    assert not check(only_first, prompt_ensemble, exmod._prompt_ensemble_inputs, verbose=False)
+    assert not check(only_first, prompt_ensemble, catalog._prompt_ensemble_inputs, verbose=False)
     # ... and a student that is wrong only for big inputs fails on some trial, not all.
     calls = {"n": 0}
 
@@ -110,7 +111,7 @@ def test_later_trial_failures_are_found() -> None:
         out = prompt_ensemble(t)
         return out if calls["n"] != 3 else out + 1e-2
 
-    assert not check(wrong_on_third, prompt_ensemble, exmod._prompt_ensemble_inputs, n_trials=5)
+    assert not check(wrong_on_third, prompt_ensemble, catalog._prompt_ensemble_inputs, n_trials=5)
     assert calls["n"] == 3  # stopped at the first failing trial
 
 

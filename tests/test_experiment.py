@@ -1,4 +1,4 @@
-"""Tests of fewclip_tutorial.experiment, methods/baselines.py and methods/__init__.py."""
+"""Tests of fewclip_tutorial.episode, methods/registry.py, methods/baselines.py and methods/__init__.py."""
 
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ from fixtures_data import TINY_CLIP_CONFIG
 from PIL import Image
 
 import fewclip_tutorial.methods as methods_pkg
-from fewclip_tutorial import experiment as exp
+from fewclip_tutorial import episode as exp
 from fewclip_tutorial.backbones import Backbone, load_backbone
 from fewclip_tutorial.data.base import DatasetSpec, ListSplit
-from fewclip_tutorial.experiment import (
+from fewclip_tutorial.episode import Context, build_context
+from fewclip_tutorial.linear_probe import DEFAULT_CS
+from fewclip_tutorial.methods.registry import (
     METHODS,
-    Context,
     Option,
     UnknownMethodError,
-    build_context,
     register_method,
     run_method,
 )
-from fewclip_tutorial.linear_probe import DEFAULT_CS
 from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.zeroshot import text_classifier, zero_shot_logits
 

@@ -8,6 +8,7 @@ written out here, or the authors' formulas from ``skingorz/FD-Align``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 
@@ -21,19 +22,19 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torchvision import transforms as T
 
-from fewclip_tutorial.backbones import Backbone, _state_dict_digest
+from fewclip_tutorial.backbones import Backbone, state_dict_digest
 from fewclip_tutorial.data.base import DatasetSpec, ListSplit
 from fewclip_tutorial.methods import fd_align as fd
 from fewclip_tutorial.methods.fd_align import (
     class_prototypes,
     encode_pair,
     fd_align_loss,
-    finetune_fd_align,
     finetuned_backbone,
     spurious_distribution,
     spurious_kl,
     spurious_prototype_correction,
     spurious_prototypes,
+    train_fd_align,
     trainable_parameter_names,
 )
 
@@ -103,7 +104,7 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _episode(backbone: Backbone, cache_dir=None):
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
 
     spec = DatasetSpec(
         name="tiny",
@@ -382,7 +383,7 @@ def test_frozen_copy_untouched_and_trainable_copy_moves(backbone: Backbone) -> N
     original = _params(backbone.model.visual)
     cls, spur = _protos(backbone)
     scores = iter([0.0, 1.0])  # the epoch beats the start, so it is kept
-    result = finetune_fd_align(
+    result = train_fd_align(
         backbone,
         _split(3),
         lambda v: next(scores),
@@ -414,7 +415,7 @@ def test_frozen_copy_untouched_and_trainable_copy_moves(backbone: Backbone) -> N
 
 
 def test_selection_keeps_the_best_validated_state_including_the_start(backbone: Backbone) -> None:
-    assert "test" not in " ".join(inspect.signature(finetune_fd_align).parameters)
+    assert "test" not in " ".join(inspect.signature(train_fd_align).parameters)
     cls, spur = _protos(backbone)
     kw = {"epochs": 3, "lr": 0.5, "batch_size": 4, "blocks": 0, "optimizer": "sgd"}
     for scripted, best in (([0.0, 10.0, 50.0, 20.0], 2), ([50.0, 10.0, 50.0, 20.0], 0)):
@@ -424,7 +425,7 @@ def test_selection_keeps_the_best_validated_state_including_the_start(backbone: 
             snapshots.append(_params(visual))
             return next(values)
 
-        result = finetune_fd_align(backbone, _split(2), val_fn, cls, spur, **kw)
+        result = train_fd_align(backbone, _split(2), val_fn, cls, spur, **kw)
         assert result.best_epoch == best and result.best_val_accuracy == 50.0
         assert result.fit.history["val_accuracy"] == scripted
         final = _params(result.visual)
@@ -466,22 +467,22 @@ def test_training_is_deterministic_and_beta_matters(backbone: Backbone) -> None:
     cls, spur = _protos(backbone)
     kw = {"epochs": 1, "lr": 0.5, "batch_size": 2, "blocks": 0, "optimizer": "sgd"}
     runs = [
-        finetune_fd_align(backbone, _split(2), lambda v: 0.0, cls, spur, beta=b, seed=3, **kw)
+        train_fd_align(backbone, _split(2), lambda v: 0.0, cls, spur, beta=b, seed=3, **kw)
         for b in (20.0, 20.0, 0.0)
     ]
     a, b, plain = (r.fit.history["loss"] for r in runs)
     assert a == b and a != plain
     with pytest.raises(ValueError, match="only 2 rows"):
-        finetune_fd_align(backbone, _split(1, n_classes=3), lambda v: 0.0, cls, spur, **kw)
+        train_fd_align(backbone, _split(1, n_classes=3), lambda v: 0.0, cls, spur, **kw)
     with pytest.raises(ValueError, match="optimizer"):
-        finetune_fd_align(backbone, _split(1), lambda v: 0.0, cls, spur, optimizer="adam")
+        train_fd_align(backbone, _split(1), lambda v: 0.0, cls, spur, optimizer="adam")
 
 
 def test_trained_head_starts_at_the_prototypes_and_moves(backbone: Backbone) -> None:
     """``head="trained"``: the authors' CoOp_head, weights 100 * t_c and bias 0, trained."""
     cls, spur = _protos(backbone)
     values = iter([0.0, 1.0])
-    result = finetune_fd_align(
+    result = train_fd_align(
         backbone,
         _split(2),
         lambda v: next(values),
@@ -507,7 +508,7 @@ def test_trained_head_starts_at_the_prototypes_and_moves(backbone: Backbone) -> 
 def test_finetuned_backbone_swaps_the_image_encoder(backbone: Backbone) -> None:
     cls, spur = _protos(backbone)
     values = iter([0.0, 1.0])
-    result = finetune_fd_align(
+    result = train_fd_align(
         backbone,
         _split(2),
         lambda v: next(values),
@@ -521,7 +522,7 @@ def test_finetuned_backbone_swaps_the_image_encoder(backbone: Backbone) -> None:
     tuned = finetuned_backbone(backbone, result.visual)
     assert tuned.model.visual is result.visual and backbone.model.visual is not result.visual
     assert tuned.model.transformer is backbone.model.transformer  # text tower shared
-    assert tuned.identifier == f"{backbone.identifier}+fd-align-{_state_dict_digest(result.visual)}"
+    assert tuned.identifier == f"{backbone.identifier}+fd-align-{state_dict_digest(result.visual)}"
     images = torch.stack([backbone.preprocess(_image(i)) for i in range(3)])
     with torch.no_grad():
         expected = F.normalize(result.visual(images), dim=-1)
@@ -534,10 +535,10 @@ def test_finetuned_backbone_swaps_the_image_encoder(backbone: Backbone) -> None:
 
 
 def test_options_are_the_config_and_presets_are_the_papers() -> None:
-    from fewclip_tutorial.experiment import get_method
+    from fewclip_tutorial.methods.registry import get_method
 
     spec = get_method("fd-align")
-    fields = {f.name: f.default for f in fd.dataclasses.fields(fd.FDAlignConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(fd.FDAlignConfig)}
     assert {n: o.default for n, o in spec.options.items()} == fields
     assert spec.options["kl_direction"].choices == ["paper", "code"]
     paper = fd.preset("colab")
@@ -549,7 +550,7 @@ def test_options_are_the_config_and_presets_are_the_papers() -> None:
 
 
 def test_exercises_are_registered_and_catch_wrong_forms() -> None:
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     assert get_exercise("spurious_prototypes").check(spurious_prototypes, verbose=False)
     assert get_exercise("spurious_kl").check(spurious_kl, verbose=False)
@@ -577,7 +578,7 @@ def test_spurious_templates_choice() -> None:
 
 def test_runner_end_to_end_and_feature_cache(backbone: Backbone, tmp_path, monkeypatch) -> None:
     from fewclip_tutorial import features
-    from fewclip_tutorial.experiment import run_method
+    from fewclip_tutorial.methods.registry import run_method
 
     encoded: list[tuple[str, str]] = []
     real = features._encode_view

@@ -259,7 +259,7 @@ def test_unreadable_torchscript_gives_a_clear_cli_error(
 
 def _run_without_method(method: str, **kwargs: object) -> dict:
     """The CLI's runner up to the backbone (the error under test is raised there)."""
-    from fewclip_tutorial.experiment import build_context
+    from fewclip_tutorial.episode import build_context
 
     build_context(
         kwargs["dataset"],
@@ -540,7 +540,7 @@ def test_gpu_smoke_script_runs_on_cpu(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    from fewclip_tutorial.experiment import list_methods
+    from fewclip_tutorial.methods.registry import list_methods
 
     assert sorted(report["methods"]) == list_methods()
     for name, result in report["methods"].items():

@@ -1,4 +1,4 @@
-"""Tests of fewclip_tutorial.grading: a class of small submitted notebooks, graded for real.
+"""Tests of fewclip_tutorial.course.grading: a class of small submitted notebooks, graded for real.
 
 One class is graded in one run (module fixture), with the isolation this machine has
 (bubblewrap when ``bwrap`` works, else the in-process guard): correct, wrong,
@@ -24,10 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewclip_tutorial import _grading_child as child
-from fewclip_tutorial import grading
-from fewclip_tutorial.exercises import Opaque, compare_outputs, get_exercise
-from fewclip_tutorial.grading import (
+from fewclip_tutorial.course import _grading_child as child
+from fewclip_tutorial.course import grading
+from fewclip_tutorial.course.exercises import Opaque, compare_outputs, get_exercise
+from fewclip_tutorial.course.grading import (
     GradeConfig,
     exercise_seed,
     exercises_in,
@@ -48,7 +48,7 @@ needs_sandbox = pytest.mark.skipif(
 HEAD = (
     "import torch\n"
     "import torch.nn.functional as F\n"
-    "from fewclip_tutorial.exercises import get_exercise\n"
+    "from fewclip_tutorial.course.exercises import get_exercise\n"
     "\n"
     "big = torch.randn(3000, 3000) @ torch.randn(3000, 3000)  # not run: not a definition"
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewclip_tutorial import metrics
-from fewclip_tutorial.exercises import get_exercise
+from fewclip_tutorial.course.exercises import get_exercise
 from fewclip_tutorial.sweep import summarise
 
 

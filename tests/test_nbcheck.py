@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fewclip_tutorial.nbcheck import assert_committed
+from fewclip_tutorial.course.nbcheck import assert_committed
 
 
 def test_within_tolerance_passes_and_beyond_fails_naming_the_number():

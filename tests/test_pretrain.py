@@ -157,7 +157,7 @@ def test_contrastive_loss_against_a_loop_over_pairs():
 
 
 def test_appendix_exercises_accept_rewrites_and_reject_the_plain_clip_loss(capsys):
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     def student_targets(tokens):
         n = tokens.shape[0]

@@ -16,7 +16,8 @@ from PIL import Image
 
 from fewclip_tutorial.backbones import embedded_checkpoint_path, load_backbone
 from fewclip_tutorial.data import shapeworld as sw
-from fewclip_tutorial.experiment import build_context, run_method
+from fewclip_tutorial.episode import build_context
+from fewclip_tutorial.methods.registry import run_method
 from fewclip_tutorial.methods.tip_adapter import build_cache_keys, build_cache_values
 from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.pretrain import ASSETS

@@ -78,7 +78,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @pytest.fixture(params=["rows_innermost", "classes_innermost"])
 def both_layouts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a search test under both block layouts of search_hparams (chosen by class count)."""
-    monkeypatch.setattr(ta, "_FEW_CLASSES", 10**6 if request.param == "rows_innermost" else 0)
+    monkeypatch.setattr(
+        ta.search, "_FEW_CLASSES", 10**6 if request.param == "rows_innermost" else 0
+    )
     return request.param
 
 
@@ -288,7 +290,7 @@ def test_search_in_small_blocks_equals_one_block(
     data = problem(2, noise=3.0, num_classes=5, shots=3, val_per_class=7)
     args, grid = _args(data), default_search_grid(beta_steps=17, alpha_steps=5)
     whole = search_hparams(*args, *grid)
-    monkeypatch.setitem(ta._BLOCK_ELEMENTS, "cpu", 40)  # one row, one beta per block
+    monkeypatch.setitem(ta.search._BLOCK_ELEMENTS, "cpu", 40)  # one row, one beta per block
     blocks = search_hparams(*args, *grid)
     assert torch.equal(whole.accuracy, blocks.accuracy)
     check_against_authors(args, grid[0].tolist(), grid[1].tolist())
@@ -457,20 +459,8 @@ def test_module_exports_exist() -> None:
         assert hasattr(ta, name), name
 
 
-def test_runners_and_exercises_are_registered() -> None:
-    import fewclip_tutorial.methods  # noqa: F401  (registers methods and exercises)
-    from fewclip_tutorial.exercises import get_exercise
-    from fewclip_tutorial.experiment import METHODS
-
-    assert set(METHODS["tip-adapter"].options) == {
-        "views", "beta_scale", "alpha_scale", "beta_steps", "alpha_steps",
-    }  # fmt: skip
-    assert METHODS["tip-adapter"].options == ta.SEARCH_OPTIONS  # declared once
-    assert METHODS["tip-adapter-f"].options == ta.FINETUNE_OPTIONS
-    assert ta.SEARCH_OPTIONS.items() <= ta.FINETUNE_OPTIONS.items()
-    assert {"epochs", "min_steps", "lr", "batch_size"} <= set(ta.FINETUNE_OPTIONS)
-    assert METHODS["tip-adapter"].options["views"].default == 10
-    assert METHODS["tip-adapter-f"].options["epochs"].default == 20
+def test_exercises_are_registered() -> None:
+    from fewclip_tutorial.course.exercises import get_exercise
 
     ex = get_exercise("tip_affinity")
     assert ex.check(affinity, verbose=False)
@@ -487,7 +477,8 @@ def test_runners_end_to_end_on_a_tiny_episode() -> None:
     from fixtures_data import make_spec
 
     from fewclip_tutorial.backbones import load_backbone
-    from fewclip_tutorial.experiment import build_context, run_method
+    from fewclip_tutorial.episode import build_context
+    from fewclip_tutorial.methods.registry import run_method
 
     backbone = load_backbone("shapeworld-tiny", pretrained=None, device="cpu")
     ctx = build_context(
@@ -526,7 +517,7 @@ def test_runners_end_to_end_on_a_tiny_episode() -> None:
 def _full_search(monkeypatch: pytest.MonkeyPatch, *args):
     """search_hparams with the screen off: every (beta, row, alpha, class) logit computed."""
     with monkeypatch.context() as m:
-        m.setattr(ta, "_screen_tolerance", lambda *a, **k: math.inf)
+        m.setattr(ta.search, "_screen_tolerance", lambda *a, **k: math.inf)
         return search_hparams(*args)
 
 
@@ -564,9 +555,9 @@ def test_screen_decides_nothing_on_non_finite_inputs() -> None:
     f[0, 0] = math.nan
     clip = 100.0 * f @ data["clip_weights"].T
     shifted = f @ data["keys"].T - 1
-    tol = ta._screen_tolerance(clip, shifted, 8.0, *SMALL_GRID)
+    tol = ta.search._screen_tolerance(clip, shifted, 8.0, *SMALL_GRID)
     assert tol == math.inf
-    finite = ta._screen_tolerance(clip.nan_to_num(), shifted.nan_to_num(), 8.0, *SMALL_GRID)
+    finite = ta.search._screen_tolerance(clip.nan_to_num(), shifted.nan_to_num(), 8.0, *SMALL_GRID)
     assert 0 < finite < 1e-2  # a few float32 roundings of logits near 100 + 3 x 8 x 2
 
 
@@ -590,9 +581,9 @@ def test_both_block_layouts_give_the_same_grid(monkeypatch: pytest.MonkeyPatch) 
     data = problem(4, noise=3.0, num_classes=6, shots=5, val_per_class=8)
     args = [t.double() if t.is_floating_point() else t for t in _args(data)]
     grid = default_search_grid(beta_steps=25, alpha_steps=9)
-    monkeypatch.setattr(ta, "_FEW_CLASSES", 10**6)
+    monkeypatch.setattr(ta.search, "_FEW_CLASSES", 10**6)
     rows_inner = search_hparams(*args, *grid)
-    monkeypatch.setattr(ta, "_FEW_CLASSES", 0)
+    monkeypatch.setattr(ta.search, "_FEW_CLASSES", 0)
     classes_inner = search_hparams(*args, *grid)
     assert torch.equal(rows_inner.accuracy, classes_inner.accuracy)
-    assert ta._FEW_CLASSES == 0 and rows_inner.accuracy.std() > 0  # a grid that varies
+    assert ta.search._FEW_CLASSES == 0 and rows_inner.accuracy.std() > 0  # a grid that varies

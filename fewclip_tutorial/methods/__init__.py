@@ -1,32 +1,34 @@
 """Few-shot methods.  Importing this package registers every method with
-:data:`fewclip_tutorial.experiment.METHODS` and every chapter exercise with
-:mod:`fewclip_tutorial.exercises`.
+:data:`fewclip_tutorial.methods.registry.METHODS`.
 
-Method modules are listed in :data:`METHOD_MODULES`; one that does not exist
-(yet) is skipped, any other import error is raised.  A module's
-``register_exercises()`` function, when it has one, is called after its import.
+Each method is a folder of the same files: ``config.py`` (its frozen options
+dataclass), ``core.py`` (the paper's math: tensors in, logits and losses out),
+``train.py`` or ``search.py`` (its step for the one loop,
+:func:`fewclip_tutorial.training.fit`) and ``runner.py`` (the registered entry point).
+The two baselines are one small module, :mod:`fewclip_tutorial.methods.baselines`.
+
+Method packages are listed in :data:`METHOD_MODULES`; one that does not exist
+(yet) is skipped, any other import error is raised.  The chapter exercises live
+in :mod:`fewclip_tutorial.course`, which refers to the methods, never the reverse.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 from types import ModuleType
 
 from fewclip_tutorial.methods import baselines
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["METHOD_MODULES", "baselines", "loaded_modules"]
 
-#: Method modules imported (in this order) when the package is imported.
+#: Method packages imported (in this order) when the package is imported.
 METHOD_MODULES: tuple[str, ...] = ("tip_adapter", "cross_modal", "fd_align", "clap")
 
 _LOADED: dict[str, ModuleType] = {"baselines": baselines}
 
 
 def _import_methods() -> dict[str, ModuleType]:
-    """Import every module of :data:`METHOD_MODULES` that exists.
+    """Import every package of :data:`METHOD_MODULES` that exists.
 
     Only a ``ModuleNotFoundError`` for that very module is skipped; an error
     inside an existing module (including a missing dependency it imports) is raised.
@@ -40,12 +42,6 @@ def _import_methods() -> dict[str, ModuleType]:
                 continue
             raise
         _LOADED[short] = module
-        register = getattr(module, "register_exercises", None)
-        if callable(register):
-            try:
-                register()
-            except NotImplementedError:  # a module whose exercises are not written yet
-                logger.debug("%s.register_exercises is not implemented yet", full)
     return _LOADED
 
 

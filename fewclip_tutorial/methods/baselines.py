@@ -10,17 +10,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from fewclip_tutorial.experiment import CLIP_LOGIT_SCALE, Context, Option, register_method
+from fewclip_tutorial.episode import Context
 from fewclip_tutorial.linear_probe import DEFAULT_CS, fit_linear_probe
+from fewclip_tutorial.methods.registry import option, register_method
 from fewclip_tutorial.metrics import accuracy, per_class_accuracy
-from fewclip_tutorial.zeroshot import prompt_text_features, zero_shot_logits
+from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_text_features, zero_shot_logits
 
-__all__ = ["run_linear_probe", "run_zero_shot"]
+__all__ = ["LinearProbeConfig", "ZeroShotConfig", "run_linear_probe", "run_zero_shot"]
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot CLIP with the dataset's prompt ensemble (no training images)."""
+
+    by_prompt: bool = option(
+        False, "also report the test accuracy of each single template (analysis only)"
+    )
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """Logistic regression on frozen image features; C chosen on the few-shot val split."""
+
+    max_iter: int = option(1000, "L-BFGS iterations of the logistic regression")
 
 
 def _flat(features: Tensor) -> Tensor:
@@ -28,16 +46,8 @@ def _flat(features: Tensor) -> Tensor:
     return features.mean(0) if features.ndim == 3 else features
 
 
-@register_method(
-    "zero-shot",
-    options={
-        "by_prompt": Option(
-            bool, False, "also report the test accuracy of each single template (analysis only)"
-        ),
-    },
-    help="Zero-shot CLIP with the dataset's prompt ensemble (no training images).",
-)
-def run_zero_shot(ctx: Context, by_prompt: bool = False) -> dict[str, Any]:
+@register_method("zero-shot", config=ZeroShotConfig)
+def run_zero_shot(ctx: Context, config: ZeroShotConfig) -> dict[str, Any]:
     """Zero-shot CLIP: ``100 * f @ W.T`` with the prompt-ensemble classifier ``W`` (C, D)."""
     W = ctx.text_classifier
 
@@ -53,7 +63,7 @@ def run_zero_shot(ctx: Context, by_prompt: bool = False) -> dict[str, Any]:
         for name, acc in zip(ctx.classnames, per_class, strict=True)
     }
     result["templates"] = len(ctx.dataset.templates)
-    if by_prompt:
+    if config.by_prompt:
         # (C, M, D): one classifier per template; reported for analysis, nothing is chosen.
         per_prompt = prompt_text_features(ctx.backbone, ctx.classnames, ctx.dataset.templates)
         result["zero_shot_by_prompt"] = {
@@ -65,14 +75,8 @@ def run_zero_shot(ctx: Context, by_prompt: bool = False) -> dict[str, Any]:
     return result
 
 
-@register_method(
-    "linear-probe",
-    options={
-        "max_iter": Option(int, 1000, "L-BFGS iterations of the logistic regression"),
-    },
-    help="Logistic regression on frozen image features; C chosen on the few-shot val split.",
-)
-def run_linear_probe(ctx: Context, max_iter: int = 1000) -> dict[str, Any]:
+@register_method("linear-probe", config=LinearProbeConfig)
+def run_linear_probe(ctx: Context, config: LinearProbeConfig) -> dict[str, Any]:
     """Linear probe (CLIP Sec. 3.2): sklearn logistic regression, ``C`` searched on val."""
     train = ctx.features("train")
     val = ctx.features("val")
@@ -82,7 +86,7 @@ def run_linear_probe(ctx: Context, max_iter: int = 1000) -> dict[str, Any]:
         _flat(val.features),
         val.labels,
         Cs=DEFAULT_CS,
-        max_iter=max_iter,
+        max_iter=config.max_iter,
         seed=ctx.seed,
         num_classes=ctx.num_classes,
     )

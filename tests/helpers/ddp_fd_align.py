@@ -11,7 +11,7 @@ import sys
 import torch
 
 from fewclip_tutorial.distributed import init_distributed
-from fewclip_tutorial.experiment import build_context
+from fewclip_tutorial.episode import build_context
 from fewclip_tutorial.methods import fd_align
 from fewclip_tutorial.zeroshot import prompt_text_features
 
@@ -19,11 +19,11 @@ from fewclip_tutorial.zeroshot import prompt_text_features
 def main(out: str) -> None:
     info = init_distributed("gloo")
     # keep the last state, so the compared weights are trained ones whatever validation says
-    fit = fd_align.fit
-    fd_align.fit = lambda *args, **kw: fit(*args, **{**kw, "select_best": False})
+    fit = fd_align.train.fit
+    fd_align.train.fit = lambda *args, **kw: fit(*args, **{**kw, "select_best": False})
     ctx = build_context("shapeworld", shots=2, seed=1, cache_dir=None, progress=False)
     text = prompt_text_features(ctx.backbone, ctx.classnames, ctx.dataset.templates)
-    result = fd_align.finetune_fd_align(
+    result = fd_align.train_fd_align(
         ctx.backbone,
         ctx.splits.train,
         ctx.splits.val,

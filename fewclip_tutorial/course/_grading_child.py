@@ -1,7 +1,7 @@
-"""The grader's side inside the sandbox: ``python -m fewclip_tutorial._grading_child``.
+"""The grader's side inside the sandbox: ``python -m fewclip_tutorial.course._grading_child``.
 
 This process (the *zygote*) imports torch and the exercises once, then, for each
-notebook the grader (:mod:`fewclip_tutorial.grading`) sends, forks a *student
+notebook the grader (:mod:`fewclip_tutorial.course.grading`) sends, forks a *student
 process* that runs the notebook's code, records which exercises its checks ran,
 and computes the student's outputs on the inputs the grader sends, one exercise
 at a time.  The zygote only relays messages: the student process never holds the
@@ -134,7 +134,7 @@ def sanitize(x: Any, depth: int = 0) -> Any:
     import numpy as np
     import torch
 
-    from fewclip_tutorial.exercises import _describe
+    from fewclip_tutorial.course.exercises import _describe
 
     if depth > 20:
         return {"__opaque__": "a structure nested too deeply"}
@@ -323,7 +323,7 @@ def student_main(
     import threading
 
     import fewclip_tutorial
-    import fewclip_tutorial.exercises as exmod
+    import fewclip_tutorial.course.exercises as exmod
 
     work = Path(str(request["work"]))
     code = [(str(a), str(b)) for a, b in request["code"]]
@@ -667,7 +667,7 @@ def zygote_main(argv: Sequence[str]) -> int:  # pragma: no cover - runs in its o
     os.environ["FEWCLIP_EDITION"] = "student"
     import torch
 
-    import fewclip_tutorial.exercises as exmod
+    import fewclip_tutorial.course.exercises as exmod
 
     torch.set_num_threads(1)
     exmod.list_exercises()

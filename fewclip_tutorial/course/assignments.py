@@ -49,7 +49,7 @@ END_SOLUTION = "### END SOLUTION"
 #: The first code cell of a student edition.
 EDITION_CELL = (
     "# Student edition: the reference solutions are not included.\n"
-    "from fewclip_tutorial.exercises import set_edition\n"
+    "from fewclip_tutorial.course.exercises import set_edition\n"
     "\n"
     'set_edition("student")'
 )

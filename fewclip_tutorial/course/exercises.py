@@ -4,21 +4,22 @@ A chapter asks the reader to write a small tensor function (say, the prompt
 ensemble) and then checks it against the package's reference implementation on
 random inputs::
 
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     ex = get_exercise("zero_shot_logits")
     print(ex.description)
     ex.check(my_zero_shot_logits)      # prints feedback, returns True/False
     print(ex.solution_source())        # the reference code, when stuck (book edition only)
 
-Method modules register their own exercises at import time with
-:func:`register_exercise`.  The checker compares outputs structurally: type,
+The chapters' exercises are registered with :func:`register_exercise` by
+:mod:`fewclip_tutorial.course.catalog`, which refers to the methods (imported with the
+:mod:`fewclip_tutorial.course` package).  The checker compares outputs structurally: type,
 shape, dtype, then values (``atol``/``rtol``), and reports the first trial that
 fails with its input shapes, the maximum absolute error, or the exception.
 
 In a notebook the check runs on the fixed seeds ``0 .. n_trials - 1`` so that the
 feedback printed in the book is reproducible.  The course grader
-(:mod:`fewclip_tutorial.grading`) draws fresh inputs per run with
+(:mod:`fewclip_tutorial.course.grading`) draws fresh inputs per run with
 :meth:`Exercise.trial_inputs` and refuses a submission that calls one of
 :meth:`Exercise.forbidden_functions` (the package's own answer).
 
@@ -44,11 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewclip_tutorial.zeroshot import prompt_ensemble, zero_shot_logits
-
 __all__ = [
     "EDITIONS",
-    "EXERCISE_MODULES",
     "Exercise",
     "Opaque",
     "SolutionsHiddenError",
@@ -110,7 +108,7 @@ def edition() -> str:
 class Opaque:
     """Stands for a value that could not be sent back from a graded submission.
 
-    The grader (:mod:`fewclip_tutorial.grading`) only accepts tensors, numbers,
+    The grader (:mod:`fewclip_tutorial.course.grading`) only accepts tensors, numbers,
     strings and containers of them from a student's process; anything else arrives
     as its description, so that the feedback still names what the function returned.
     """
@@ -503,37 +501,9 @@ def register_exercise(
 
 
 def list_exercises() -> list[str]:
-    """Names of every registered exercise (method modules are imported first)."""
-    _import_method_exercises()
+    """Names of every registered exercise (:mod:`fewclip_tutorial.course.catalog` registers
+    the chapters' exercises when :mod:`fewclip_tutorial.course` is imported)."""
     return sorted(_EXERCISES)
-
-
-#: Modules whose ``register_exercises()`` (called if present, after the import) adds
-#: exercises: the method chapters, the comparison chapter's metrics, the appendix's
-#: pretraining.  A module that does not exist (yet) is skipped.
-EXERCISE_MODULES: tuple[str, ...] = (
-    "fewclip_tutorial.methods",
-    "fewclip_tutorial.metrics",
-    "fewclip_tutorial.pretrain",
-)
-
-
-def _import_method_exercises() -> None:
-    import importlib
-
-    for name in EXERCISE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue
-            raise
-        register = getattr(module, "register_exercises", None)
-        if callable(register):
-            try:
-                register()
-            except NotImplementedError:  # a chapter whose exercises are not written yet
-                pass
 
 
 def get_exercise(name: str) -> Exercise:
@@ -543,8 +513,6 @@ def get_exercise(name: str) -> Exercise:
         UnknownExerciseError: with close matches and the list of exercises.
     """
     if name not in _EXERCISES:
-        _import_method_exercises()
-    if name not in _EXERCISES:
         names: Sequence[str] = sorted(_EXERCISES)
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -552,51 +520,3 @@ def get_exercise(name: str) -> Exercise:
             f"No exercise named {name!r}.{hint} Available: {', '.join(names)}"
         )
     return _EXERCISES[name]
-
-
-# --------------------------------------------------------------------------- this chapter
-
-
-def _sizes(gen: torch.Generator, *ranges: tuple[int, int]) -> list[int]:
-    return [int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in ranges]
-
-
-def _prompt_ensemble_inputs(gen: torch.Generator) -> tuple[Tensor]:
-    C, M, D = _sizes(gen, (2, 6), (2, 5), (3, 9))
-    # Unnormalised embeddings with varied norms: forgetting to normalise shows.
-    scale = torch.rand(C, M, 1, generator=gen) * 3 + 0.2
-    return (torch.randn(C, M, D, generator=gen) * scale,)
-
-
-def _zero_shot_logits_inputs(gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
-    N, C, D = _sizes(gen, (1, 7), (2, 6), (3, 9))
-    f = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1)
-    W = torch.nn.functional.normalize(torch.randn(C, D, generator=gen), dim=-1)
-    logit_scale = float(torch.empty(1).uniform_(10.0, 100.0, generator=gen))
-    return f, W, logit_scale
-
-
-register_exercise(
-    "prompt_ensemble",
-    prompt_ensemble,
-    _prompt_ensemble_inputs,
-    description=(
-        "Write prompt_ensemble(text_features) taking (C, M, D) embeddings of M prompts per "
-        "class and returning the (C, D) classifier: normalise each prompt embedding, average "
-        "over the M prompts, and normalise the average."
-    ),
-    hint="Two normalisations: one per prompt (dim=-1 of (C, M, D)), one of the mean.",
-)
-
-register_exercise(
-    "zero_shot_logits",
-    zero_shot_logits,
-    _zero_shot_logits_inputs,
-    description=(
-        "Write zero_shot_logits(image_features, classifier, logit_scale) taking (N, D) image "
-        "features and a (C, D) classifier (both L2-normalised) and returning (N, C) logits "
-        "logit_scale * cosine similarity."
-    ),
-    hint="The classifier has one row per class: multiply by its transpose, then scale.",
-    atol=1e-4,
-)

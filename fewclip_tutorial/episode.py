@@ -1,12 +1,13 @@
-"""Experiments: one few-shot episode (:class:`Context`) and the method registry.
+"""One few-shot episode: :class:`Context`, :func:`build_context` and its in-process caches.
 
 A *context* bundles everything a method needs for one episode: the frozen
 backbone, the dataset, its K-shot splits for one seed, the zero-shot text
-classifier, and cached image features.  Methods are plain functions
-``fn(ctx, **options) -> dict`` registered with :func:`register_method`; the CLI,
-the notebooks and the tests all call them through :func:`run_method`::
+classifier, and cached image features.  Methods are registered and run by
+:mod:`fewclip_tutorial.methods.registry`; the CLI, the notebooks and the tests
+build a context here and hand it to :func:`~fewclip_tutorial.methods.registry.run_method`::
 
-    from fewclip_tutorial.experiment import build_context, run_method
+    from fewclip_tutorial.episode import build_context
+    from fewclip_tutorial.methods.registry import run_method
 
     ctx = build_context("shapeworld", "shapeworld-tiny", shots=4, seed=1)
     run_method("zero-shot", context=ctx)
@@ -19,9 +20,6 @@ on disk by :mod:`fewclip_tutorial.features`.
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -33,31 +31,13 @@ from torch import Tensor
 
 from fewclip_tutorial.backbones import EMBEDDED_BACKBONE, Backbone, load_backbone
 from fewclip_tutorial.data.base import DatasetSpec, LabeledSplit
-from fewclip_tutorial.device import get_device, seed_everything
+from fewclip_tutorial.device import get_device
 from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE
 
-__all__ = [
-    "METHODS",
-    "Context",
-    "MethodSpec",
-    "Option",
-    "UnknownMethodError",
-    "build_context",
-    "clear_caches",
-    "list_methods",
-    "register_method",
-    "run_method",
-]
+__all__ = ["Context", "build_context", "clear_caches"]
 
 _PREDICT_CHUNK = 8192
-
-
-class UnknownMethodError(KeyError):
-    """No method is registered under this name."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------- Context
@@ -353,216 +333,3 @@ def build_context(
         cache_dir=cache_dir,
         progress=progress,
     )
-
-
-# --------------------------------------------------------------------------- methods
-
-
-@dataclass
-class Option:
-    """A method option, exposed as ``--<name>`` by ``fewclip run METHOD``.
-
-    Attributes:
-        type: ``int``, ``float``, ``str`` or ``bool``.
-        default: the value when the option is not given.
-        help: one line for ``--help``.
-        choices: allowed values (``None``: any).
-    """
-
-    type: type
-    default: Any
-    help: str
-    choices: list | None = None
-
-    def coerce(self, name: str, value: Any) -> Any:
-        """Convert ``value`` to :attr:`type` and check :attr:`choices`.
-
-        Raises:
-            ValueError: the value cannot be converted or is not an allowed choice.
-        """
-        if value is None:
-            converted = None
-        elif self.type is bool:
-            converted = _parse_bool(name, value)
-        else:
-            try:
-                converted = self.type(value)
-            except (TypeError, ValueError) as err:
-                raise ValueError(
-                    f"Option {name!r} expects {self.type.__name__}, got {value!r}."
-                ) from err
-            if self.type is int and isinstance(value, float) and value != converted:
-                raise ValueError(f"Option {name!r} expects an integer, got {value!r}.")
-        if self.choices is not None and converted not in self.choices:
-            raise ValueError(f"Option {name!r} must be one of {self.choices}, got {value!r}.")
-        return converted
-
-
-def _parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "y", "on"):
-        return True
-    if text in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"Option {name!r} expects true/false, got {value!r}.")
-
-
-@dataclass
-class MethodSpec:
-    """A registered method: its function, options and help line."""
-
-    name: str
-    fn: Callable[..., dict]
-    options: dict[str, Option] = field(default_factory=dict)
-    help: str = ""
-
-
-#: Every registered method by name (filled by importing :mod:`fewclip_tutorial.methods`).
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(
-    name: str, options: dict[str, Option] | None = None, help: str = ""
-) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
-    """Decorator registering ``fn(ctx: Context, **options) -> dict`` as method ``name``.
-
-    The function returns at least ``val_accuracy`` and ``test_accuracy`` (percent),
-    ``ood_accuracy`` when the dataset has OOD splits (``ctx.report`` gives all three),
-    plus method-specific keys.  Re-registering the same function (a reloaded
-    module) replaces the entry; a different function under a taken name is an error.
-    """
-    opts = dict(options or {})
-    for opt_name, opt in opts.items():
-        if not opt_name.isidentifier():
-            raise ValueError(f"Option name {opt_name!r} of method {name!r} must be an identifier.")
-        if not isinstance(opt, Option):
-            raise TypeError(f"Option {opt_name!r} of method {name!r} must be an Option.")
-
-    def decorator(fn: Callable[..., dict]) -> Callable[..., dict]:
-        old = METHODS.get(name)
-        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (
-            fn.__module__,
-            fn.__qualname__,
-        ):
-            raise ValueError(
-                f"Method {name!r} is already registered by "
-                f"{old.fn.__module__}.{old.fn.__qualname__}; choose another name."
-            )
-        doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS[name] = MethodSpec(name=name, fn=fn, options=opts, help=help or doc)
-        return fn
-
-    return decorator
-
-
-def _ensure_methods() -> None:
-    importlib.import_module("fewclip_tutorial.methods")
-
-
-def list_methods() -> list[str]:
-    """Names of every registered method."""
-    _ensure_methods()
-    return sorted(METHODS)
-
-
-def get_method(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` registered as ``name``.
-
-    Raises:
-        UnknownMethodError: with close matches and the list of methods.
-    """
-    _ensure_methods()
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise UnknownMethodError(
-            f"Unknown method {name!r}.{hint} Available methods: {', '.join(sorted(METHODS))}"
-        )
-    return METHODS[name]
-
-
-def resolve_options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults, convert types and reject unknown option names."""
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        valid = ", ".join(sorted(spec.options)) or "(none)"
-        raise ValueError(
-            f"Method {spec.name!r} has no option(s) {unknown}; its options are: {valid}."
-        )
-    out = {}
-    for opt_name, opt in spec.options.items():
-        value = options.get(opt_name, opt.default)
-        out[opt_name] = opt.coerce(opt_name, value)
-    return out
-
-
-def run_method(
-    method: str,
-    dataset: str = "shapeworld",
-    backbone: str = EMBEDDED_BACKBONE,
-    shots: int = 16,
-    seed: int = 1,
-    context: Context | None = None,
-    *,
-    pretrained: str | None = "default",
-    arch: str | None = None,
-    root: str | os.PathLike | None = None,
-    progress: bool = True,
-    cache_dir: str | os.PathLike | None = "default",
-    device: str | torch.device | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Run a registered method on one few-shot episode.
-
-    Args:
-        method: a name from :func:`list_methods` (``"zero-shot"``, ``"tip-adapter"``, ...).
-        dataset, backbone, shots, seed: the episode (ignored when ``context`` is given).
-        context: a ready :class:`Context` (notebooks build one and reuse it).
-        pretrained, arch, root, cache_dir, progress, device: see :func:`build_context`.
-        **options: the method's options (see ``METHODS[method].options``).
-
-    Returns:
-        ``{"method", "dataset", "backbone", "shots", "seed", "val_accuracy",
-        "test_accuracy", ["ood_accuracy"], ...method-specific keys}``.
-
-    Raises:
-        UnknownMethodError: unknown method name.
-        ValueError: unknown/invalid option, or invalid episode.
-    """
-    spec = get_method(method)
-    opts = resolve_options(spec, options)
-    if context is None:
-        context = build_context(
-            dataset,
-            backbone,
-            shots,
-            seed,
-            pretrained=pretrained,
-            arch=arch,
-            root=root,
-            device=device,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-    params = inspect.signature(spec.fn).parameters
-    if "progress" in params and "progress" not in opts:
-        opts["progress"] = progress and context.progress
-    seed_everything(context.seed)
-    result = spec.fn(context, **opts)
-    if not isinstance(result, Mapping):
-        raise TypeError(f"Method {method!r} returned {type(result).__name__}, expected a dict.")
-    missing = [k for k in ("val_accuracy", "test_accuracy") if k not in result]
-    if missing:
-        raise ValueError(
-            f"Method {method!r} returned no {missing}; build its result with ctx.report(predict)."
-        )
-    header = {
-        "method": method,
-        "dataset": context.dataset.name,
-        "backbone": context.backbone.name,
-        "shots": context.shots,
-        "seed": context.seed,
-    }
-    return {**header, **{k: v for k, v in result.items() if k not in header}}

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewclip_tutorial import _grading_child as child
+from fewclip_tutorial.course import _grading_child as child
 
 __all__ = [
     "ExerciseGrade",
@@ -832,7 +832,7 @@ def _describe_exit(code: Any) -> str:
 
 
 def _restore(x: Any, depth: int = 0) -> Any:
-    from fewclip_tutorial.exercises import Opaque
+    from fewclip_tutorial.course.exercises import Opaque
 
     if depth > 40:
         raise ValueError("nested too deeply")
@@ -912,7 +912,7 @@ class _Grader:
             self.box.start()
 
     def _trial_inputs(self, name: str) -> list[Any]:
-        from fewclip_tutorial.exercises import get_exercise
+        from fewclip_tutorial.course.exercises import get_exercise
 
         if name not in self.inputs:
             ex = get_exercise(name)
@@ -922,7 +922,7 @@ class _Grader:
         return self.inputs[name]
 
     def _judge(self, name: str, outputs: Any) -> str:
-        from fewclip_tutorial.exercises import _call, _clone, compare_outputs, get_exercise
+        from fewclip_tutorial.course.exercises import _call, _clone, compare_outputs, get_exercise
 
         ex = get_exercise(name)
         inputs = self._trial_inputs(name)
@@ -974,7 +974,7 @@ class _Grader:
 
     def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str], list[str], str]:
         """``({name: reason for zero, "" when right}, names in check order, log)``."""
-        from fewclip_tutorial.exercises import get_exercise
+        from fewclip_tutorial.course.exercises import get_exercise
 
         code = notebook_code(nb, run_all=self.config.run_all)
         self.setup_problem = ""
@@ -1124,7 +1124,7 @@ class _Grader:
         return graded, order, "\n".join(p for p in logs if p)
 
     def grade_student(self, student: str, notebooks: Sequence[LoadedNotebook]) -> StudentGrades:
-        from fewclip_tutorial.exercises import get_exercise
+        from fewclip_tutorial.course.exercises import get_exercise
 
         result = StudentGrades(student=student, notebooks=[str(n.path) for n in notebooks])
         logs: list[str] = []
@@ -1152,7 +1152,7 @@ class _Grader:
 
 def _complete(grades: list[StudentGrades], exercises: Sequence[str]) -> None:
     """Every student gets every column: zero with the reason where no check of theirs ran."""
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     for g in grades:
         for name in exercises:
@@ -1172,7 +1172,7 @@ def grade_notebooks(
     private: Sequence[str | os.PathLike[str]] = (),
 ) -> StudentGrades:
     """Grade one student's notebooks on ``exercises`` (see the module docstring)."""
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     for name in exercises:
         get_exercise(name)
@@ -1204,7 +1204,7 @@ def grade_directory(
     defaults to every exercise whose check ran in some submission, in order of
     first appearance.
     """
-    from fewclip_tutorial.exercises import get_exercise
+    from fewclip_tutorial.course.exercises import get_exercise
 
     config = config or GradeConfig()
     if exercises is not None:

@@ -22,7 +22,8 @@ On every notebook, and idempotently (a second run changes nothing):
 3. Code cells are formatted by ``ruff format`` with ``book/ruff.toml`` (``line-length = 88``);
    lines still longer are fixed where that is mechanical (a comment moved above its code or
    wrapped, a string literal that starts a line inside brackets split by implicit
-   concatenation), and the rest are listed for a hand fix.
+   concatenation), and the rest are listed for a hand fix (a line with a URL in it, which
+   cannot be broken, is allowed).
 
 Outputs, execution counts and cell ids of existing cells never change: the script checks that
 before it writes, and refuses otherwise.
@@ -152,7 +153,9 @@ def names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
     for n in _walk_outside_comprehensions(stmt):
         if isinstance(n, ast.Name):
             (bound if isinstance(n.ctx, ast.Store | ast.Del) else read).add(n.id)
-        elif isinstance(n, ast.Attribute | ast.Subscript) and isinstance(n.ctx, ast.Store | ast.Del):
+        elif isinstance(n, ast.Attribute | ast.Subscript) and isinstance(
+            n.ctx, ast.Store | ast.Del
+        ):
             base = _base_name(n)
             if base:
                 bound.add(base)
@@ -221,7 +224,9 @@ def classify(stmt: ast.stmt) -> str:
         return "check"  # defining a checking function has no effect of its own
     if _is_pure_check(stmt):
         return "check"
-    if isinstance(stmt, ast.If) and not (len(stmt.orelse) == 1 and isinstance(stmt.orelse[0], ast.If)):
+    if isinstance(stmt, ast.If) and not (
+        len(stmt.orelse) == 1 and isinstance(stmt.orelse[0], ast.If)
+    ):
         return "nested-if"
     return "unresolved"
 
@@ -241,7 +246,14 @@ def _choose(body: list[ast.stmt], after: list[ast.stmt], keep_last: bool) -> set
     rw = [names(s) for s in body]
     after_rw = [names(s) for s in after]
     # helpers: assignments, imports and defs whose names only moved statements read
-    helpers = (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Import, ast.ImportFrom, ast.FunctionDef)
+    helpers = (
+        ast.Assign,
+        ast.AnnAssign,
+        ast.AugAssign,
+        ast.Import,
+        ast.ImportFrom,
+        ast.FunctionDef,
+    )
     changed = True
     while changed:
         changed = False
@@ -329,12 +341,18 @@ def _choose_top(body: list[ast.stmt], plan: Plan) -> set[int]:
                 continue
             r, b = names(stand_in[j])
             if bound & (r | b) or read & b:
-                raise Unresolved(f"line {s.lineno}: its check shares names with line {body[j].lineno}")
+                raise Unresolved(
+                    f"line {s.lineno}: its check shares names with line {body[j].lineno}"
+                )
     return moved
 
 
 def _with_names(stmt: ast.stmt, aliases: list[ast.alias]) -> ast.stmt:
-    new = ast.ImportFrom(stmt.module, aliases, stmt.level) if isinstance(stmt, ast.ImportFrom) else ast.Import(aliases)
+    new = (
+        ast.ImportFrom(stmt.module, aliases, stmt.level)
+        if isinstance(stmt, ast.ImportFrom)
+        else ast.Import(aliases)
+    )
     return ast.copy_location(new, stmt)
 
 
@@ -412,8 +430,10 @@ def split_source(src: str) -> tuple[str, str] | None:
             body_part, else_part = parts
             if body_part and else_part:
                 check_parts.append(
-                    f"if {test}:\n" + textwrap.indent("\n".join(body_part), "    ")
-                    + "\nelse:\n" + textwrap.indent("\n".join(else_part), "    ")
+                    f"if {test}:\n"
+                    + textwrap.indent("\n".join(body_part), "    ")
+                    + "\nelse:\n"
+                    + textwrap.indent("\n".join(else_part), "    ")
                 )
             elif body_part:
                 check_parts.append(f"if {test}:\n" + textwrap.indent("\n".join(body_part), "    "))
@@ -544,11 +564,14 @@ def fix_long_lines(src: str) -> str:
         indent = re.match(r"\s*", line).group()
         if tok.type == tokenize.COMMENT and row in own_line_comments:
             block = [row]
-            same = lambda r: (  # noqa: E731
-                r in own_line_comments
-                and re.match(r"\s*", lines[r]).group() == indent
-                and _plain_comment(own_line_comments[r])
-            )
+
+            def same(r: int, indent: str = indent) -> bool:
+                return (
+                    r in own_line_comments
+                    and re.match(r"\s*", lines[r]).group() == indent
+                    and _plain_comment(own_line_comments[r])
+                )
+
             if not same(row):
                 continue
             while same(block[-1] + 1):  # the lines it flows into; those above stay
@@ -563,12 +586,11 @@ def fix_long_lines(src: str) -> str:
             and tok.start[0] == tok.end[0]
             and tok.start[1] == len(indent)
             and depth_at_line.get(row, 0) > 0
-            and tok.end[1] > MAX_LINE
             and "://" not in tok.string
         ):
-            pieces = _split_string(tok.string, MAX_LINE - len(indent))
+            rest = line[tok.end[1] :]  # a comma, a bracket: on the last piece's line
+            pieces = _split_string(tok.string, MAX_LINE - len(indent) - len(rest))
             if pieces:
-                rest = line[tok.end[1] :]
                 edits[row] = [indent + p for p in pieces[:-1]] + [indent + pieces[-1] + rest]
     if not edits:
         return src
@@ -771,7 +793,7 @@ def format_code(nb: dict, path: Path, report: Report) -> dict:
         new_lines = source_of(cell).splitlines()
         report.reformatted += len(set(new_lines) - set(old))
         for ln in new_lines:
-            if len(ln) > MAX_LINE:
+            if len(ln) > MAX_LINE and "://" not in ln:  # a URL cannot be broken
                 report.long_lines.append(f"{path}: cell {cell.get('id')}: {len(ln)}: {ln.strip()}")
     return nb
 
@@ -790,7 +812,8 @@ def outputs_problems(before: dict, after: dict) -> list[str]:
             continue
         d = match[0]
         if c["cell_type"] == "code" and (
-            c.get("outputs") != d.get("outputs") or c.get("execution_count") != d.get("execution_count")
+            c.get("outputs") != d.get("outputs")
+            or c.get("execution_count") != d.get("execution_count")
         ):
             problems.append(f"cell {cid}: outputs or execution count changed")
     for d in after["cells"]:
@@ -816,7 +839,9 @@ def process(path: Path, report: Report) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a run would")
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a run would"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only what is wrong")
     args = parser.parse_args(argv)
     report = Report()

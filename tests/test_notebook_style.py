@@ -221,3 +221,12 @@ def test_long_lines_are_fixed_mechanically() -> None:
     want = env["x"]
     exec(fixed, env)
     assert env["x"] == want
+
+
+def test_tidy_check_fails_on_what_needs_a_hand_fix(tmp_path: Path) -> None:
+    path = tmp_path / "chapter.ipynb"
+    doc = '    """' + "a docstring " * 8 + '"""'  # no mechanical fix for a long docstring
+    nb = _notebook(_code(f"def f():\n{doc}\n", "d"))
+    path.write_text(tidy.dumps(nb), encoding="utf-8")
+    assert tidy.main(["-q", str(path)]) == 0
+    assert tidy.main(["--check", "-q", str(path)]) == 1

@@ -219,6 +219,8 @@ def classify(stmt: ast.stmt) -> str:
         return "check" if not split[1] else "split-import"
     if not has_marker(stmt):
         return "plain"
+    if isinstance(stmt, ast.Expr) and not _is_check_call(stmt.value):
+        return "unresolved"  # e.g. print(COMMITTED): its output would move with it
     if isinstance(stmt, ast.Assert | ast.Expr | ast.Assign | ast.AnnAssign | ast.AugAssign):
         return "check"
     if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):

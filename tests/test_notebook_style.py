@@ -175,17 +175,18 @@ def test_tidy_moves_checks_out_of_an_if_and_leaves_what_cannot_move(tmp_path: Pa
         ),
         # the check reads `x`, which the cell changes after it: moving it would change its meaning
         _code("x = 1\nassert_committed({'x': x}, {'x': 1}, tol=0)\nx = 3\nprint(x)\n", "b"),
-        # a check inside a loop that also prints stays
+        # a check inside a loop that also prints stays, and so does a print of committed values
+        _code("print(COMMITTED_X)\n", "d"),
         _code(
             "for i in range(2):\n    print(i)\n    assert_committed({'i': i}, {'i': i}, tol=0)\n",
             "c",
         ),
     )
     out = tidy.tidy(nb, Path("t.ipynb"), report)
-    assert [c["id"] for c in out["cells"]] == ["a", "a-checks", "b", "c"]
+    assert [c["id"] for c in out["cells"]] == ["a", "a-checks", "b", "d", "c"]
     assert "".join(out["cells"][1]["source"]) == "if ok:\n    assert x == 2"
     assert "assert" not in "".join(out["cells"][0]["source"])
-    assert len(report.unresolved) == 2 and "shares names" in report.unresolved[0]
+    assert len(report.unresolved) == 3 and "shares names" in report.unresolved[0]
 
 
 def test_markers_become_the_tags_nbval_reads() -> None:

@@ -35,15 +35,17 @@ book-from-tests: setup  ## build the book from the committed (nbval-checked) out
 notebooks: setup  ## re-execute every notebook in place (after changing the package), then commit the outputs
 	$(PY) scripts/execute_notebooks.py book/*.ipynb
 
-lint: setup  ## ruff lint and format check; actionlint on .github/workflows (the [lint] extra)
-	.venv/bin/ruff check fewclip_tutorial tests benchmarks scripts
+lint: setup  ## ruff lint and format check (notebooks too: tidy_notebooks.py --check); actionlint on .github/workflows (the [lint] extra)
+	.venv/bin/ruff check fewclip_tutorial tests benchmarks scripts book
 	.venv/bin/ruff format --check fewclip_tutorial tests benchmarks scripts
+	$(PY) scripts/tidy_notebooks.py --check book/*.ipynb
 	@test -x $(ACTIONLINT) || $(PY) -m pip install -q -e ".[lint]"
 	$(ACTIONLINT) .github/workflows/*.yml
 
-format: setup  ## ruff auto-fix and format
-	.venv/bin/ruff check --fix fewclip_tutorial tests benchmarks scripts
+format: setup  ## ruff auto-fix and format; tidy the notebooks (checks hidden, 88 columns: scripts/tidy_notebooks.py)
+	.venv/bin/ruff check --fix fewclip_tutorial tests benchmarks scripts book
 	.venv/bin/ruff format fewclip_tutorial tests benchmarks scripts
+	$(PY) scripts/tidy_notebooks.py book/*.ipynb
 
 bench: setup  ## speed benchmarks: one JSON line each, a ratio against the reference-style baseline measured in the same run
 	$(PY) benchmarks/bench.py

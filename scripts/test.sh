@@ -28,7 +28,7 @@ export FEWCLIP_CACHE="${FEWCLIP_CACHE:-$PWD/_build/feature-cache}"
 echo "== configuration: $CONFIG (OMP_NUM_THREADS=$OMP_NUM_THREADS, ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-default}; $(.venv/bin/python -c 'import torch; print("kernels", torch.backends.cpu.get_cpu_capability())'))"
 if [[ "$CONFIG" == default ]]; then
   echo "== ruff"
-  .venv/bin/ruff check fewclip_tutorial tests benchmarks scripts
+  .venv/bin/ruff check fewclip_tutorial tests benchmarks scripts book
 fi
 echo "== pytest + nbval"
 .venv/bin/python -m pytest -q tests book \

@@ -121,7 +121,9 @@ def _solution_lines(nb: Mapping[str, Any]) -> set[str]:
     return {
         line.strip()
         for line in secret
-        if line.strip() and not line.strip().startswith("#") and line.strip() not in kept
+        if re.search(r"\w", line)  # a line of brackets alone (formatted code) gives nothing away
+        and not line.strip().startswith("#")
+        and line.strip() not in kept
     }
 
 

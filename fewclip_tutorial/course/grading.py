@@ -533,6 +533,14 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         cmd += ["--ro-bind", str(r), str(r)]
     package = _package_dir()
     cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    # /dev read-only but for its own small /dev/shm and POSIX message queues: the zygote
+    # empties both (and /tmp) between students and checks that they are empty
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(64 << 20)]
+    cmd += ["--tmpfs", "/dev/shm"]
+    if _bwrap_supports("--mqueue"):
+        cmd += ["--mqueue", "/dev/mqueue"]
+    cmd += ["--remount-ro", "/dev"]
     return [*cmd, "--chdir", "/tmp"]
 
 
@@ -704,7 +712,7 @@ class _Box:
             with contextlib.suppress(OSError):
                 self.proc.kill()
             with contextlib.suppress(Exception):
-                self.proc.wait(10)
+                self.proc.wait(120)  # SIGKILLed: only a very loaded machine takes seconds
             for f in (self.proc.stdin, self.proc.stdout):
                 with contextlib.suppress(Exception):
                     f.close()  # type: ignore[union-attr]
@@ -941,36 +949,39 @@ class _Grader:
             return f"returned something the grader cannot compare ({type(err).__name__})"
         return ""
 
+    #: seconds the zygote may take to end a student process and clean the sandbox after
+    #: it: killing and reaping, emptying the tmpfs; far more than a loaded machine needs
+    DONE_BOUND = 120.0
+
+    def _await_done(self, event: str) -> dict[str, Any] | None:
+        """Send ``event`` to the zygote and wait for its ``done`` header: None when it does
+        not come within :attr:`DONE_BOUND` (or the output floods meanwhile)."""
+        self.box.send({"event": event})
+        deadline = time.monotonic() + self.DONE_BOUND
+        while True:
+            source, header, _ = self.box.next(deadline)
+            if source in ("timeout", "flood"):
+                return None
+            if source == "Z" and header.get("event") == "done":
+                return header
+
     def _kill_child(self) -> dict[str, Any]:
         """Stop the student process; the zygote's ``done`` header (empty if it broke)."""
-        try:
-            self.box.send({"event": "kill"})
-            deadline = time.monotonic() + 10
-            while True:
-                source, header, _ = self.box.next(deadline)
-                if source in ("timeout", "flood"):
-                    break
-                if source == "Z" and header.get("event") == "done":
-                    return header
-        except _SandboxDied:
-            pass
+        with contextlib.suppress(_SandboxDied):
+            header = self._await_done("kill")
+            if header is not None:
+                return header
         self.box.close()
         return {}
 
     def _finish(self) -> dict[str, Any]:
         """Let the student process end (``end``), as the zygote reports it."""
         try:
-            self.box.send({"event": "end"})
-            deadline = time.monotonic() + 10
-            while True:
-                source, header, _ = self.box.next(deadline)
-                if source in ("timeout", "flood"):
-                    return self._kill_child()
-                if source == "Z" and header.get("event") == "done":
-                    return header
+            header = self._await_done("end")
         except _SandboxDied:
             self.box.close()
             return {}
+        return header if header is not None else self._kill_child()
 
     def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str], list[str], str]:
         """``({name: reason for zero, "" when right}, names in check order, log)``."""
@@ -1053,6 +1064,8 @@ class _Grader:
                     for name in remaining or []:
                         results[name] = (problem, None)
                     leftover |= bool(done.get("leftover"))
+                    if done and not done.get("clean", True):
+                        self.box.close()
                     break
                 for name in list(remaining or []):
                     current = name
@@ -1104,6 +1117,10 @@ class _Grader:
                 self.box.close()
             leftover |= bool(done.get("leftover"))
             logs.append(self.box.take_output())
+            if done and not done.get("clean", True):
+                # something survived the zygote's cleaning: a fresh sandbox for the next one
+                logs.append(f"[grader] a fresh sandbox follows: left {done.get('remains')}")
+                self.box.close()
             if problem and current is not None and remaining is not None:
                 results[current] = (problem, None)
                 remaining.remove(current)

@@ -344,6 +344,13 @@ def student_main(
                 fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
                 for fn in exmod.get_exercise(name).forbidden_functions()
             }
+
+    def flag(what: str) -> None:
+        """Tell the grader at once (one atomic pipe write): what the student's code does
+        afterwards, such as clearing the lists here, cannot take it back."""
+        with contextlib.suppress(Exception):
+            os.write(msg_out, encode({"event": "flag", "what": what[:300]}))
+
     hits: list[str] = []
     active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
     seen: dict[Any, str] = {}  # code object -> the forbidden function it copies, or ""
@@ -356,10 +363,16 @@ def student_main(
                 label = seen[code] = _same_code(code, active[0])
             if label:
                 hits.append(label)
+                flag(f"uses the package's reference solution: it calls {label}")
 
     # tampering with the checks is noted (not blocked): the profiler switched, the C API
     # reached through ctypes or cffi, threads started around the profiler
-    tampered: list[str] = []
+    class _Noted(list):  # type: ignore[type-arg]
+        def append(self, what: str) -> None:
+            super().append(what)
+            flag(f"tampered with the grader's checks: {what}")
+
+    tampered: list[str] = _Noted()
     raw_start = _thread.start_new_thread
     allowed_callers = {threading.Thread._bootstrap_inner.__code__}
 

@@ -615,6 +615,9 @@ class _Box:
         self.log_limit = 64_000
         self.work = "/tmp/work"
         self.drop_ok = True
+        #: what the student process reported against itself the moment it happened (a call
+        #: of the reference, tampering): kept here, out of the student's reach
+        self.flags: list[str] = []
 
     # ---- life cycle
     def start(self) -> None:
@@ -800,24 +803,28 @@ class _Box:
         if flood_limit is not None:
             self._drain_output()  # what the cells printed before does not count
         start_seen = self.output_seen
-        while not self.pending:
-            if flood_limit is not None and self.output_seen - start_seen > flood_limit:
-                return "flood", {}, b""
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return "timeout", {}, b""
-            ready, _, _ = select.select([fd, self.out_r], [], [], min(left, 0.5))
-            if self.out_r in ready:
-                self._drain_output()
-            if fd in ready:
-                self._read_frames(fd)
-        body = self.pending.pop(0)
-        source, body = body[:1].decode("latin-1"), body[1:]
-        try:
-            header, payload = child.decode(body)
-        except (ValueError, RecursionError):
-            header, payload = {"event": "unreadable"}, b""
-        return source, header, payload
+        while True:
+            while not self.pending:
+                if flood_limit is not None and self.output_seen - start_seen > flood_limit:
+                    return "flood", {}, b""
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout", {}, b""
+                ready, _, _ = select.select([fd, self.out_r], [], [], min(left, 0.5))
+                if self.out_r in ready:
+                    self._drain_output()
+                if fd in ready:
+                    self._read_frames(fd)
+            body = self.pending.pop(0)
+            source, body = body[:1].decode("latin-1"), body[1:]
+            try:
+                header, payload = child.decode(body)
+            except (ValueError, RecursionError):
+                header, payload = {"event": "unreadable"}, b""
+            if source == "C" and header.get("event") == "flag":
+                self.flags.append(str(header.get("what"))[:300])
+                continue
+            return source, header, payload
 
 
 # --------------------------------------------------------------------------- grading
@@ -1004,6 +1011,7 @@ class _Grader:
                 for name in remaining or []:
                     results[name] = (why, None)
                 break
+            self.box.flags = []
             request = {
                 "event": "student",
                 "code": code,
@@ -1017,6 +1025,7 @@ class _Grader:
             try:
                 self.box.send(request)
                 source, header, _ = self.box.next(time.monotonic() + cfg.setup_timeout)
+                in_cells = list(self.box.flags)  # during the cells: against every exercise
                 if source == "C" and header.get("event") == "answers":
                     names = header.get("names")
                     if not isinstance(names, list) or not all(
@@ -1070,6 +1079,7 @@ class _Grader:
                 for name in list(remaining or []):
                     current = name
                     trials = list(self._trial_inputs(name))
+                    self.box.flags[:] = in_cells
                     self.box.send({"event": "run", "name": name}, trials)
                     deadline = time.monotonic() + cfg.timeout  # the child cannot move it
                     source, header, payload = self.box.next(deadline, flood_limit=cfg.output_limit)
@@ -1088,6 +1098,8 @@ class _Grader:
                                 outputs = _load_outputs(payload)
                             except Exception as err:  # noqa: BLE001
                                 error = f"returned something the grader cannot read ({type(err).__name__})"
+                        if self.box.flags:  # it said so itself before it could hide it
+                            error, outputs = self.box.flags[0], None
                         results[name] = (error, outputs)
                         remaining.remove(name)
                         current = None

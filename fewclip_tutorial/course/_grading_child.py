@@ -6,8 +6,9 @@ process* that runs the notebook's code, records which exercises its checks ran,
 and computes the student's outputs on the inputs the grader sends, one exercise
 at a time.  The zygote only relays messages: the student process never holds the
 grader's pipes.  When the student process ends, every process it left behind is
-killed (in the sandbox: all of the sandbox's PID namespace but the zygote) and the
-work folder is emptied before the next notebook.
+killed (in the sandbox: all of the sandbox's PID namespace but the zygote), the
+sandbox's writable places, IPC objects and keyrings are emptied, and the zygote checks
+that they are: the grader replaces a sandbox that is not clean before the next notebook.
 
 Nothing here decides a grade: the reference outputs and the comparison live in the
 grader's process, outside the sandbox.  Messages are frames: a 4-byte big-endian

@@ -17,9 +17,11 @@ How a class is graded
    not the grader's output), a private tmpfs as the only writable place, no
    network, its own PID namespace, a non-root user, and CPU, memory, process and
    file-size limits set from outside.  Inside, a process that has imported torch
-   forks one *student process* per notebook; when it ends, every process it left
-   behind is killed and the tmpfs is emptied (``--sandbox-per-student`` starts a
-   fresh sandbox for every student instead, slower).  Without bubblewrap the
+   forks one *student process* per notebook, in a fresh work folder; when it ends,
+   every process it left behind is killed, ``/tmp``, ``/dev/shm`` and the message
+   queues are emptied, IPC objects and keyrings cleared, and all of it checked: a
+   sandbox with anything left is replaced by a fresh one before the next student
+   (``--sandbox-per-student`` starts a fresh sandbox for every student, slower).  Without bubblewrap the
    grader says so on its first line and in the CSV, and runs the student process
    under an in-process audit hook: **a guard against accidents only**.
 3. The student process runs the notebook's imports, definitions, constants,

@@ -8,6 +8,7 @@ message queue, a key in the user's keyring, a file in ``/dev``.  ``b_honest`` im
 the planted name as an optional extra and must keep full marks.  ``c_reader`` would
 get its marks only if something of the planter's reached it.  ``d_clear_after`` calls
 the package's answer and then empties the student process's own lists of what it saw.
+``e_stopper`` stops (SIGSTOP) the process in the sandbox that forked it.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ EXPECTED = {
     "b_honest": ("1", "1"),
     "c_reader": ("0", "1"),
     "d_clear_after": ("0", "1"),
+    "e_stopper": ("1", "1"),
     "z_correct": ("1", "1"),
 }
 
@@ -125,6 +127,13 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _submission(subs / "b_honest.ipynb", HONEST, GOOD_ZS)
     _submission(subs / "c_reader.ipynb", READER, GOOD_ZS)
     _submission(subs / "d_clear_after.ipynb", CLEAR_AFTER, GOOD_ZS)
+    _submission(
+        subs / "e_stopper.ipynb",
+        # stops the grader's process that forked it: the grader resumes it (else the class
+        # would wait for the cells' time limit, and this student would get zero)
+        "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n" + GOOD_PE,
+        GOOD_ZS,
+    )
     _submission(subs / "z_correct.ipynb", GOOD_PE, GOOD_ZS)
     config = GradeConfig(seed=RUN_SEED, timeout=LIMIT, setup_timeout=LIMIT)
     grades = grade_directory(subs, config, isolation=ISOLATION)

@@ -21,7 +21,8 @@ How a class is graded
    every process it left behind is killed, ``/tmp``, ``/dev/shm`` and the message
    queues are emptied, IPC objects and keyrings cleared, and all of it checked: a
    sandbox with anything left is replaced by a fresh one before the next student
-   (``--sandbox-per-student`` starts a fresh sandbox for every student, slower).  Without bubblewrap the
+   (``--sandbox-per-student`` starts a fresh sandbox for every student, slower).
+   A process of the sandbox that a student stopped is resumed.  Without bubblewrap the
    grader says so on its first line and in the CSV, and runs the student process
    under an in-process audit hook: **a guard against accidents only**.
 3. The student process runs the notebook's imports, definitions, constants,

@@ -49,6 +49,10 @@ KEYS = (
     "libc = ctypes.CDLL(None, use_errno=True)\n"
     "ADD_KEY, REQUEST_KEY = {'x86_64': (248, 249), 'aarch64': (217, 218)}.get(\n"
     "    platform.machine(), (0, 0))\n"
+    "try:\n"
+    "    mq_open = libc.mq_open  # in libc since glibc 2.34\n"
+    "except AttributeError:\n"
+    "    mq_open = ctypes.CDLL('librt.so.1').mq_open\n"
 )
 
 PLANTER = (
@@ -60,7 +64,7 @@ PLANTER = (
     "open('/tmp/hide/answers', 'w').write('left for a classmate')\n"
     "os.chmod('/tmp/hide', 0)\n"
     "open('/dev/shm/answers', 'w').write('left for a classmate')\n"
-    "print('mq_open', libc.mq_open(b'/fewclip', 0o102, 0o600, None))  # O_CREAT | O_RDWR\n"
+    "print('mq_open', mq_open(b'/fewclip', 0o102, 0o600, None))  # O_CREAT | O_RDWR\n"
     "if ADD_KEY:\n"
     "    print('add_key', libc.syscall(ADD_KEY, b'user', b'fewclip', b'answers', 7, -4))\n"
     "try:\n"
@@ -83,7 +87,7 @@ READER = (
     "                         '/dev/answers') if os.path.lexists(p)]\n"
     "    found += [p for p in os.listdir('/tmp') if p != 'work']\n"
     "    found += [p for p in os.listdir('/tmp/work') if p != os.path.basename(os.getcwd())]\n"
-    "    if libc.mq_open(b'/fewclip', 0, 0, None) != -1:\n"
+    "    if mq_open(b'/fewclip', 0, 0, None) != -1:\n"
     "        found.append('message queue')\n"
     "    if REQUEST_KEY and libc.syscall(REQUEST_KEY, b'user', b'fewclip', None, 0) != -1:\n"
     "        found.append('key')\n"

@@ -1,7 +1,8 @@
 """Per-student isolation inside one sandbox: nothing an earlier student leaves reaches a
 later one, and a student cannot take back what it reported against itself.
 
-One class is graded with bubblewrap (skipped without it).  ``a_planter`` leaves what
+One class is graded with the isolation this machine has (its first three students only
+with bubblewrap).  ``a_planter`` leaves what
 it can in the sandbox: a package on the path Python searches (in a folder it made
 read-only), a file in a folder it made unreadable, a file in ``/dev/shm``, a POSIX
 message queue, a key in the user's keyring, a file in ``/dev``.  ``b_honest`` imports
@@ -124,12 +125,11 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not SANDBOXED:
-        pytest.skip(f"needs bubblewrap: {ISOLATION.description}")
     subs = tmp_path_factory.mktemp("isolation")
-    _submission(subs / "a_planter.ipynb", PLANTER, GOOD_ZS)
-    _submission(subs / "b_honest.ipynb", HONEST, GOOD_ZS)
-    _submission(subs / "c_reader.ipynb", READER, GOOD_ZS)
+    if SANDBOXED:  # without a sandbox these would plant things on this machine itself
+        _submission(subs / "a_planter.ipynb", PLANTER, GOOD_ZS)
+        _submission(subs / "b_honest.ipynb", HONEST, GOOD_ZS)
+        _submission(subs / "c_reader.ipynb", READER, GOOD_ZS)
     _submission(subs / "d_clear_after.ipynb", CLEAR_AFTER, GOOD_ZS)
     _submission(
         subs / "e_stopper.ipynb",
@@ -147,12 +147,23 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"rows": rows, "grades": {g.student: g for g in grades}}
 
 
+#: the students graded only with a sandbox
+SANDBOX_ONLY = ("a_planter", "b_honest", "c_reader")
+needs_sandbox = pytest.mark.skipif(
+    not SANDBOXED, reason=f"needs bubblewrap: {ISOLATION.description}"
+)
+
+
 def test_every_student_keeps_the_right_score(graded: dict) -> None:
     scores = {s: (r["prompt_ensemble"], r["zero_shot_logits"]) for s, r in graded["rows"].items()}
-    assert scores == EXPECTED, {s: r["notes"] for s, r in graded["rows"].items()}
-    assert "blocked:" in graded["grades"]["a_planter"].log  # /dev is read-only
+    expected = {s: v for s, v in EXPECTED.items() if SANDBOXED or s not in SANDBOX_ONLY}
+    assert scores == expected, {s: r["notes"] for s, r in graded["rows"].items()}
+    assert all(r["isolation"] == ISOLATION.label for r in graded["rows"].values())
+    if SANDBOXED:
+        assert "blocked:" in graded["grades"]["a_planter"].log  # /dev is read-only
 
 
+@needs_sandbox
 def test_nothing_an_earlier_student_left_reaches_a_later_one(graded: dict) -> None:
     reason = graded["grades"]["c_reader"].grades["prompt_ensemble"].reason
     assert "LookupError: nothing from another student" in reason

@@ -573,7 +573,8 @@ def bench_grading_isolation(cfg: Config) -> dict[str, Any]:
         "baseline_s": seconds["none"],
         "ratio": seconds["bwrap"] / seconds["none"],
         "ratio_means": "sandboxed seconds / unsandboxed seconds (lower is better; goal < 3)",
-        "ours": "bubblewrap sandbox (one sandbox per run, a process per student)",
+        "ours": "bubblewrap sandbox (one per run; a process per student, its leftovers "
+        "killed and the sandbox emptied and checked before the next)",
         "baseline": "--sandbox none: the in-process guard",
     }
 

@@ -6,8 +6,9 @@ process* that runs the notebook's code, records which exercises its checks ran,
 and computes the student's outputs on the inputs the grader sends, one exercise
 at a time.  The zygote only relays messages: the student process never holds the
 grader's pipes.  When the student process ends, every process it left behind is
-killed (in the sandbox: all of the sandbox's PID namespace but the zygote) and the
-work folder is emptied before the next notebook.
+killed (in the sandbox: all of the sandbox's PID namespace but the zygote), the
+sandbox's writable places, IPC objects and keyrings are emptied, and the zygote checks
+that they are: the grader replaces a sandbox that is not clean before the next notebook.
 
 Nothing here decides a grade: the reference outputs and the comparison live in the
 grader's process, outside the sandbox.  Messages are frames: a 4-byte big-endian
@@ -21,8 +22,8 @@ import errno
 import io
 import json
 import os
+import secrets
 import select
-import shutil
 import signal
 import struct
 import sys
@@ -344,6 +345,13 @@ def student_main(
                 fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
                 for fn in exmod.get_exercise(name).forbidden_functions()
             }
+
+    def flag(what: str) -> None:
+        """Tell the grader at once (one atomic pipe write): what the student's code does
+        afterwards, such as clearing the lists here, cannot take it back."""
+        with contextlib.suppress(Exception):
+            os.write(msg_out, encode({"event": "flag", "what": what[:300]}))
+
     hits: list[str] = []
     active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
     seen: dict[Any, str] = {}  # code object -> the forbidden function it copies, or ""
@@ -356,10 +364,16 @@ def student_main(
                 label = seen[code] = _same_code(code, active[0])
             if label:
                 hits.append(label)
+                flag(f"uses the package's reference solution: it calls {label}")
 
     # tampering with the checks is noted (not blocked): the profiler switched, the C API
     # reached through ctypes or cffi, threads started around the profiler
-    tampered: list[str] = []
+    class _Noted(list):  # type: ignore[type-arg]
+        def append(self, what: str) -> None:
+            super().append(what)
+            flag(f"tampered with the grader's checks: {what}")
+
+    tampered: list[str] = _Noted()
     raw_start = _thread.start_new_thread
     allowed_callers = {threading.Thread._bootstrap_inner.__code__}
 
@@ -492,23 +506,30 @@ def _other_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
 
 
-def _kill_leftovers(child: int, sandboxed: bool) -> bool:
-    """Kill what the student process left; True if something was still running."""
+def _kill_leftovers(child: int, sandboxed: bool, bound: float = 60.0) -> tuple[bool, bool]:
+    """Kill what the student process left: ``(something was still running, none is now)``.
+
+    In the sandbox every process of its PID namespace but the zygote (and bwrap's init) is
+    killed with ``kill(-1)``, which is atomic against ``fork``, until ``/proc`` lists no
+    other process; ``bound`` seconds is far more than a loaded machine takes to end them.
+    """
     if sandboxed:
         left = bool(_other_pids())
-        for _ in range(100):  # kill(-1) is atomic against fork; repeat for zombies to go
+        deadline = time.monotonic() + bound
+        while True:
             with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass
             if not _other_pids():
-                break
+                return left, True
+            if time.monotonic() > deadline:
+                return left, False
             time.sleep(0.01)
-        return left
     with contextlib.suppress(OSError):
         os.killpg(child, signal.SIGKILL)
-    return False
+    return False, True
 
 
 def _remove_sysv_ipc() -> None:
@@ -536,20 +557,87 @@ def _remove_sysv_ipc() -> None:
 
 
 def _empty(folder: Path) -> None:
-    for entry in list(folder.iterdir()) if folder.is_dir() else []:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+    """Remove everything under ``folder``, also below folders the student made unreadable or
+    unwritable (it owned them: the same user may chmod them back)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(path, 0o700)
+                _empty(path)
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError:
+            pass
+
+
+#: the writable places of the sandbox, emptied between students
+SCRATCH = (Path("/tmp"), Path("/dev/shm"), Path("/dev/mqueue"))
+
+_KEYCTL = {"x86_64": 250, "aarch64": 219, "i686": 288, "armv7l": 311, "ppc64le": 280}
+
+
+def _keyctl(*args: Any) -> int:
+    import ctypes
+    import platform
+
+    number = _KEYCTL.get(platform.machine())
+    if number is None:
+        return -1
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(number, *args))
+
+
+def _clear_keyrings() -> bool:
+    """Clear the user's keyrings (they outlive processes); True when both are empty after."""
+    keyctl_clear, keyctl_read = 7, 11
+    empty = True
+    for ring in (-4, -5):  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
+        with contextlib.suppress(Exception):
+            _keyctl(keyctl_clear, ring)
+        with contextlib.suppress(Exception):
+            if _keyctl(keyctl_read, ring, None, 0) > 0:  # bytes of the list of keys
+                empty = False
+    return empty
+
+
+def _leftovers_in_sandbox() -> list[str]:
+    """What a student left that would reach the next one (empty when the sandbox is clean)."""
+    found = [f"process {pid}" for pid in _other_pids()]
+    for folder in SCRATCH:
+        with contextlib.suppress(OSError):
+            found += [str(folder / name) for name in os.listdir(folder)]
+    for kind in ("shm", "sem", "msg"):
+        with contextlib.suppress(OSError):
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+            found += [f"System V {kind} {line.split()[1]}" for line in lines if line.split()]
+    if not _clear_keyrings():
+        found.append("a key in the user's keyring")
+    return found
+
+
+def _clean_sandbox(bound: float = 60.0) -> list[str]:
+    """Empty the sandbox's writable places, IPC objects and keyrings; what is still there."""
+    for folder in SCRATCH:
+        _empty(folder)
+    _remove_sysv_ipc()
+    _clear_keyrings()
+    return _leftovers_in_sandbox()
 
 
 def _run_student(request: Mapping[str, Any], sandboxed: bool, guard: bool) -> None:
     """Fork the student process and relay its frames until it ends (fd 0/1: the grader)."""
     import resource
 
-    work = Path(str(request["work"]))
-    work.mkdir(parents=True, exist_ok=True)
+    # a fresh folder per student, under a name no earlier student could know
+    work = Path(str(request["work"])) / f"s-{secrets.token_hex(8)}"
+    work.mkdir(parents=True, mode=0o700)
+    request = {**request, "work": str(work)}
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     pid = os.fork()
@@ -639,15 +727,21 @@ def _run_student(request: Mapping[str, Any], sandboxed: bool, guard: bool) -> No
             for frame in buffer.feed(chunk):
                 _write_all(1, _HEAD.pack(len(frame) + 1) + b"C" + frame)
     os.close(from_child_r)
-    leftover = _kill_leftovers(pid, sandboxed)
-    _empty(work)
-    if sandboxed:
-        for shared in (Path("/dev/shm"), Path("/tmp")):
-            with contextlib.suppress(OSError):
-                _empty(shared)
-        _remove_sysv_ipc()  # the sandbox's own IPC namespace: nothing passes to the next student
+    leftover, _ = _kill_leftovers(pid, sandboxed)
+    remains: list[str] = []
+    if sandboxed:  # the sandbox's own namespaces: nothing may pass to the next student
+        remains = _clean_sandbox()
+    else:
+        _empty(work.parent)
     exit_code = os.waitstatus_to_exitcode(status)
-    header = {"event": "done", "exit": exit_code, "leftover": leftover, "problem": problem}
+    header = {
+        "event": "done",
+        "exit": exit_code,
+        "leftover": leftover,
+        "problem": problem,
+        "clean": not remains,  # else the grader starts a fresh sandbox for the next student
+        "remains": remains[:5],
+    }
     body = json.dumps(header).encode() + b"\n"
     _write_all(1, _HEAD.pack(len(body) + 1) + b"Z" + body)
 
@@ -663,6 +757,8 @@ def zygote_main(argv: Sequence[str]) -> int:  # pragma: no cover - runs in its o
         _OUTPUT_FD[0] = int(argv[list(argv).index("--output-fd") + 1])
     if sandboxed and os.getpid() > 3:  # kill(-1) is only safe in the sandbox's PID namespace
         sandboxed = False
+    if sandboxed:  # ``-m`` put the working folder (/tmp) first on sys.path: students write there
+        sys.path[:] = [p for p in sys.path if p not in ("", ".", "/tmp")]
     _set_not_dumpable()
     os.environ["FEWCLIP_EDITION"] = "student"
     import torch

@@ -17,9 +17,12 @@ How a class is graded
    not the grader's output), a private tmpfs as the only writable place, no
    network, its own PID namespace, a non-root user, and CPU, memory, process and
    file-size limits set from outside.  Inside, a process that has imported torch
-   forks one *student process* per notebook; when it ends, every process it left
-   behind is killed and the tmpfs is emptied (``--sandbox-per-student`` starts a
-   fresh sandbox for every student instead, slower).  Without bubblewrap the
+   forks one *student process* per notebook, in a fresh work folder; when it ends,
+   every process it left behind is killed, ``/tmp``, ``/dev/shm`` and the message
+   queues are emptied, IPC objects and keyrings cleared, and all of it checked: a
+   sandbox with anything left is replaced by a fresh one before the next student
+   (``--sandbox-per-student`` starts a fresh sandbox for every student, slower).
+   A process of the sandbox that a student stopped is resumed.  Without bubblewrap the
    grader says so on its first line and in the CSV, and runs the student process
    under an in-process audit hook: **a guard against accidents only**.
 3. The student process runs the notebook's imports, definitions, constants,
@@ -533,6 +536,14 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         cmd += ["--ro-bind", str(r), str(r)]
     package = _package_dir()
     cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    # /dev read-only but for its own small /dev/shm and POSIX message queues: the zygote
+    # empties both (and /tmp) between students and checks that they are empty
+    if _bwrap_supports("--size"):
+        cmd += ["--size", str(64 << 20)]
+    cmd += ["--tmpfs", "/dev/shm"]
+    if _bwrap_supports("--mqueue"):
+        cmd += ["--mqueue", "/dev/mqueue"]
+    cmd += ["--remount-ro", "/dev"]
     return [*cmd, "--chdir", "/tmp"]
 
 
@@ -607,6 +618,9 @@ class _Box:
         self.log_limit = 64_000
         self.work = "/tmp/work"
         self.drop_ok = True
+        #: what the student process reported against itself the moment it happened (a call
+        #: of the reference, tampering): kept here, out of the student's reach
+        self.flags: list[str] = []
 
     # ---- life cycle
     def start(self) -> None:
@@ -704,7 +718,7 @@ class _Box:
             with contextlib.suppress(OSError):
                 self.proc.kill()
             with contextlib.suppress(Exception):
-                self.proc.wait(10)
+                self.proc.wait(120)  # SIGKILLed: only a very loaded machine takes seconds
             for f in (self.proc.stdin, self.proc.stdout):
                 with contextlib.suppress(Exception):
                     f.close()  # type: ignore[union-attr]
@@ -720,6 +734,35 @@ class _Box:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def resume_stopped(self) -> int:
+        """SIGCONT to every stopped process of the sandbox (a student's process may stop the
+        zygote, which would otherwise hold up the grader until a deadline); how many."""
+        if self.proc is None or not sys.platform.startswith("linux"):
+            return 0
+        parents: dict[int, int] = {}
+        stopped: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            if fields[0] == b"T":
+                stopped.add(int(entry))
+        resumed = 0
+        for pid in stopped:
+            up, hops = pid, 0
+            while up > 1 and up != self.proc.pid and hops < 64:
+                up, hops = parents.get(up, 0), hops + 1
+            if up == self.proc.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
+                    resumed += 1
+        return resumed
 
     # ---- messages
     def send(self, header: Mapping[str, Any], payload: Any = None, timeout: float = 60.0) -> None:
@@ -792,24 +835,30 @@ class _Box:
         if flood_limit is not None:
             self._drain_output()  # what the cells printed before does not count
         start_seen = self.output_seen
-        while not self.pending:
-            if flood_limit is not None and self.output_seen - start_seen > flood_limit:
-                return "flood", {}, b""
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return "timeout", {}, b""
-            ready, _, _ = select.select([fd, self.out_r], [], [], min(left, 0.5))
-            if self.out_r in ready:
-                self._drain_output()
-            if fd in ready:
-                self._read_frames(fd)
-        body = self.pending.pop(0)
-        source, body = body[:1].decode("latin-1"), body[1:]
-        try:
-            header, payload = child.decode(body)
-        except (ValueError, RecursionError):
-            header, payload = {"event": "unreadable"}, b""
-        return source, header, payload
+        while True:
+            while not self.pending:
+                if flood_limit is not None and self.output_seen - start_seen > flood_limit:
+                    return "flood", {}, b""
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout", {}, b""
+                ready, _, _ = select.select([fd, self.out_r], [], [], min(left, 0.5))
+                if self.out_r in ready:
+                    self._drain_output()
+                if fd in ready:
+                    self._read_frames(fd)
+                elif not ready:
+                    self.resume_stopped()
+            body = self.pending.pop(0)
+            source, body = body[:1].decode("latin-1"), body[1:]
+            try:
+                header, payload = child.decode(body)
+            except (ValueError, RecursionError):
+                header, payload = {"event": "unreadable"}, b""
+            if source == "C" and header.get("event") == "flag":
+                self.flags.append(str(header.get("what"))[:300])
+                continue
+            return source, header, payload
 
 
 # --------------------------------------------------------------------------- grading
@@ -941,36 +990,39 @@ class _Grader:
             return f"returned something the grader cannot compare ({type(err).__name__})"
         return ""
 
+    #: seconds the zygote may take to end a student process and clean the sandbox after
+    #: it: killing and reaping, emptying the tmpfs; far more than a loaded machine needs
+    DONE_BOUND = 120.0
+
+    def _await_done(self, event: str) -> dict[str, Any] | None:
+        """Send ``event`` to the zygote and wait for its ``done`` header: None when it does
+        not come within :attr:`DONE_BOUND` (or the output floods meanwhile)."""
+        self.box.send({"event": event})
+        deadline = time.monotonic() + self.DONE_BOUND
+        while True:
+            source, header, _ = self.box.next(deadline)
+            if source in ("timeout", "flood"):
+                return None
+            if source == "Z" and header.get("event") == "done":
+                return header
+
     def _kill_child(self) -> dict[str, Any]:
         """Stop the student process; the zygote's ``done`` header (empty if it broke)."""
-        try:
-            self.box.send({"event": "kill"})
-            deadline = time.monotonic() + 10
-            while True:
-                source, header, _ = self.box.next(deadline)
-                if source in ("timeout", "flood"):
-                    break
-                if source == "Z" and header.get("event") == "done":
-                    return header
-        except _SandboxDied:
-            pass
+        with contextlib.suppress(_SandboxDied):
+            header = self._await_done("kill")
+            if header is not None:
+                return header
         self.box.close()
         return {}
 
     def _finish(self) -> dict[str, Any]:
         """Let the student process end (``end``), as the zygote reports it."""
         try:
-            self.box.send({"event": "end"})
-            deadline = time.monotonic() + 10
-            while True:
-                source, header, _ = self.box.next(deadline)
-                if source in ("timeout", "flood"):
-                    return self._kill_child()
-                if source == "Z" and header.get("event") == "done":
-                    return header
+            header = self._await_done("end")
         except _SandboxDied:
             self.box.close()
             return {}
+        return header if header is not None else self._kill_child()
 
     def run_notebook(self, nb: Mapping[str, Any]) -> tuple[dict[str, str], list[str], str]:
         """``({name: reason for zero, "" when right}, names in check order, log)``."""
@@ -993,6 +1045,7 @@ class _Grader:
                 for name in remaining or []:
                     results[name] = (why, None)
                 break
+            self.box.flags = []
             request = {
                 "event": "student",
                 "code": code,
@@ -1006,6 +1059,7 @@ class _Grader:
             try:
                 self.box.send(request)
                 source, header, _ = self.box.next(time.monotonic() + cfg.setup_timeout)
+                in_cells = list(self.box.flags)  # during the cells: against every exercise
                 if source == "C" and header.get("event") == "answers":
                     names = header.get("names")
                     if not isinstance(names, list) or not all(
@@ -1053,10 +1107,13 @@ class _Grader:
                     for name in remaining or []:
                         results[name] = (problem, None)
                     leftover |= bool(done.get("leftover"))
+                    if done and not done.get("clean", True):
+                        self.box.close()
                     break
                 for name in list(remaining or []):
                     current = name
                     trials = list(self._trial_inputs(name))
+                    self.box.flags[:] = in_cells
                     self.box.send({"event": "run", "name": name}, trials)
                     deadline = time.monotonic() + cfg.timeout  # the child cannot move it
                     source, header, payload = self.box.next(deadline, flood_limit=cfg.output_limit)
@@ -1075,6 +1132,8 @@ class _Grader:
                                 outputs = _load_outputs(payload)
                             except Exception as err:  # noqa: BLE001
                                 error = f"returned something the grader cannot read ({type(err).__name__})"
+                        if self.box.flags:  # it said so itself before it could hide it
+                            error, outputs = self.box.flags[0], None
                         results[name] = (error, outputs)
                         remaining.remove(name)
                         current = None
@@ -1104,6 +1163,10 @@ class _Grader:
                 self.box.close()
             leftover |= bool(done.get("leftover"))
             logs.append(self.box.take_output())
+            if done and not done.get("clean", True):
+                # something survived the zygote's cleaning: a fresh sandbox for the next one
+                logs.append(f"[grader] a fresh sandbox follows: left {done.get('remains')}")
+                self.box.close()
             if problem and current is not None and remaining is not None:
                 results[current] = (problem, None)
                 remaining.remove(current)

@@ -556,17 +556,43 @@ def _remove_sysv_ipc() -> None:
                         remove(int(fields[1]), ipc_rmid, None)
 
 
-def _empty(folder: Path) -> None:
+def _mount_points() -> frozenset[str]:
+    """The sandbox's mount points (``/proc/self/mountinfo``, field 5): its own structure."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(line.split()[4] for line in lines if len(line.split()) > 4)
+
+
+def _holds_structure(path: Path, mounts: frozenset[str]) -> tuple[bool, bool]:
+    """``(path is a mount point, a mount point lies below path)``.
+
+    A read-only bind below a writable place (a checkout under ``/tmp``: its interpreter and
+    package are bound at their own paths) is the sandbox's structure, not a student's file:
+    emptying leaves it, and the folders that hold it, in place.
+    """
+    text = str(path)
+    return text in mounts, any(m.startswith(text + "/") for m in mounts)
+
+
+def _empty(folder: Path, mounts: frozenset[str] = frozenset()) -> None:
     """Remove everything under ``folder``, also below folders the student made unreadable or
-    unwritable (it owned them: the same user may chmod them back)."""
+    unwritable (it owned them: the same user may chmod them back); mount points in
+    ``mounts`` and the folders that hold them stay."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
         path = Path(entry.path)
+        is_mount, holds_mount = _holds_structure(path, mounts)
+        if is_mount:
+            continue
         try:
-            if entry.is_dir(follow_symlinks=False):
+            if holds_mount:
+                _empty(path, mounts)
+            elif entry.is_dir(follow_symlinks=False):
                 os.chmod(path, 0o700)
                 _empty(path)
                 path.rmdir()
@@ -574,6 +600,20 @@ def _empty(folder: Path) -> None:
                 path.unlink()
         except OSError:
             pass
+
+
+def _student_files(folder: Path, mounts: frozenset[str]) -> list[str]:
+    """What lies under ``folder`` that is not the sandbox's structure (see :func:`_empty`)."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            path = folder / name
+            is_mount, holds_mount = _holds_structure(path, mounts)
+            if holds_mount and not is_mount:
+                found += _student_files(path, mounts)
+            elif not is_mount:
+                found.append(str(path))
+    return found
 
 
 #: the writable places of the sandbox, emptied between students
@@ -609,9 +649,9 @@ def _clear_keyrings() -> bool:
 def _leftovers_in_sandbox() -> list[str]:
     """What a student left that would reach the next one (empty when the sandbox is clean)."""
     found = [f"process {pid}" for pid in _other_pids()]
+    mounts = _mount_points()
     for folder in SCRATCH:
-        with contextlib.suppress(OSError):
-            found += [str(folder / name) for name in os.listdir(folder)]
+        found += _student_files(folder, mounts)
     for kind in ("shm", "sem", "msg"):
         with contextlib.suppress(OSError):
             lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
@@ -623,8 +663,9 @@ def _leftovers_in_sandbox() -> list[str]:
 
 def _clean_sandbox(bound: float = 60.0) -> list[str]:
     """Empty the sandbox's writable places, IPC objects and keyrings; what is still there."""
+    mounts = _mount_points()
     for folder in SCRATCH:
-        _empty(folder)
+        _empty(folder, mounts)
     _remove_sysv_ipc()
     _clear_keyrings()
     return _leftovers_in_sandbox()

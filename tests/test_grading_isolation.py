@@ -172,6 +172,11 @@ def test_nothing_an_earlier_student_left_reaches_a_later_one(graded: dict) -> No
     reason = graded["grades"]["c_reader"].grades["prompt_ensemble"].reason
     assert "LookupError: nothing from another student" in reason
     assert graded["rows"]["b_honest"]["notes"] == ""
+    # ... because one sandbox was emptied between them, not replaced: the cleaning reached
+    # everything they left, and did not mistake the sandbox's own mounts (a checkout under
+    # /tmp) for a student's files
+    logs = "".join(g.log for g in graded["grades"].values())
+    assert "a fresh sandbox follows" not in logs
 
 
 def test_a_reported_call_of_the_reference_cannot_be_taken_back(graded: dict) -> None:

@@ -75,9 +75,24 @@ class UnknownSetupError(KeyError):
         return str(self.args[0])
 
 
+#: the last setup :func:`get_setup` returned, ``(name, overridden fields)`` (None: none yet)
+_LAST: tuple[str, frozenset[str]] | None = None
+
+#: overriding one of these leaves the embedded default: committed numbers cannot hold
+_WORLD_FIELDS = frozenset({"dataset", "backbone", "pretrained"})
+
+
+def runs_embedded_default() -> bool:
+    """True unless the last :func:`get_setup` asked for another preset or another
+    dataset, backbone or checkpoint (no call yet counts as the embedded default)."""
+    return _LAST is None or (_LAST[0] == "embedded" and not _LAST[1] & _WORLD_FIELDS)
+
+
 def get_setup(name: str = "embedded", **overrides) -> Setup:
     """The preset ``name`` (``FEWCLIP_SETUP`` in the environment wins), with ``overrides``."""
     name = os.environ.get("FEWCLIP_SETUP", name)
+    global _LAST  # noqa: PLW0603 - read by course.nbcheck: which setup the notebook runs
+    _LAST = (name, frozenset(overrides))
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -10,6 +10,14 @@ into ``N`` disjoint shards, :func:`run_cells` appends one JSON line per finished
 results file and skips the cells already in it (so a killed job resumes where it
 stopped), and :func:`merge_results` rebuilds, from the results files of every shard, the
 same frame an unsharded :func:`run_sweep` returns.
+
+Within one build of the book the chapters share finished cells: with
+``FEWCLIP_RESULTS_CACHE`` set to a folder (``make test`` and ``make notebooks`` set it
+under ``_build/``), :func:`run_sweep` reads a cell that another chapter already ran
+instead of running it again (:func:`results_cache_path`).  The cache is keyed by
+everything a result depends on: the cell without its label, the package's own files
+and the machine's numeric set-up, so a changed method or another CPU never reads an
+old result.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ __all__ = [
     "parse_method_spec",
     "parse_shard",
     "read_records",
+    "results_cache_path",
     "run_cells",
     "run_sweep",
     "shard_cells",
@@ -425,6 +434,53 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+# --------------------------------------------------------------------------- the cache
+
+#: The folder of the cache of finished cells shared by the chapters (unset: no cache).
+RESULTS_CACHE_ENV = "FEWCLIP_RESULTS_CACHE"
+_FINGERPRINT: list[str] = []
+
+
+def code_fingerprint() -> str:
+    """A digest of what a result depends on besides its cell: every file of the installed
+    package (code and the embedded checkpoint) and the numeric set-up (torch, numpy and
+    scikit-learn versions, CPU kernels, thread count)."""
+    if not _FINGERPRINT:
+        import numpy
+        import sklearn
+        import torch
+
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        setup = (
+            torch.__version__,
+            numpy.__version__,
+            sklearn.__version__,
+            torch.backends.cpu.get_cpu_capability(),
+            str(torch.get_num_threads()),
+            str(torch.cuda.is_available()),
+        )
+        h.update("\0".join(setup).encode())
+        _FINGERPRINT.append(h.hexdigest()[:20])
+    return _FINGERPRINT[0]
+
+
+def results_cache_path() -> Path | None:
+    """``$FEWCLIP_RESULTS_CACHE/<fingerprint>.jsonl``, or ``None`` when the variable is unset."""
+    root = os.environ.get(RESULTS_CACHE_ENV, "").strip()
+    return Path(root) / f"{code_fingerprint()}.jsonl" if root else None
+
+
+def _cache_key(cell: Cell) -> str:
+    """The cell's key without its label: two chapters' labels for one run share it."""
+    key = json.loads(cell.key)
+    del key["label"]
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -464,6 +520,7 @@ def run_cells(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     keep_results: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run ``cells`` (skipping those already in ``results``) and record each one.
 
@@ -479,6 +536,9 @@ def run_cells(
         progress: progress bars of the default runner.
         log: called with one line per cell (e.g. ``print``); ``None``: silent.
         keep_results: also return the raw result dicts of the cells run here.
+        cache: a JSON-lines file of rows shared across labels and calls (see
+            :func:`results_cache_path`): a cell found there is not run; each cell run is
+            added.  Ignored with ``keep_results`` (the raw results are not cached).
 
     Returns:
         ``(rows, raw)``: one row per cell of ``cells`` in order (recorded ones read back
@@ -509,13 +569,22 @@ def run_cells(
                 append_record(
                     results, {**record, "grid": gid, "grid_cells": size, "index": cell.index}
                 )
+    cached: dict[str, dict[str, Any]] = {}
+    if cache is not None and not keep_results:
+        cached = {r["cell"]: r["row"] for r in read_records(cache)}
     for number, cell in enumerate(todo, start=1):
         start = time.perf_counter()
-        result = runner(cell)
+        hit = cached.get(_cache_key(cell))
+        if hit is not None:
+            row = {**hit, "label": cell.label}
+        else:
+            result = runner(cell)
+            if keep_results:
+                raw.append({**result, "label": cell.label})
+            row = _row(result, cell)
+            if cache is not None and not keep_results:
+                append_record(cache, {"cell": _cache_key(cell), "row": row})
         seconds = time.perf_counter() - start
-        if keep_results:
-            raw.append({**result, "label": cell.label})
-        row = _row(result, cell)
         rows[cell.key] = row
         if results is not None:
             append_record(
@@ -533,7 +602,8 @@ def run_cells(
         if log is not None:
             test = row.get("test_accuracy")
             score = f"test {test:.1f}" if isinstance(test, (int, float)) else "done"
-            log(f"[{number}/{len(todo)}] {cell.describe()}: {score} ({seconds:.1f} s)")
+            how = " (from the cache)" if hit is not None else ""
+            log(f"[{number}/{len(todo)}] {cell.describe()}: {score} ({seconds:.1f} s){how}")
     return [rows[c.key] for c in cells], raw
 
 
@@ -576,6 +646,10 @@ def run_sweep(
             there are read back instead of run (see :func:`run_cells`).
         shard: ``"I/N"`` or ``(I, N)``: run only that shard of the grid.
 
+    With ``FEWCLIP_RESULTS_CACHE`` set (and without ``keep_results``), cells another
+    call already ran with the same code on the same set-up are read from
+    :func:`results_cache_path` instead of run.
+
     Returns:
         A ``pandas.DataFrame`` with one row per (label, dataset, shots, seed) of the shard
         (the whole grid by default): ``label``, ``method``, ``dataset``, ``shots``,
@@ -601,6 +675,7 @@ def run_sweep(
         shard=f"{index}/{count}",
         progress=progress,
         keep_results=keep_results,
+        cache=None if keep_results else results_cache_path(),
     )
     frame = sweep_frame(rows)
     return (frame, raw) if keep_results else frame

@@ -128,6 +128,9 @@ def execute_chapters(root: Path, jobs: int, log=print) -> dict[str, float]:
     todo.sort(key=lambda item: (-last.get(item[0].name, 0.0), -item[0].stat().st_size))
     os.environ.update(THREAD_ENV)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # chapters share finished sweep cells (fewclip_tutorial.sweep.results_cache_path)
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("FEWCLIP_RESULTS_CACHE", str(root / "_build" / "results-cache"))
     start = time.time()
     times: dict[str, float] = {}
 

@@ -29,6 +29,9 @@ def execute(path: str, timeout: int = 1800) -> float:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     # re-executing for a commit refreshes the README's figure (fewclip_tutorial.plots)
     os.environ["FEWCLIP_WRITE_README_FIGURE"] = "1"
+    # chapters share finished sweep cells (keyed by the package's files and the set-up)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault("FEWCLIP_RESULTS_CACHE", os.path.join(repo, "_build", "results-cache"))
     start = time.time()
     client = NotebookClient(
         nb,

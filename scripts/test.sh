@@ -25,6 +25,9 @@ case "$CONFIG" in
   *) echo "FEWCLIP_TEST_CONFIG=$CONFIG is unknown; use default, avx2 or threads2" >&2; exit 2 ;;
 esac
 export FEWCLIP_CACHE="${FEWCLIP_CACHE:-$PWD/_build/feature-cache}"
+# finished sweep cells shared by the chapters (fewclip_tutorial.sweep.results_cache_path:
+# keyed by the package's files and this configuration, so nothing stale is ever read)
+export FEWCLIP_RESULTS_CACHE="${FEWCLIP_RESULTS_CACHE:-$PWD/_build/results-cache}"
 echo "== configuration: $CONFIG (OMP_NUM_THREADS=$OMP_NUM_THREADS, ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-default}; $(.venv/bin/python -c 'import torch; print("kernels", torch.backends.cpu.get_cpu_capability())'))"
 if [[ "$CONFIG" == default ]]; then
   echo "== ruff"

@@ -55,7 +55,7 @@ MARKERS = {
     "NBVAL_RAISES_EXCEPTION": "nbval-raises-exception",
 }
 HIDDEN_TAG = "remove-cell"
-CHECK_FUNCTIONS = {"assert_committed"}
+CHECK_FUNCTIONS = {"assert_committed", "expect"}
 COMMITTED_PREFIX = "COMMITTED"
 #: Methods that change their receiver in place (a moved check must not pass one of them).
 MUTATORS = {

@@ -7,6 +7,7 @@ without it. Each rule is also shown failing on a small bad notebook. Nothing is 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -62,6 +63,21 @@ def visible_machinery(nb: dict) -> list[str]:
     return bad
 
 
+def bare_asserts(nb: dict) -> list[str]:
+    """``assert`` statements in code cells: they stop a chapter on a GPU or on Colab,
+    where committed values cannot hold; ``expect(condition, message)`` reports there."""
+    bad = []
+    for index, _, src in _code_cells(nb):
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:  # magics: checked by nbval, not here
+            continue
+        bad += [
+            f"cell {index}: line {n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Assert)
+        ]
+    return bad
+
+
 def _notebook(*cells: dict) -> dict:
     return {
         "cells": list(cells),
@@ -112,6 +128,20 @@ def test_code_lines_fit_in_88_columns(path: Path) -> None:
 def test_no_test_machinery_in_visible_cells(path: Path) -> None:
     bad = visible_machinery(json.loads(path.read_text(encoding="utf-8")))
     assert not bad, f"{path.name}: run python scripts/tidy_notebooks.py:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_bare_assert_in_a_chapter(path: Path) -> None:
+    bad = bare_asserts(json.loads(path.read_text(encoding="utf-8")))
+    assert not bad, (
+        f"{path.name}: use fewclip_tutorial.course.nbcheck.expect(condition, message), "
+        "which reports instead of stopping where committed values cannot hold:\n" + "\n".join(bad)
+    )
+
+
+def test_the_assert_check_finds_nested_asserts() -> None:
+    nb = _notebook(_code("if True:\n    assert 1 == 1, 'x'\nexpect(1, 'y')\n", "a"))
+    assert bare_asserts(nb) == ["cell 0: line 2"]
 
 
 def test_the_style_checks_fail_on_a_bad_notebook() -> None:

@@ -409,3 +409,73 @@ def test_append_record_writes_whole_lines(tmp_path: Path):
     append_record(path, {"cell": "b", "row": {"x": 1.5}})
     lines = path.read_text().splitlines()
     assert [json.loads(x)["cell"] for x in lines] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- the shared cache
+
+
+def test_the_cache_serves_a_cell_under_another_label_and_never_raw_results(tmp_path: Path):
+    cache = tmp_path / "cache.jsonl"
+    first = sweep_cells({"zero-shot": "zero-shot"}, shots=(1, 2), seeds=(1,))
+    other = sweep_cells({"CLIP": "zero-shot"}, shots=(1, 2), seeds=(1,))
+    runner = CountingRunner()
+    rows_first, _ = run_cells(first, runner=runner, cache=cache)
+    assert len(runner.calls) == 2 and len(read_records(cache)) == 2
+    runner = CountingRunner()
+    rows_other, _ = run_cells(other, runner=runner, cache=cache)
+    assert runner.calls == []  # the same runs under another label
+    assert [{**r, "label": "zero-shot"} for r in rows_other] == rows_first
+    assert {r["label"] for r in rows_other} == {"CLIP"}
+    # other options are another run
+    runner = CountingRunner()
+    changed = sweep_cells({"zero-shot": ("zero-shot", {"by_prompt": True})}, shots=(1,), seeds=(1,))
+    run_cells(changed, runner=runner, cache=cache)
+    assert len(runner.calls) == 1
+    # raw results are never cached: keep_results runs every cell
+    runner = CountingRunner()
+    _, raw = run_cells(first, runner=runner, cache=cache, keep_results=True)
+    assert len(runner.calls) == 2 and len(raw) == 2
+
+
+def test_run_sweep_reads_the_cache_named_by_the_environment_with_the_same_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from fewclip_tutorial import sweep as sweep_module
+
+    grid = {"shots": (1,), "seeds": (1, 2), "progress": False}
+    fresh = run_sweep({"linear probe": ("linear-probe", {"max_iter": 100})}, **grid)
+    monkeypatch.setenv("FEWCLIP_RESULTS_CACHE", str(tmp_path))
+    path = sweep_module.results_cache_path()
+    assert path is not None and path.parent == tmp_path
+    first = run_sweep({"linear probe": ("linear-probe", {"max_iter": 100})}, **grid)
+    assert len(read_records(path)) == 2
+    calls = []
+    monkeypatch.setattr(
+        sweep_module, "run_method", lambda *a, **k: calls.append(a) or {}, raising=True
+    )
+    again = run_sweep({"probe": ("linear-probe", {"max_iter": 100})}, **grid)
+    assert calls == []  # served from the cache
+    pd.testing.assert_frame_equal(first, fresh)
+    pd.testing.assert_frame_equal(again.assign(label="linear probe"), fresh)
+
+
+def test_the_cache_file_depends_on_the_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import torch
+
+    from fewclip_tutorial import sweep as sweep_module
+
+    monkeypatch.setenv("FEWCLIP_RESULTS_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        names = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            monkeypatch.setattr(sweep_module, "_FINGERPRINT", [])
+            names.append(sweep_module.results_cache_path())
+    finally:
+        torch.set_num_threads(threads)
+    assert names[0] != names[1]
+    monkeypatch.delenv("FEWCLIP_RESULTS_CACHE")
+    assert sweep_module.results_cache_path() is None

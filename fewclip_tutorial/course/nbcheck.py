@@ -16,6 +16,12 @@ into the tag and moves the checks into the hidden cell.
 Deterministic outputs (data, splits, closed-form results, zero-shot scores) stay
 compared exactly.
 
+The committed values are those of the embedded default on a CPU, as CI runs the book.
+Anywhere else (a GPU, ``SETUP = "colab"`` or another dataset or backbone, Google Colab)
+they cannot hold, so :func:`assert_committed` and :func:`expect` print the difference in
+one line and let the chapter go on (:func:`strict_checks` says which applies;
+``FEWCLIP_COMMITTED_CHECKS=strict`` or ``=report`` in the environment decides instead).
+
 Examples:
     >>> assert_committed({"test": 97.4}, {"test": 97.5}, tol=0.5, what="Tip-Adapter")
     >>> assert_committed({"test": 90.0}, {"test": 97.5}, tol=0.5, what="Tip-Adapter")
@@ -27,9 +33,55 @@ Examples:
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Mapping
 
-__all__ = ["assert_committed"]
+__all__ = ["assert_committed", "expect", "strict_checks"]
+
+_ENV = "FEWCLIP_COMMITTED_CHECKS"
+
+
+def strict_checks() -> tuple[bool, str]:
+    """``(strict, why not)``: whether the committed values can hold here.
+
+    Strict on a CPU running the embedded default (the setup of the last
+    :func:`~fewclip_tutorial.settings.get_setup`), outside Google Colab.  The environment
+    variable ``FEWCLIP_COMMITTED_CHECKS`` (``strict`` or ``report``) overrides this.
+    """
+    forced = os.environ.get(_ENV, "").strip().lower()
+    if forced in ("strict", "report"):
+        return forced == "strict", f"{_ENV}={forced}"
+    if forced:
+        raise ValueError(f"{_ENV}={forced!r} is unknown; set it to 'strict' or 'report'.")
+    from fewclip_tutorial.settings import runs_embedded_default
+
+    if "google.colab" in sys.modules:
+        return False, "running on Google Colab"
+    if not runs_embedded_default():
+        return False, "not the embedded default setup"
+    import torch
+
+    if torch.cuda.is_available():
+        return False, "a GPU is present"
+    return True, ""
+
+
+def _fail(message: str) -> None:
+    """Raise where the committed values can hold, else print one line and go on."""
+    strict, why = strict_checks()
+    if strict:
+        raise AssertionError(message)
+    print(f"[not checked: {why}] {message.split('. If ')[0]}")
+
+
+def expect(condition: object, message: str) -> None:
+    """A self-consistency check of a chapter: ``assert condition, message`` where the
+    committed values can hold (:func:`strict_checks`), else one printed line."""
+    if not message:
+        raise ValueError("expect() needs a message that says what should hold.")
+    if not condition:
+        _fail(message)
 
 
 def _flatten(values: Mapping, prefix: str = "") -> dict[str, float]:
@@ -56,12 +108,15 @@ def assert_committed(
         what: names the result in the error message.
 
     Raises:
-        AssertionError: listing every number that moved, with the way out.
+        AssertionError: listing every number that moved, with the way out, where the
+            committed values can hold (:func:`strict_checks`); elsewhere the same text is
+            printed on one line and the chapter goes on.
     """
     got, want = _flatten(measured), _flatten(committed)
     missing = sorted(set(want) - set(got))
     if missing:
-        raise AssertionError(f"{what}: no measured value for {missing}; measured {sorted(got)}.")
+        _fail(f"{what}: no measured value for {missing}; measured {sorted(got)}.")
+        return
     problems = []
     for name, ref in want.items():
         t = float(tol.get(name, 0.0)) if isinstance(tol, Mapping) else float(tol)
@@ -72,7 +127,7 @@ def assert_committed(
                 f"(tolerance {t:g})"
             )
     if problems:
-        raise AssertionError(
+        _fail(
             f"{what}: "
             + "; ".join(problems)
             + ". If the method changed on purpose, re-execute the notebook "

@@ -29,11 +29,11 @@ from fewclip_tutorial.methods.clap.core import (
 from fewclip_tutorial.methods.clap.prompts import (
     AUGMENTATIONS,
     AUTHORS_AUGMENTATION_ORDER,
-    PROMPT_FORMS,
     PAPER_ART_STYLES,
     PAPER_COLORS,
     PAPER_IMAGE_TYPES,
     PAPER_SIZES,
+    PROMPT_FORMS,
     AugmentConfig,
     PromptAttributes,
     augment_prompt,
@@ -67,15 +67,16 @@ from fewclip_tutorial.methods.clap.train import (
 
 # fmt: off
 __all__ = [
-    "AUGMENTATIONS", "AUTHORS_AUGMENTATION_ORDER", "IMAUG_PROMPTS_PER_CLASS", "PROMPT_FORMS", "LAMBDA_GRID", "NOISE_POSITIONS",
-    "PAPER_ART_STYLES", "PAPER_COLORS", "PAPER_IMAGE_TYPES", "PAPER_SIZES",
-    "ZERO_SHOT_PROMPTS", "AugmentConfig", "CLAPConfig", "CLAPFit", "CLAPOptions",
-    "CLAPResult", "DisentangleNetwork", "PromptAttributes", "TextFeatureCache",
-    "augment_prompt", "augment_structure", "authors_augment", "authors_word_lists", "clap_loss", "clap_prompts", "dataset_factors",
-    "default_batch_size", "delete_art_style", "delete_color", "delete_image_type",
-    "delete_size", "encode_images_raw", "encode_text_raw", "encode_text_with_noise", "image_augmentation", "info_nce",
-    "lambda_scores", "prompt_form_classifier", "refine", "refined_classifier", "run_clap",
-    "select_lambda", "swap_order", "train_clap", "train_clap_episode", "train_clap_image",
+    "AUGMENTATIONS", "AUTHORS_AUGMENTATION_ORDER", "AugmentConfig", "CLAPConfig", "CLAPFit",
+    "CLAPOptions", "CLAPResult", "DisentangleNetwork", "IMAUG_PROMPTS_PER_CLASS", "LAMBDA_GRID",
+    "NOISE_POSITIONS", "PAPER_ART_STYLES", "PAPER_COLORS", "PAPER_IMAGE_TYPES", "PAPER_SIZES",
+    "PROMPT_FORMS", "PromptAttributes", "TextFeatureCache", "ZERO_SHOT_PROMPTS",
+    "augment_prompt", "augment_structure", "authors_augment", "authors_word_lists", "clap_loss",
+    "clap_prompts", "dataset_factors", "default_batch_size", "delete_art_style", "delete_color",
+    "delete_image_type", "delete_size", "encode_images_raw", "encode_text_raw",
+    "encode_text_with_noise", "image_augmentation", "info_nce", "lambda_scores",
+    "prompt_form_classifier", "refine", "refined_classifier", "run_clap", "select_lambda",
+    "swap_order", "train_clap", "train_clap_episode", "train_clap_image",
     "train_clap_image_features",
 ]
 # fmt: on

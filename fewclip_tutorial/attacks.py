@@ -15,10 +15,17 @@ The step size is the one choice that differs between evaluations in the literatu
 :data:`STEP_SIZES` names the authors' ``eps / 10`` (``"clap"``, the default) and the
 ``eps / 4`` we used before (``"quarter"``, close to TRADES' 0.007 at ``eps = 0.031``).
 
-Every attack works on raw pixels in ``[0, 1]``: :class:`NormalizedClassifier`
-normalises inside its forward pass, so ``eps = 0.031`` means 8/255 of the pixel range.
-(The authors' loaders normalise before the attack, so their clamp to ``[0, 1]`` and
-their ``eps`` act on normalised values; we keep the stated pixel budget.)
+Two conventions (:data:`CONVENTIONS`, the ``convention`` of :func:`zero_shot_robustness`):
+
+* ``"authors"`` (the default of CLAP's zero-shot path): as the authors' ``main/evaluate.py``
+  (``eval_zero_shot`` -> ``adversarial_attack`` -> ``pgd_attack``): the attacked images are
+  the loader's CLIP-*normalised* tensors, ``eps`` and the clamp to ``[0, 1]`` act on those
+  normalised values (the clamp cuts every negative normalised value to 0, so even a step of
+  size 0 changes the image: a bug-like choice we reproduce, not endorse), and the loss is the
+  cross-entropy of the raw cosine similarities (no x100 logit scale);
+* ``"pixel"``: raw pixels in ``[0, 1]``: :class:`NormalizedClassifier` normalises inside its
+  forward pass, so ``eps = 0.031`` means 8/255 of the pixel range, and the logits are
+  scaled by CLIP's 100.  This is the stated budget of the paper.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from tqdm.auto import tqdm
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE
 
 __all__ = [
+    "CONVENTIONS",
     "EPS",
     "STEP_SIZES",
     "NormalizedClassifier",
@@ -54,6 +62,9 @@ EPS: float = 0.031
 #: PGD/CW step size as a fraction of ``eps``: ``"clap"`` is the authors' ``eps / 10``
 #: (``main/evaluate.py``), ``"quarter"`` is ``eps / 4``.
 STEP_SIZES: dict[str, float] = {"clap": 0.1, "quarter": 0.25}
+
+#: Attack conventions of :func:`zero_shot_robustness` (see the module docstring).
+CONVENTIONS: tuple[str, ...] = ("authors", "pixel")
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -80,7 +91,12 @@ class NormalizedClassifier(nn.Module):
         head_weights: ``(C, D')`` class weights (rows L2-normalised by the caller).
         refine_fn: optional feature map applied after the encoder (e.g. CLAP's refinement,
             ``lambda f: clap.refine(f, network, lam)``); its output is renormalised.
-        logit_scale: multiplies the cosine similarities (CLIP's 100 by default).
+        logit_scale: multiplies the cosine similarities (CLIP's 100 by default; the authors'
+            attack uses the raw cosines, 1).
+        refine_input: ``"normalized"``: ``refine_fn`` sees L2-normalised encoder features;
+            ``"raw"``: the encoder's output as is (the authors' network input).
+        input_space: ``"pixel"``: inputs are pixels in ``[0, 1]``, normalised here;
+            ``"normalized"``: inputs are already CLIP-normalised (the authors' attack).
     """
 
     def __init__(
@@ -91,8 +107,16 @@ class NormalizedClassifier(nn.Module):
         head_weights: Tensor,
         refine_fn: Callable[[Tensor], Tensor] | None = None,
         logit_scale: float = CLIP_LOGIT_SCALE,
+        refine_input: str = "normalized",
+        input_space: str = "pixel",
     ) -> None:
         super().__init__()
+        if refine_input not in ("normalized", "raw"):
+            raise ValueError(f"refine_input={refine_input!r}: choose 'normalized' or 'raw'.")
+        if input_space not in ("pixel", "normalized"):
+            raise ValueError(f"input_space={input_space!r}: choose 'pixel' or 'normalized'.")
+        self.refine_input = refine_input
+        self.input_space = input_space
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need 3 values, one per RGB channel.")
         if any(s <= 0 for s in std):
@@ -105,14 +129,19 @@ class NormalizedClassifier(nn.Module):
         self.register_buffer("head_weights", head_weights.detach().float().clone())
 
     def forward(self, pixels: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` pixels in ``[0, 1]`` -> ``(B, C)`` logits."""
-        x = (pixels.float() - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+        """``(B, 3, H, W)`` pixels in ``[0, 1]`` (or normalised images) -> ``(B, C)`` logits."""
+        x = pixels.float()
+        if self.input_space == "pixel":
+            x = (x - self.mean.to(pixels.device)) / self.std.to(pixels.device)
         params = list(self.visual.parameters()) if isinstance(self.visual, nn.Module) else []
         if params:
             x = x.to(params[0].dtype)
-        f = F.normalize(self.visual(x).float(), dim=-1)
+        raw = self.visual(x).float()
+        f = F.normalize(raw, dim=-1)
         if self.refine_fn is not None:
-            f = F.normalize(self.refine_fn(f).float(), dim=-1)
+            f = F.normalize(
+                self.refine_fn(raw if self.refine_input == "raw" else f).float(), dim=-1
+            )
         return self.logit_scale * f @ self.head_weights.to(f.device).T
 
 
@@ -129,7 +158,7 @@ def pixel_transform(preprocess: Any) -> Any:
     return T.Compose([t for t in steps if not isinstance(t, T.Normalize)])
 
 
-def _check(images: Tensor, labels: Tensor, eps: float) -> None:
+def _check(images: Tensor, labels: Tensor, eps: float, pixels: bool = True) -> None:
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}.")
     if labels.shape != (images.shape[0],):
@@ -137,11 +166,12 @@ def _check(images: Tensor, labels: Tensor, eps: float) -> None:
     if not eps > 0:
         raise ValueError(f"eps={eps} must be > 0 (the paper uses 0.031).")
     lo, hi = float(images.min()), float(images.max())
-    if lo < 0.0 or hi > 1.0:
+    if pixels and (lo < 0.0 or hi > 1.0):
         raise ValueError(
             f"images span [{lo:.3f}, {hi:.3f}]: attacks work in [0, 1] pixel space; pass "
             "un-normalised images (a transform without Normalize) and let NormalizedClassifier "
-            "normalise inside the forward pass."
+            "normalise inside the forward pass, or pass pixels=False for the authors' "
+            "convention (normalised images, clamped to [0, 1] all the same)."
         )
 
 
@@ -180,6 +210,7 @@ def pgd(
     loss: str = "ce",
     kappa: float = 50.0,
     generator: torch.Generator | None = None,
+    pixels: bool = True,
 ) -> Tensor:
     """PGD (L_inf): ``x <- Proj_{B(x0, eps) & [0,1]}(x + alpha * sign(grad_x loss))``, ``steps`` times.
 
@@ -191,11 +222,13 @@ def pgd(
         random_start: start from a uniform point in the ``eps`` ball.
         loss: ``"ce"`` (PGD) or ``"cw"`` (the CW margin, see :func:`cw_margin_loss`).
         generator: CPU generator for the random start (deterministic across devices).
+        pixels: ``True``: ``images`` must lie in ``[0, 1]``; ``False``: any range (the
+            authors' convention: CLIP-normalised images, still clamped to ``[0, 1]``).
 
     Returns:
         ``(B, 3, H, W)`` adversarial images, ``|x_adv - x|_inf <= eps``, inside ``[0, 1]``.
     """
-    _check(images, labels, eps)
+    _check(images, labels, eps, pixels)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1.")
     alpha = step_size(alpha, eps)
@@ -211,9 +244,13 @@ def pgd(
     return x
 
 
-def fgsm(logits_fn: LogitsFn, images: Tensor, labels: Tensor, eps: float = EPS) -> Tensor:
+def fgsm(
+    logits_fn: LogitsFn, images: Tensor, labels: Tensor, eps: float = EPS, pixels: bool = True
+) -> Tensor:
     """FGSM: ``clip(x + eps * sign(grad_x CE), 0, 1)``, one :func:`pgd` step of size ``eps``."""
-    return pgd(logits_fn, images, labels, eps, alpha=eps, steps=1, random_start=False)
+    return pgd(
+        logits_fn, images, labels, eps, alpha=eps, steps=1, random_start=False, pixels=pixels
+    )
 
 
 def cw(logits_fn: LogitsFn, images: Tensor, labels: Tensor, eps: float = EPS, **kwargs) -> Tensor:
@@ -232,7 +269,7 @@ def attack(
     if name == "clean":
         return images
     if name == "fgsm":
-        return fgsm(logits_fn, images, labels, eps)
+        return fgsm(logits_fn, images, labels, eps, pgd_kwargs.get("pixels", True))
     if name in ("pgd", "cw"):
         gen = torch.Generator().manual_seed(seed)
         loss = "ce" if name == "pgd" else "cw"
@@ -251,6 +288,7 @@ def robust_accuracy(
     steps: int = 20,
     alpha: float | str = "clap",
     progress: bool = False,
+    pixels: bool = True,
 ) -> dict[str, float]:
     """Accuracy in percent on clean and attacked images: ``{attack name: accuracy}``.
 
@@ -259,14 +297,15 @@ def robust_accuracy(
         images: ``(N, 3, H, W)`` in ``[0, 1]``; labels ``(N,)``.
         batch_size: images attacked at once (batch ``b`` uses seed ``seed + b``).
         steps, alpha: PGD/CW iterations and step (see :func:`pgd`).
+        pixels: see :func:`pgd` (``False``: the authors' normalised-image convention).
     """
-    _check(images, labels, eps)
+    _check(images, labels, eps, pixels)
     correct = {a: 0 for a in attacks}
     starts = range(0, images.shape[0], batch_size)
     for b, start in enumerate(tqdm(starts, desc="attacks", disable=not progress, leave=False)):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         for a in attacks:
-            adv = attack(a, logits_fn, x, y, eps, seed + b, steps=steps, alpha=alpha)
+            adv = attack(a, logits_fn, x, y, eps, seed + b, steps=steps, alpha=alpha, pixels=pixels)
             with torch.no_grad():
                 correct[a] += int((logits_fn(adv).argmax(-1) == y).sum())
     n = images.shape[0]
@@ -280,6 +319,8 @@ def zero_shot_robustness(
     n_images: int,
     seed: int = 0,
     alpha: float | str = "clap",
+    convention: str = "authors",
+    refine_input: str = "normalized",
 ) -> dict[str, dict[str, float]]:
     """Clean / FGSM / PGD-20 / CW-20 accuracy of zero-shot heads on ``n_images`` test images.
 
@@ -290,20 +331,31 @@ def zero_shot_robustness(
         heads: ``name -> (head_weights (C, D'), refine_fn or None)``, see
             :class:`NormalizedClassifier`.
         alpha: PGD/CW step (see :func:`pgd`).
+        convention: ``"authors"`` (default, the authors' ``main/evaluate.py``): attack the
+            CLIP-normalised images (``backbone.preprocess``), clamp them to ``[0, 1]`` (a
+            bug-like choice: it cuts negative normalised values), cross-entropy on the raw
+            cosines; ``"pixel"``: attack pixels in ``[0, 1]`` with logits scaled by 100.
+        refine_input: what the heads' ``refine_fn`` receives, ``"normalized"`` or ``"raw"``
+            encoder features (see :class:`NormalizedClassifier`).
 
     Returns:
         ``{head name: {attack: accuracy %}}``; every head sees the same images.
     """
     import numpy as np
 
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}: choose one of {list(CONVENTIONS)}.")
+    authors = convention == "authors"
     idx = np.random.default_rng(seed).choice(len(split), min(n_images, len(split)), replace=False)
-    to_pixels = pixel_transform(backbone.preprocess)
-    pixels = torch.stack([to_pixels(split.load_image(int(i))) for i in idx]).to(backbone.device)
+    to_input = backbone.preprocess if authors else pixel_transform(backbone.preprocess)
+    images = torch.stack([to_input(split.load_image(int(i))) for i in idx]).to(backbone.device)
     labels = torch.as_tensor(np.asarray(split.labels)[idx]).to(backbone.device)
     out = {}
     for name, (head, refine_fn) in heads.items():
         clf = NormalizedClassifier(
-            backbone.model.visual, backbone.mean, backbone.std, head.detach(), refine_fn
-        )
-        out[name] = robust_accuracy(clf, pixels, labels, seed=seed, alpha=alpha)
+            backbone.model.visual, backbone.mean, backbone.std, head.detach(), refine_fn,
+            logit_scale=1.0 if authors else CLIP_LOGIT_SCALE, refine_input=refine_input,
+            input_space="normalized" if authors else "pixel",
+        )  # fmt: skip
+        out[name] = robust_accuracy(clf, images, labels, seed=seed, alpha=alpha, pixels=not authors)
     return out

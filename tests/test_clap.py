@@ -284,7 +284,12 @@ def test_ign_noise_changes_features_and_keeps_shapes(backbone, position: str) ->
 
 @pytest.mark.parametrize(
     ("position", "text"),
-    [("front", "big a red circle"), ("middle", "a big red circle"), ("end", "a red circle big")],
+    [
+        ("front", "big a red circle"),
+        ("middle", "a red circle big"),  # n // 2 = 0 before the text, 1 after it
+        ("end", "a red circle big"),
+        ("inside", "a big red circle"),
+    ],
 )
 def test_ign_inserts_at_the_right_position(backbone, position: str, text: str) -> None:
     """Inserting the embedding of a real word must equal encoding the text with that word."""
@@ -297,6 +302,27 @@ def test_ign_inserts_at_the_right_position(backbone, position: str, text: str) -
         got = encode_text_with_noise(model, tokens, 1, position=position, noise=noise)
         ref = model.encode_text(tok([text]))
     assert torch.equal(got, ref)  # the same operations on the same shapes: bit-exact
+
+
+@pytest.mark.parametrize(
+    ("position", "text"),
+    [
+        ("front", "big small a red circle"),
+        # the authors' "middle" (utils/misc.py, clip_encode_noised_text): prefix, the first
+        # n_ctx // 2 noise tokens, the text's tokens, the other half, then EOT
+        ("middle", "big a red circle small"),
+        ("end", "a red circle big small"),
+    ],
+)
+def test_ign_two_tokens_follow_the_authors_positions(backbone, position: str, text: str) -> None:
+    model, tok = backbone.model, backbone.tokenizer
+    words = torch.stack([tok([w])[0, 1] for w in ("big", "small")])  # one BPE token each
+    tokens = tok(["a red circle", "a red circle"])
+    with torch.no_grad():
+        noise = model.token_embedding(words).view(1, 2, -1)  # one draw shared by the batch
+        got = encode_text_with_noise(model, tokens, 2, position=position, noise=noise)
+        ref = model.encode_text(tok([text, text]))  # the same batch shape: bit-exact
+    assert torch.equal(got, ref)
 
 
 def test_ign_truncation_keeps_eot(backbone) -> None:
@@ -324,16 +350,17 @@ def test_info_nce_matches_hand_computation() -> None:
     b = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
     # logits = a @ b.T = [[1, 0.6], [0, 0.8]]; row losses log(1+e^-0.4), log(1+e^-0.8)
     expected = (math.log(1 + math.exp(-0.4)) + math.log(1 + math.exp(-0.8))) / 2
-    assert info_nce(a, b, tau=1.0).item() == pytest.approx(expected, abs=1e-12)  # float64
+    cv = {"form": "cross_view"}  # the paper's equation (the default is the authors' SimCLR form)
+    assert info_nce(a, b, tau=1.0, **cv).item() == pytest.approx(expected, abs=1e-12)  # float64
     # rounded to 6 decimals: within half a unit of the 6th, 5e-7 (the 0.442061 written here
     # before was wrong in its 6th digit, hidden by a guessed abs=1e-5)
-    assert info_nce(a, b, tau=1.0).item() == pytest.approx(0.442058, abs=5e-7)
+    assert info_nce(a, b, tau=1.0, **cv).item() == pytest.approx(0.442058, abs=5e-7)
     # float32 in, float32 out (the training path): 2-term dots and a 2-term logsumexp of
     # values <= 2 round by a few 2^-24 = 6e-8 each, < 1e-6
-    assert info_nce(a.float(), b.float(), 1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert info_nce(a.float(), b.float(), 1.0, **cv).item() == pytest.approx(expected, abs=1e-6)
     # tau = 0.5 doubles every logit; normalisation makes the scale of a and b irrelevant
     exp_half = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
-    assert info_nce(3 * a, 2 * b, tau=0.5).item() == pytest.approx(exp_half, abs=1e-12)
+    assert info_nce(3 * a, 2 * b, tau=0.5, **cv).item() == pytest.approx(exp_half, abs=1e-12)
     # SimCLR form: 4 rows, intra-view negatives without self-similarity
     e = math.exp
     rows = [
@@ -344,6 +371,7 @@ def test_info_nce_matches_hand_computation() -> None:
     ]
     simclr = info_nce(a, b, tau=1.0, form="symmetric_simclr").item()
     assert simclr == pytest.approx(sum(rows) / 4, abs=1e-12)  # float64, as above
+    assert info_nce(a, b, tau=1.0).item() == simclr  # the default form
     with pytest.raises(ValueError, match="same shape"):
         info_nce(a, b[:1])
     with pytest.raises(ValueError, match="tau"):
@@ -624,7 +652,10 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
         features=features,
         report=report,
     )
-    res = clap.run_clap(ctx, steps=4, eval_every=2, hidden=8, progress=False)
+    # the stub holds L2-normalised features only: the package's earlier network input
+    res = clap.run_clap(
+        ctx, steps=4, eval_every=2, hidden=8, input_features="normalized", progress=False
+    )
     assert requested[0] == "val" and "test" in requested  # val first; test only for reporting
     assert set(res["zero_shot_by_prompt"]) == {"C", "PC", "CP", "NC"}
     assert set(res["zero_shot_by_prompt"]["NC"]) == {"clip", "refined"}
@@ -633,7 +664,7 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
     assert res["history"]["val_step"] == [0, 2, 4] and res["steps_run"] == 4
     assert len(res["history"]["val_accuracy_at_1"]) == 3
     # text features in the (C, M, D) layout of every other module
-    fitted = clap.train_clap_episode(ctx, steps=0, progress=False)
+    fitted = clap.train_clap_episode(ctx, steps=0, input_features="normalized", progress=False)
     assert fitted.text_features.shape == (3, 2, dim) and fitted.result.best_step == 0
     with pytest.raises(ValueError, match="'val'"):
         clap.run_clap(ctx, steps=1, lam="best", progress=False)
@@ -673,8 +704,9 @@ def test_exercises_are_registered() -> None:
     assert ocd.check(lambda p: delete_color(p).render(), verbose=False)
     assert not ocd.check(lambda p: delete_size(p).render(), verbose=False)
     nce = get_exercise("info_nce")
-    assert nce.check(lambda a, b, tau: info_nce(a, b, tau), verbose=False)
-    assert not nce.check(lambda a, b, tau: info_nce(a, b, 1.0), verbose=False)
+    # the exercise is the paper's equation: the cross-view form (not the default SimCLR form)
+    assert nce.check(lambda a, b, tau: info_nce(a, b, tau, form="cross_view"), verbose=False)
+    assert not nce.check(lambda a, b, tau: info_nce(a, b, 1.0, form="cross_view"), verbose=False)
 
 
 @pytest.mark.parametrize("task", ["shapeworld", "shapeworld-patterns"])

@@ -125,6 +125,13 @@ def test_registered_options_are_the_config_fields(name: str) -> None:
     assert list(params)[:2] == ["ctx", "config"], name
 
 
+def _flatten(config: dict[str, typing.Any]) -> dict[str, typing.Any]:
+    out: dict[str, typing.Any] = {}
+    for key, value in config.items():
+        out.update(_flatten(value) if isinstance(value, dict) else {key: value})
+    return out
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_json_keys(ctx, name: str) -> None:
     out = run_method(name, context=ctx, progress=False, **CHEAP[name])
@@ -132,6 +139,8 @@ def test_json_keys(ctx, name: str) -> None:
     assert (out["method"], out["shots"], out["seed"]) == (name, 2, 1)
     assert set(out["ood_accuracy"]) == {"sketch"}
     json.dumps(out, default=str)  # the CLI's --json
+    # the configuration that ran, every option value with the defaults included
+    assert _flatten(out["config"]) == {**flat_values(get_method(name).config()), **CHEAP[name]}
     if name == "fd-align":  # its options are echoed in the result
         assert set(get_method(name).options) <= set(out)
 

@@ -377,8 +377,11 @@ def run_method(
     if "progress" in params and "progress" not in opts:
         extra["progress"] = progress and context.progress
     seed_everything(context.seed)
+    ran: dict[str, Any] | None = None
     if spec.config is not None:
-        result = spec.fn(context, _build(spec.config, opts), **extra)
+        built = _build(spec.config, opts)
+        ran = dataclasses.asdict(built)  # every option value that ran, defaults included
+        result = spec.fn(context, built, **extra)
     else:
         result = spec.fn(context, **opts, **extra)
     if not isinstance(result, Mapping):
@@ -395,4 +398,6 @@ def run_method(
         "shots": context.shots,
         "seed": context.seed,
     }
+    if ran is not None:
+        header["config"] = ran
     return {**header, **{k: v for k, v in result.items() if k not in header}}

@@ -26,8 +26,11 @@ Deliberate choices (see each docstring):
 
 * the residual branch is *pre-activation*, ``W2(W1 SiLU(x) + b1)``, as in the authors'
   ``main/networks.py`` (``ResMLP``), not ``W2(SiLU(W1 x + b1))``;
-* InfoNCE defaults to the paper's cross-view form; ``form="symmetric_simclr"``
-  reproduces the authors' objective (``InfoNCELoss`` of ``utils/loss.py`` for both terms);
+* InfoNCE defaults to the authors' objective (``form="symmetric_simclr"``, ``InfoNCELoss`` of
+  ``utils/loss.py`` for both terms); ``form="cross_view"`` is the paper's equation;
+* the network sees raw (un-normalised) CLIP features by default, as in the authors'
+  ``main/trainer.py`` and ``main/evaluate.py``; features are normalised after it
+  (:func:`refine`); ``CLAPConfig.input_features="normalized"`` feeds L2-normalised ones;
 * the inference weight ``lam`` and the training step are chosen on the few-shot
   **validation** split; the authors chose ``lam`` on the test domains
   (``search_alpha.py``) and stopped on the training loss (``main/trainer.py``).
@@ -51,6 +54,7 @@ __all__ = [
     "ZERO_SHOT_PROMPTS",
     "DisentangleNetwork",
     "clap_loss",
+    "encode_text_raw",
     "encode_text_with_noise",
     "info_nce",
     "lambda_scores",
@@ -73,7 +77,7 @@ ZERO_SHOT_PROMPTS: dict[str, str] = {
     "NC": "{}",
 }
 
-NoisePosition = Literal["front", "middle", "end"]
+NoisePosition = Literal["front", "middle", "end", "inside"]
 NOISE_POSITIONS: tuple[str, ...] = ("front", "middle", "end")
 LossForm = Literal["cross_view", "symmetric_simclr"]
 
@@ -187,6 +191,7 @@ def encode_text_with_noise(
     position: NoisePosition = "front",
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    shared: bool = True,
 ) -> Tensor:
     """IGN: encode text with ``n_noise`` Gaussian token embeddings inserted (Cai et al., 2024).
 
@@ -195,30 +200,35 @@ def encode_text_with_noise(
     ``+ positional_embedding`` -> ``transformer(x, attn_mask=model.attn_mask)`` ->
     ``ln_final`` -> the end-of-text (EOT) position, shifted by the insertion -> ``@ text_projection``.
 
-    Insertion points (``e`` = EOT index of a row, real tokens at ``1 .. e-1``):
-    ``"front"`` right after the start token (index 1), ``"middle"`` at ``1 + (e - 1) // 2``,
-    ``"end"`` right before EOT (index ``e``).  The sequence grows to ``L + n_noise`` and is
-    truncated back to the context length ``L``; when the shifted EOT would fall outside,
-    the last kept positions before it are dropped and EOT is put at ``L - 1``.
+    Insertion points (``e`` = EOT index of a row, real tokens at ``1 .. e-1``), as the
+    authors' ``clip_encode_noised_text`` (``utils/misc.py``) places them:
+    ``"front"`` right after the start token (index 1), ``"end"`` right before EOT (index
+    ``e``), ``"middle"`` the first ``n_noise // 2`` after the start token and the others
+    before EOT (the authors' "middle" surrounds the text).  ``"inside"`` (not the authors')
+    puts all of them inside the text, at ``1 + (e - 1) // 2``.  The sequence grows to
+    ``L + n_noise`` and is truncated back to the context length ``L``; when the shifted EOT
+    would fall outside, the last kept positions before it are dropped and EOT is put at ``L - 1``.
 
     Args:
         model: an open_clip ``CLIP`` (frozen; gradients flow only if the caller allows).
         tokens: ``(B, L)`` token ids from the model's tokenizer.
         n_noise: number of noise tokens (0: exactly ``model.encode_text(tokens)``).
         std: standard deviation of the noise embeddings.
-        position: ``"front"``, ``"middle"`` or ``"end"``.
+        position: ``"front"``, ``"middle"``, ``"end"`` or ``"inside"``.
         generator: CPU ``torch.Generator`` for the noise (the noise is drawn on the CPU
             and moved, so a seed gives the same noise on every device).
-        noise: optional explicit ``(B, n_noise, W)`` embeddings to insert instead of
-            sampling (``std`` and ``generator`` are then unused).  Inserting the token
-            embedding of a word reproduces ``encode_text`` of the text with that word added.
+        noise: optional explicit ``(B, n_noise, W)`` or ``(1, n_noise, W)`` embeddings to
+            insert instead of sampling (``std`` and ``generator`` are then unused).  Inserting
+            the token embedding of a word reproduces ``encode_text`` of the text with that word.
+        shared: draw one ``(n_noise, W)`` set of noise embeddings for the whole batch, as the
+            authors do (``ctx_vectors`` expanded over the prompts); ``False``: one per row.
 
     Returns:
         ``(B, D)`` text features, not normalised (like ``encode_text(normalize=False)``).
     """
     _text_tower(model)
-    if position not in NOISE_POSITIONS:
-        raise ValueError(f"position={position!r}; choose one of {NOISE_POSITIONS}.")
+    if position not in NOISE_POSITIONS + ("inside",):
+        raise ValueError(f"position={position!r}; choose one of {NOISE_POSITIONS + ('inside',)}.")
     if n_noise < 0:
         raise ValueError(f"n_noise={n_noise} must be >= 0.")
     if tokens.dim() != 2:
@@ -230,24 +240,38 @@ def encode_text_with_noise(
     if n_noise > 0:
         width = x.shape[-1]
         if noise is None:
-            noise = torch.randn(batch, n_noise, width, generator=generator) * std
-        elif tuple(noise.shape) != (batch, n_noise, width):
+            noise = torch.randn(1 if shared else batch, n_noise, width, generator=generator) * std
+        elif tuple(noise.shape) not in ((batch, n_noise, width), (1, n_noise, width)):
             raise ValueError(
-                f"noise must have shape (B, n_noise, W) = {(batch, n_noise, width)}, "
-                f"got {tuple(noise.shape)}."
+                f"noise must have shape (B, n_noise, W) = {(batch, n_noise, width)} or "
+                f"(1, n_noise, W), got {tuple(noise.shape)}."
             )
+        noise = noise.expand(batch, n_noise, width)
         ext = torch.cat([x, noise.to(device=x.device, dtype=x.dtype)], dim=1)  # (B, L+n, W)
+        # the first k1 noise tokens go before position ins1, the others before ins2 >= ins1
         if position == "front":
-            ins = torch.ones_like(eot)
+            ins1, ins2, k1 = torch.ones_like(eot), torch.ones_like(eot), n_noise
         elif position == "end":
-            ins = eot.clone()
+            ins1, ins2, k1 = eot.clone(), eot.clone(), n_noise
+        elif position == "middle":
+            ins1, ins2, k1 = torch.ones_like(eot), eot.clone(), n_noise // 2
         else:
-            ins = 1 + (eot - 1).clamp(min=0) // 2
-        ins = ins.clamp(min=1)
+            ins1 = 1 + (eot - 1).clamp(min=0) // 2
+            ins2, k1 = ins1, n_noise
+        ins1, ins2 = ins1.clamp(min=1).unsqueeze(1), ins2.clamp(min=1).unsqueeze(1)
         j = torch.arange(length + n_noise, device=tokens.device).unsqueeze(0)  # (1, L+n)
-        ins_ = ins.unsqueeze(1)
         index = torch.where(
-            j < ins_, j, torch.where(j < ins_ + n_noise, length + j - ins_, j - n_noise)
+            j < ins1,
+            j,
+            torch.where(
+                j < ins1 + k1,
+                length + j - ins1,
+                torch.where(
+                    j < ins2 + k1,
+                    j - k1,
+                    torch.where(j < ins2 + n_noise, length + j - ins2, j - n_noise),
+                ),
+            ),
         )
         new_eot = eot + n_noise
         overflow = new_eot > length - 1
@@ -268,16 +292,17 @@ def encode_text_with_noise(
 # ----------------------------------------------------------------------------- losses
 
 
-def info_nce(a: Tensor, b: Tensor, tau: float = 0.5, form: LossForm = "cross_view") -> Tensor:
+def info_nce(a: Tensor, b: Tensor, tau: float = 0.5, form: LossForm = "symmetric_simclr") -> Tensor:
     """InfoNCE between two views, row ``i`` of ``a`` paired with row ``i`` of ``b``.
 
     Features are L2-normalised first; ``s = a @ b.T / tau``.
 
-    * ``form="cross_view"`` (the paper's equation): ``mean_i -log softmax_j(s_ij)[i]``, the
-      negatives of ``a_i`` are the other rows of ``b`` only.
-    * ``form="symmetric_simclr"`` (the authors' ``InfoNCELoss`` in ``utils/loss.py``,
-      SimCLR's NT-Xent): ``2B`` rows; row ``a_i`` scores ``[a_i . b_j, a_i . a_k (k != i)]``,
-      row ``b_i`` scores ``[b_i . a_j, b_i . b_k (k != i)]``, the positive is the cross-view pair.
+    * ``form="symmetric_simclr"`` (the default: the authors' ``InfoNCELoss`` in
+      ``utils/loss.py``, SimCLR's NT-Xent): ``2B`` rows; row ``a_i`` scores
+      ``[a_i . b_j, a_i . a_k (k != i)]``, row ``b_i`` scores ``[b_i . a_j, b_i . b_k (k != i)]``,
+      the positive is the cross-view pair.
+    * ``form="cross_view"`` (the paper's training-loss equation, Sec. 4):
+      ``mean_i -log softmax_j(s_ij)[i]``, the negatives of ``a_i`` are the other rows of ``b`` only.
 
     Args:
         a, b: ``(B, D)`` features.
@@ -316,7 +341,7 @@ def clap_loss(
     tau: float = 0.5,
     tau_c: float = 1.0,
     lambda_c: float = 1.0,
-    form: LossForm = "cross_view",
+    form: LossForm = "symmetric_simclr",
 ) -> Tensor:
     """CLAP's objective ``InfoNCE(prompt, augmented; tau) + lambda_c InfoNCE(augmented, class; tau_c)``.
 
@@ -324,11 +349,11 @@ def clap_loss(
     row ``i`` of ``class_name_features`` is the class-name prompt of prompt ``i``.
     ``form`` applies to **both** terms:
 
-    * ``"cross_view"``: the paper's training loss (Sec. 4), negatives from the other view only;
-    * ``"symmetric_simclr"``: the authors' code, ``main/trainer.py`` computing
+    * ``"symmetric_simclr"`` (the default): the authors' code, ``main/trainer.py`` computing
       ``loss_text_modal(z_t, z_t_) + scale_coef * loss_align_content(z_t_, z_c)`` with both
       losses ``InfoNCELoss`` of ``utils/loss.py``.  Its class term has intra-view negatives
-      among the class-name features, including repeats of the same class in a batch.
+      among the class-name features, including repeats of the same class in a batch;
+    * ``"cross_view"``: the paper's training loss (Sec. 4), negatives from the other view only.
 
     Paper settings: ``tau`` 0.5 (small datasets) or 0.3, ``tau_c = 1``, ``lambda_c`` 1 or 1e-4.
     """
@@ -368,26 +393,49 @@ def refined_classifier(text_features: Tensor, network: DisentangleNetwork, lam: 
 
 @torch.no_grad()
 def prompt_form_classifier(
-    backbone: Any, classnames: Sequence[str], form: str, seed: int = 1
+    backbone: Any, classnames: Sequence[str], form: str, seed: int = 1, normalize: bool = True
 ) -> Tensor:
     """CLIP's ``(C, D)`` zero-shot classifier for one of the paper's prompt forms.
 
     ``form`` is a key of :data:`ZERO_SHOT_PROMPTS`: ``"C"`` (the bare class name), ``"PC"``
     (``"a photo of a [class]"``), ``"CP"`` (``"a [class] in a photo"``) or ``"NC"`` (the class
     name after 4 Gaussian noise token embeddings, std 0.02, drawn with ``seed``; the
-    paper's noisy-context probe).  Rows are L2-normalised.
+    paper's noisy-context probe).  Rows are L2-normalised, or raw text features with
+    ``normalize=False`` (the network's input when ``input_features="raw"``).
     """
     if form not in ZERO_SHOT_PROMPTS:
         raise ValueError(f"Unknown prompt form {form!r}; use one of {list(ZERO_SHOT_PROMPTS)}.")
     texts = [ZERO_SHOT_PROMPTS[form].format(c) for c in classnames]
     if form != "NC":
-        return backbone.encode_text(texts).float()
+        if normalize:
+            return backbone.encode_text(texts).float()
+        return encode_text_raw(backbone, texts)
     dev = torch.device(backbone.device)
     tokens = backbone.tokenizer(texts).to(dev)
     gen = torch.Generator().manual_seed(seed)
     with autocast(dev):
         w = encode_text_with_noise(backbone.model, tokens, 4, 0.02, "front", gen)
-    return F.normalize(w.float(), dim=-1)
+    return F.normalize(w.float(), dim=-1) if normalize else w.float()
+
+
+@torch.no_grad()
+def encode_text_raw(backbone: Any, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+    """``(T, D)`` text features *before* L2 normalisation (``model.encode_text``), fp32.
+
+    The authors' trainer and evaluation feed these to the network (``main/trainer.py``,
+    ``__encode_txt``; ``main/evaluate.py``, ``eval_zero_shot``).
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_text_raw got no texts; pass at least one prompt.")
+    dev = torch.device(backbone.device)
+    full = backbone.dtype == torch.float32
+    outs = []
+    for start in range(0, len(texts), batch_size):
+        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(dev)
+        with torch.inference_mode(), autocast(dev, enabled=full):
+            outs.append(backbone.model.encode_text(tokens))
+    return torch.cat(outs).float().clone()
 
 
 @torch.no_grad()

@@ -1,8 +1,21 @@
-"""CLAP's structured prompts and the paper's prompt augmentations (Cai et al., ECCV 2024).
+"""CLAP's prompts and the paper's prompt augmentations (Cai et al., ECCV 2024).
 
 A prompt ``"a [art style] [image type] of a [size] [colour] [class]"`` is kept as
-structure (:class:`PromptAttributes`), so the augmentations (OSD, OCD, ITD, ASD, SPO) act
-on attributes, not on text.
+structure (:class:`PromptAttributes`).  Two forms of the text and its augmentations exist
+(:data:`PROMPT_FORMS`):
+
+* ``"authors"`` (the default of the trainers): the strings of the authors' code.  The prompt
+  list is ``gen_prompts.py``'s (``itertools.product`` nesting image type > size > art style >
+  colour, ``"an"`` when the whole phrase starts with a vowel letter:
+  :meth:`PromptAttributes.authors_text`), and the augmentations edit the *string* as
+  ``ImageTextDataset.__random_transform_prompt`` of ``utils/data_utils.py`` does
+  (:func:`authors_augment`): deletions replace the first listed word found (with the authors'
+  spacing quirks, :func:`authors_word_lists`) by a space, the swap turns ``"X of Y"`` into
+  ``"Y in X style"`` keeping X's article, and double spaces are collapsed once.  Articles are
+  not repaired, so ``"a large orange circle"`` loses its size as ``"a orange circle"``.
+* ``"grammatical"``: the augmentations act on the attributes (:func:`augment_structure`) and
+  the result is rendered grammatically (:meth:`PromptAttributes.render`); prompts are listed
+  art style > image type > size > colour.
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ from fewclip_tutorial.data import shapeworld as sw
 
 __all__ = [
     "AUGMENTATIONS",
+    "AUTHORS_AUGMENTATION_ORDER",
+    "PROMPT_FORMS",
     "PAPER_ART_STYLES",
     "PAPER_COLORS",
     "PAPER_IMAGE_TYPES",
@@ -27,6 +42,8 @@ __all__ = [
     "PromptAttributes",
     "augment_prompt",
     "augment_structure",
+    "authors_augment",
+    "authors_word_lists",
     "clap_prompts",
     "dataset_factors",
     "delete_art_style",
@@ -111,6 +128,28 @@ class PromptAttributes:
         medium = " ".join(w for w in (self.art_style, self.image_type or "image") if w)
         return f"{_article(medium)} {medium} of {obj_np}"
 
+    def authors_text(self) -> str:
+        """The prompt as the authors' ``gen_prompts.py`` writes it (``assemble_prompt``).
+
+        ``"<a|an> [art style] [image type] of <a|an> [size] [colour] [class]"``, ``"an"`` when
+        the phrase it precedes starts with a lower-case vowel letter.  The authors' generator
+        always has all four attributes; an absent one (``None``) is left out here, and a
+        prompt without image type and art style is ``"<a|an> [size] [colour] [class]"``.
+        Ignores :attr:`swapped` (the authors swap strings, see :func:`authors_augment`).
+        """
+
+        def quantified(text: str) -> str:
+            return ("an " if text[0] in "aeiou" else "a ") + text
+
+        obj = quantified(self.object_phrase())
+        medium = " ".join(w for w in (self.art_style, self.image_type) if w)
+        return f"{quantified(medium)} of {obj}" if medium else obj
+
+    def text(self, form: str = "grammatical") -> str:
+        """:meth:`authors_text` (``form="authors"``) or :meth:`render` (``"grammatical"``)."""
+        _check_form(form)
+        return self.authors_text() if form == "authors" else self.render()
+
     def __str__(self) -> str:
         return self.render()
 
@@ -124,31 +163,54 @@ def _factor_values(values: Sequence[str] | None) -> list[str | None]:
     return list(values)
 
 
+#: The two prompt forms: the authors' strings (``gen_prompts.py``, ``utils/data_utils.py``)
+#: and the structured, grammatical rendering.
+PROMPT_FORMS: tuple[str, ...] = ("authors", "grammatical")
+
+
+def _check_form(form: str) -> None:
+    if form not in PROMPT_FORMS:
+        raise ValueError(
+            f"prompt form {form!r}: choose 'authors' (the authors' strings) or 'grammatical'."
+        )
+
+
 def clap_prompts(
     classname: str,
     colors: Sequence[str] | None = PAPER_COLORS,
     sizes: Sequence[str] | None = PAPER_SIZES,
     image_types: Sequence[str] | None = PAPER_IMAGE_TYPES,
     art_styles: Sequence[str] | None = PAPER_ART_STYLES,
+    order: str = "authors",
 ) -> list[PromptAttributes]:
     """All prompts ``"a [art style] [image type] of a [size] [colour] [class]"`` for one class.
 
-    The product of the factor lists, ordered art style > image type > size > colour
-    (480 prompts per class with the paper's lists).  An empty list drops that factor.
-    ShapeWorld passes its own lists (``shapeworld.COLORS``, ``SIZES``, ``IMAGE_TYPES``,
-    ``ART_STYLES``).
+    The product of the factor lists (480 prompts per class with the paper's lists).  An
+    empty list drops that factor.  ShapeWorld passes its own lists (``shapeworld.COLORS``,
+    ``SIZES``, ``IMAGE_TYPES``, ``ART_STYLES``).
+
+    Args:
+        order: ``"authors"``: the order of the authors' ``gen_prompts.py``
+            (``itertools.product`` nesting image type > size > art style > colour);
+            ``"grammatical"``: art style > image type > size > colour (this package's
+            order before the authors' became the default).
     """
-    out = []
-    for style, itype, size, color in itertools.product(
-        _factor_values(art_styles),
-        _factor_values(image_types),
-        _factor_values(sizes),
-        _factor_values(colors),
-    ):
-        out.append(
-            PromptAttributes(classname, size=size, color=color, image_type=itype, art_style=style)
-        )
-    return out
+    _check_form(order)
+    values = {
+        "art_style": _factor_values(art_styles),
+        "image_type": _factor_values(image_types),
+        "size": _factor_values(sizes),
+        "color": _factor_values(colors),
+    }
+    nesting = (
+        ("image_type", "size", "art_style", "color")
+        if order == "authors"
+        else ("art_style", "image_type", "size", "color")
+    )
+    return [
+        PromptAttributes(classname, **dict(zip(nesting, combo, strict=True)))
+        for combo in itertools.product(*(values[k] for k in nesting))
+    ]
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -179,7 +241,8 @@ def swap_order(p: PromptAttributes) -> PromptAttributes:
     return replace(p, swapped=True)
 
 
-#: The paper's prompt augmentations by abbreviation, applied in this order.
+#: The paper's prompt augmentations by abbreviation, applied in this order in the
+#: ``"grammatical"`` form (:func:`augment_structure`).
 AUGMENTATIONS: dict[str, Callable[[PromptAttributes], PromptAttributes]] = {
     "osd": delete_size,
     "ocd": delete_color,
@@ -220,14 +283,108 @@ def augment_structure(
     return p
 
 
+#: The authors' order of the prompt augmentations (``__random_transform_prompt`` of
+#: ``utils/data_utils.py``): size, colour, art style, image type deletion, then the swap.
+AUTHORS_AUGMENTATION_ORDER: tuple[str, ...] = ("osd", "ocd", "asd", "itd", "spo")
+
+#: The authors' spacing of two words in their lists (``ImageTextDataset.__init__`` in
+#: ``utils/data_utils.py``): ``" red"`` has no trailing space, ``"painting "`` no leading one.
+#: Every other word is written ``" word "``.
+_AUTHORS_SPACING: dict[tuple[str, str], str] = {
+    ("color", "red"): " red",
+    ("image_type", "painting"): "painting ",
+}
+
+
+def authors_word_lists(
+    colors: Sequence[str] | None = PAPER_COLORS,
+    sizes: Sequence[str] | None = PAPER_SIZES,
+    image_types: Sequence[str] | None = PAPER_IMAGE_TYPES,
+    art_styles: Sequence[str] | None = PAPER_ART_STYLES,
+) -> dict[str, tuple[str, ...]]:
+    """The words the authors' string augmentations look for, by attribute, in list order.
+
+    Each word is padded ``" word "``, except the authors' two quirks (``" red"``,
+    ``"painting "``); with the paper's lists this gives exactly the lists of
+    ``ImageTextDataset.__init__`` (``utils/data_utils.py``).  Other datasets' words
+    (ShapeWorld's ``"photo"``, ``"blueprint"``) get the regular padding.
+    """
+    lists = {"size": sizes, "color": colors, "art_style": art_styles, "image_type": image_types}
+    out = {}
+    for attr, values in lists.items():
+        words = [v for v in _factor_values(values) if v is not None]
+        out[attr] = tuple(_AUTHORS_SPACING.get((attr, w), f" {w} ") for w in words)
+    return out
+
+
+_AUTHORS_ATTRIBUTE = {"osd": "size", "ocd": "color", "asd": "art_style", "itd": "image_type"}
+
+
+def authors_augment(
+    text: str,
+    probs: AugmentConfig | None = None,
+    rng: random.Random | np.random.Generator | None = None,
+    words: dict[str, Sequence[str]] | None = None,
+) -> str:
+    """The authors' prompt augmentation on a string (``ImageTextDataset.__random_transform_prompt``).
+
+    In the order of :data:`AUTHORS_AUGMENTATION_ORDER` (size, colour, art style, image type
+    deletion, then the order swap) one uniform number is drawn from ``rng`` per augmentation,
+    five per call whatever fires, and the augmentation applies when it is below its
+    probability.  (The authors draw ``torch.rand(1)`` each time from torch's global stream;
+    here the caller's ``rng`` gives the same sequence of decisions for the same numbers.)
+
+    * a deletion looks for the attribute's words in list order (:func:`authors_word_lists`);
+      the first one found in the text is replaced, everywhere it occurs, by one space, and
+      the others are not looked for;
+    * the swap splits at the first ``" of "``: ``X of Y`` becomes ``Y in X style`` (X keeps
+      its article: ``"a large red circle in a realistic painting style"``); without
+      ``" of "`` the text is kept;
+    * at the end every ``"  "`` becomes ``" "`` (one pass of ``str.replace``).
+
+    Articles are not repaired (``"a orange circle"``).
+
+    Args:
+        text: the prompt as the authors write it (:meth:`PromptAttributes.authors_text`).
+        probs: the probabilities (default :class:`AugmentConfig`); ``words``: the word lists
+            (default :func:`authors_word_lists` of the paper's lists).
+    """
+    probs = AugmentConfig() if probs is None else probs
+    rng = random.Random(0) if rng is None else rng
+    words = authors_word_lists() if words is None else words
+    for name in AUTHORS_AUGMENTATION_ORDER:
+        if not float(rng.random()) < getattr(probs, name):
+            continue
+        if name == "spo":
+            at = text.find(" of ")
+            if at != -1:
+                text = text[at + 4 :] + " in " + text[:at] + " style"
+            continue
+        for word in words.get(_AUTHORS_ATTRIBUTE[name], ()):
+            if word in text:
+                text = text.replace(word, " ")
+                break
+    return text.replace("  ", " ")
+
+
 def augment_prompt(
     p: PromptAttributes,
     probs: AugmentConfig | None = None,
     rng: random.Random | np.random.Generator | None = None,
+    form: str = "grammatical",
+    words: dict[str, Sequence[str]] | None = None,
 ) -> str:
-    """An augmented prompt as text: :func:`augment_structure` then :meth:`PromptAttributes.render`."""
+    """An augmented prompt as text.
+
+    ``form="grammatical"``: :func:`augment_structure` then :meth:`PromptAttributes.render`;
+    ``form="authors"``: :func:`authors_augment` of :meth:`PromptAttributes.authors_text`
+    (``words``: the word lists, default the paper's).  Both draw five numbers from ``rng``.
+    """
+    _check_form(form)
     probs = AugmentConfig() if probs is None else probs
     rng = random.Random(0) if rng is None else rng
+    if form == "authors":
+        return authors_augment(p.authors_text(), probs, rng, words)
     return augment_structure(p, probs, rng).render()
 
 

@@ -18,14 +18,25 @@ from fewclip_tutorial.methods.clap.core import (
     LAMBDA_GRID,
     ZERO_SHOT_PROMPTS,
     DisentangleNetwork,
+    encode_text_raw,
     lambda_scores,
     prompt_form_classifier,
     refine,
     refined_classifier,
     select_lambda,
 )
-from fewclip_tutorial.methods.clap.prompts import PromptAttributes, clap_prompts, dataset_factors
-from fewclip_tutorial.methods.clap.train import CLAPResult, train_clap, train_clap_image
+from fewclip_tutorial.methods.clap.prompts import (
+    PromptAttributes,
+    authors_word_lists,
+    clap_prompts,
+    dataset_factors,
+)
+from fewclip_tutorial.methods.clap.train import (
+    CLAPResult,
+    encode_images_raw,
+    train_clap,
+    train_clap_image,
+)
 from fewclip_tutorial.methods.registry import make_config, register_method
 from fewclip_tutorial.metrics import accuracy
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_ensemble, prompt_text_features
@@ -72,6 +83,47 @@ def _render_shapeworld_prompts(
     return ListSplit(images, labels, name="clap-imaug-rendered")
 
 
+class _RawImageEncoder:
+    """A Backbone whose ``encode_images`` returns features before L2 normalisation.
+
+    For :func:`~fewclip_tutorial.features.extract_features`: the identifier differs from the
+    backbone's, so raw features have their own cache files.
+    """
+
+    def __init__(self, backbone: Any) -> None:
+        self._backbone = backbone
+        self.identifier = f"{backbone.identifier}|raw-image-features"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+    def encode_images(self, images: Tensor, batch_size: int | None = None) -> Tensor:
+        return encode_images_raw(self._backbone, images, batch_size or len(images))
+
+
+def _features(ctx: Any, split: str, input_features: str) -> Any:
+    """Image features of a split as the network takes them: raw (memoised) or normalised."""
+    if input_features != "raw":
+        return ctx.features(split)
+    key = ("clap-raw-image-features", split)
+    if key not in ctx._memo:
+        from fewclip_tutorial.features import extract_features
+
+        ctx._memo[key] = extract_features(
+            _RawImageEncoder(ctx.backbone), ctx.split(split), cache_dir=ctx.cache_dir,
+            progress=ctx.progress,
+        )  # fmt: skip
+    return ctx._memo[key]
+
+
+def _text_features(backbone: Any, classnames: list[str], templates: list[str], raw: bool) -> Tensor:
+    """``(C, M, D)`` prompt-ensemble text features, raw or L2-normalised."""
+    if not raw:
+        return prompt_text_features(backbone, classnames, templates)
+    texts = [t.format(c) for c in classnames for t in templates]
+    return encode_text_raw(backbone, texts).reshape(len(classnames), len(templates), -1)
+
+
 def _parse_lam(lam: str | float) -> float | None:
     if str(lam).strip().lower() == "val":
         return None
@@ -92,7 +144,8 @@ class CLAPFit:
             validation history has ``"val_accuracy"``, ``"val_lam"`` and, when 1 is in the
             grid, ``"val_accuracy_at_1"``: the network as trained).
         lam: the inference weight chosen on validation; lam_val_accuracy: ``{lam: %}``.
-        text_features: ``(C, M, D)`` raw prompt-ensemble text features of the dataset.
+        text_features: ``(C, M, D)`` prompt-ensemble text features of the dataset, as the
+            network takes them (raw or L2-normalised, ``options.training.input_features``).
         options: the resolved options (:class:`CLAPOptions`).
     """
 
@@ -139,8 +192,9 @@ def train_clap_episode(
     fixed_lam = _parse_lam(opts.lam)
     backbone, classnames = ctx.backbone, list(ctx.dataset.classnames)
     dev = backbone.device
-    text = prompt_text_features(backbone, classnames, list(ctx.dataset.templates))
-    val = ctx.features("val")
+    inputs = opts.training.input_features
+    text = _text_features(backbone, classnames, list(ctx.dataset.templates), inputs == "raw")
+    val = _features(ctx, "val", inputs)
     val_f, val_y = val.features.to(dev), torch.as_tensor(val.labels)
     grid = LAMBDA_GRID if fixed_lam is None else (fixed_lam,)
 
@@ -152,9 +206,14 @@ def train_clap_episode(
 
     config = opts.training
     common = dict(seed=ctx.seed, val_fn=val_fn, device=dev, progress=progress)
-    prompts = [p for c in classnames for p in clap_prompts(c, **dataset_factors(ctx.dataset))]
+    factors = dataset_factors(ctx.dataset)
+    order = config.prompt_form
+    prompts = [p for c in classnames for p in clap_prompts(c, **factors, order=order)]
     if opts.variant == "clap":
-        result = train_clap(backbone, prompts, config, ign=opts.ign, **common)
+        result = train_clap(
+            backbone, prompts, config, ign=opts.ign, n_noise=opts.noise_tokens,
+            noise_std=opts.noise_std, words=authors_word_lists(**factors), **common,
+        )  # fmt: skip
     else:
         result = train_clap_image(backbone, _imaug_images(ctx, prompts), config, **common)
     lam, lam_scores = select_lambda(val_f, val_y, text, result.network, grid)
@@ -176,21 +235,36 @@ def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
     result, lam, opts = fitted.result, fitted.lam, fitted.options
     net = result.network
     dev = ctx.backbone.device
+    inputs = opts.training.input_features
+    raw = inputs == "raw"
     classifier = refined_classifier(fitted.text_features, net, lam)
 
     def refined(f: Tensor) -> Tensor:
         with torch.no_grad():
             return refine(f.to(dev), net, lam)
 
-    report = ctx.report(lambda f: (CLIP_LOGIT_SCALE * refined(f) @ classifier.T).cpu())
-    test = ctx.features("test")
+    def report_of(predict: Any) -> dict:
+        if not raw:
+            return ctx.report(predict)
+        names = ["val", "test"] + [f"ood:{d}" for d in ctx.splits.ood_test]
+        return ctx.report(predict, {n: _features(ctx, n, inputs) for n in names})
+
+    report = report_of(lambda f: (CLIP_LOGIT_SCALE * refined(f) @ classifier.T).cpu())
+    test = _features(ctx, "test", inputs)
     by_prompt: dict[str, dict[str, float]] = {}
     for key in ZERO_SHOT_PROMPTS:
-        w = prompt_form_classifier(ctx.backbone, ctx.dataset.classnames, key, seed=ctx.seed)
+        w = prompt_form_classifier(
+            ctx.backbone, ctx.dataset.classnames, key, seed=ctx.seed, normalize=not raw
+        )
         with torch.no_grad():
+            f_test, w = test.features.to(dev), w.to(dev)
             by_prompt[key] = {
-                "clip": accuracy(test.features.to(dev) @ w.to(dev).T, test.labels),
-                "refined": accuracy(refined(test.features) @ refined(w).T, test.labels),
+                "clip": accuracy(
+                    torch.nn.functional.normalize(f_test, dim=-1)
+                    @ torch.nn.functional.normalize(w, dim=-1).T,
+                    test.labels,
+                ),
+                "refined": accuracy(refined(f_test) @ refined(w).T, test.labels),
             }
     report.update(
         variant=opts.variant,
@@ -212,12 +286,12 @@ def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
         }
         report["adversarial"] = zero_shot_robustness(
             ctx.backbone, ctx.splits.test, heads, opts.attack_images, ctx.seed,
-            opts.attack_step,
+            opts.attack_step, opts.attack_convention, inputs,
         )  # fmt: skip
     if opts.probe:
         from fewclip_tutorial.linear_probe import fit_linear_probe
 
-        train, val = ctx.features("train"), ctx.features("val")
+        train, val = _features(ctx, "train", inputs), _features(ctx, "val", inputs)
         probe = fit_linear_probe(
             refined(train.features).cpu(), train.labels, refined(val.features).cpu(), val.labels,
             seed=ctx.seed, num_classes=ctx.num_classes,
@@ -225,5 +299,5 @@ def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
         report["zero_shot_refined"] = {
             k: report[k] for k in ("val_accuracy", "test_accuracy", "ood_accuracy") if k in report
         }
-        report.update(ctx.report(lambda f: probe.logits(refined(f).cpu())), probe_C=probe.C)
+        report.update(report_of(lambda f: probe.logits(refined(f).cpu())), probe_C=probe.C)
     return report

@@ -23,16 +23,23 @@ from fewclip_tutorial.methods.clap.core import (
     NOISE_POSITIONS,
     DisentangleNetwork,
     clap_loss,
+    encode_text_raw,
     encode_text_with_noise,
     info_nce,
 )
-from fewclip_tutorial.methods.clap.prompts import AugmentConfig, PromptAttributes, augment_prompt
+from fewclip_tutorial.methods.clap.prompts import (
+    AugmentConfig,
+    PromptAttributes,
+    augment_prompt,
+    authors_word_lists,
+)
 from fewclip_tutorial.training import FitResult, fit
 
 __all__ = [
     "CLAPResult",
     "TextFeatureCache",
     "default_batch_size",
+    "encode_images_raw",
     "image_augmentation",
     "train_clap",
     "train_clap_image",
@@ -70,7 +77,7 @@ class TextFeatureCache:
     never encodes a string twice.
 
     Args:
-        encode_fn: ``list[str] -> (T, D)`` features (normalised by the caller's encoder).
+        encode_fn: ``list[str] -> (T, D)`` features (raw or normalised, as the caller encodes).
         device: where the returned features live.
     """
 
@@ -93,16 +100,40 @@ class TextFeatureCache:
         return torch.stack([self._store[t] for t in texts])
 
 
-#: Text-feature caches by (backbone identifier, device): the text encoder is frozen, so
-#: sweeps over shots and seeds encode each string once.
-_TEXT_CACHES: dict[tuple[str, str], TextFeatureCache] = {}
+#: Text-feature caches by (backbone identifier, device, raw or normalised): the text encoder
+#: is frozen, so sweeps over shots and seeds encode each string once.
+_TEXT_CACHES: dict[tuple[str, str, str], TextFeatureCache] = {}
+
+_INPUTS = ("raw", "normalized")
 
 
-def _text_cache_for(text_encoder: Any, device: torch.device) -> TextFeatureCache:
-    if hasattr(text_encoder, "encode_text") and hasattr(text_encoder, "tokenizer"):
-        encode = text_encoder.encode_text
+def _check_input(input_features: str) -> None:
+    if input_features not in _INPUTS:
+        raise ValueError(
+            f"input_features={input_features!r}: choose 'raw' (the authors' network input) or "
+            "'normalized' (L2-normalised CLIP features)."
+        )
+
+
+def _is_backbone(text_encoder: Any) -> bool:
+    return hasattr(text_encoder, "encode_text") and hasattr(text_encoder, "tokenizer")
+
+
+def _text_cache_for(
+    text_encoder: Any, device: torch.device, input_features: str = "raw"
+) -> TextFeatureCache:
+    _check_input(input_features)
+    raw = input_features == "raw"
+    if _is_backbone(text_encoder):
+        if raw:
+            encode = lambda texts: encode_text_raw(text_encoder, texts)  # noqa: E731
+        else:
+            encode = text_encoder.encode_text
     elif callable(text_encoder):
-        encode = lambda texts: F.normalize(text_encoder(texts).float(), dim=-1)  # noqa: E731
+        if raw:
+            encode = lambda texts: text_encoder(texts).float()  # noqa: E731
+        else:
+            encode = lambda texts: F.normalize(text_encoder(texts).float(), dim=-1)  # noqa: E731
     else:
         raise TypeError(
             "text_encoder must be a Backbone (with .encode_text and .tokenizer) or a function "
@@ -111,7 +142,20 @@ def _text_cache_for(text_encoder: Any, device: torch.device) -> TextFeatureCache
     ident = getattr(text_encoder, "identifier", None)
     if not isinstance(ident, str):
         return TextFeatureCache(encode, device)
-    return _TEXT_CACHES.setdefault((ident, str(device)), TextFeatureCache(encode, device))
+    key = (ident, str(device), input_features)
+    return _TEXT_CACHES.setdefault(key, TextFeatureCache(encode, device))
+
+
+def _word_lists_of(prompts: Sequence[PromptAttributes]) -> dict[str, tuple[str, ...]]:
+    """The authors' word lists from the attribute values of ``prompts``, in order of appearance."""
+    attrs = {
+        "colors": "color",
+        "sizes": "size",
+        "image_types": "image_type",
+        "art_styles": "art_style",
+    }
+    lists = {k: dict.fromkeys(getattr(p, a) for p in prompts) for k, a in attrs.items()}
+    return authors_word_lists(**{k: [v for v in lists[k] if v is not None] for k in attrs})
 
 
 def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
@@ -168,9 +212,11 @@ def train_clap(
     config: CLAPConfig | None = None,
     *,
     aug: AugmentConfig | None = None,
-    ign: bool = False,
+    ign: bool | None = None,
     n_noise: int = 4,
     noise_std: float = 0.02,
+    noise_positions: Sequence[str] = NOISE_POSITIONS,
+    words: dict[str, Sequence[str]] | None = None,
     class_prompt: str = "{}",
     seed: int = 1,
     val_fn: Callable[[DisentangleNetwork], Any] | None = None,
@@ -181,11 +227,19 @@ def train_clap(
     """Train CLAP's network on text only (Cai et al., 2024; the authors' ``main/trainer.py``).
 
     Each step draws ``B`` prompts (a fresh permutation per pass), augments each
-    (:func:`augment_prompt`), encodes the original, the augmented and the class-name prompt
-    with the frozen text encoder, refines all three with the network (``lam = 1``) and
-    minimises :func:`clap_loss`.  Without IGN every string is encoded once
-    (:class:`TextFeatureCache`); with IGN the augmented prompts go through
-    :func:`encode_text_with_noise` every step, the insertion position drawn per batch.
+    (:func:`augment_prompt` in ``config.prompt_form``), encodes the original, the augmented
+    and the class-name prompt with the frozen text encoder (raw or L2-normalised features,
+    ``config.input_features``), refines all three with the network (``lam = 1``) and
+    minimises :func:`clap_loss` (``config.loss_form``).  Without IGN every string is encoded
+    once (:class:`TextFeatureCache`); with IGN the augmented prompts go through
+    :func:`encode_text_with_noise` every step: one noise draw shared by the batch and one
+    insertion position per batch drawn from ``noise_positions``, as the authors'
+    ``__encode_noised_text`` does.
+
+    Random draws: ``random.Random(seed + 1)`` gives, per prompt in batch order, the five
+    augmentation numbers (:func:`authors_augment`; the authors draw ``torch.rand(1)`` each),
+    then one choice of the noise position per batch; the noise comes from a
+    ``torch.Generator`` seeded with ``seed``; batches from ``random.Random(seed)``.
 
     Selection: with ``val_fn(network) -> score`` (higher is better; a float, a tuple or a
     mapping with ``"score"``, see :func:`fewclip_tutorial.training.fit`) the state with the
@@ -198,7 +252,14 @@ def train_clap(
         prompts: the structured training prompts (e.g. :func:`clap_prompts` for every class).
         config: :class:`CLAPConfig`; ``overrides`` replace single fields (``steps=80``).
         aug: augmentation probabilities (default :class:`AugmentConfig`).
-        ign, n_noise, noise_std: Gaussian noise tokens on the augmented view.
+        ign: Gaussian noise tokens on the augmented view.  ``None`` (default): on, as the
+            authors train on PACS and VLCS, when ``text_encoder`` is a Backbone with its
+            open_clip model; a plain function cannot take noise tokens, so ``None`` means off
+            for it, and ``True`` raises.
+        n_noise, noise_std: the noise tokens (the authors' ``noise_len`` 4, ``std`` 0.02).
+        noise_positions: positions drawn from per batch (see :func:`encode_text_with_noise`).
+        words: the authors' word lists for the ``"authors"`` prompt form (default: the
+            attribute values of ``prompts``, see :func:`authors_word_lists`).
         class_prompt: format of the class-name prompt (``"{}"``: the bare class name).
         seed: seeds network init, batch order, augmentations and noise.
 
@@ -213,30 +274,41 @@ def train_clap(
         )
     aug = AugmentConfig() if aug is None else aug
     dev = get_device(device if device is not None else getattr(text_encoder, "device", None))
-    cache = _text_cache_for(text_encoder, dev)
-    if ign and not (hasattr(text_encoder, "model") and hasattr(text_encoder, "tokenizer")):
+    cache = _text_cache_for(text_encoder, dev, config.input_features)
+    has_model = hasattr(text_encoder, "model") and hasattr(text_encoder, "tokenizer")
+    if ign is None:
+        ign = has_model
+    if ign and not has_model:
         raise ValueError(
             "ign=True needs the open_clip model: pass the Backbone (with .model and "
             ".tokenizer) as text_encoder, or set ign=False."
         )
+    bad = [p for p in noise_positions if p not in NOISE_POSITIONS + ("inside",)]
+    if ign and (bad or not noise_positions):
+        raise ValueError(f"noise_positions={list(noise_positions)}: use {NOISE_POSITIONS}.")
+    form = config.prompt_form
+    if form == "authors" and words is None:
+        words = _word_lists_of(prompts)
     rng = random.Random(seed + 1)  # augmentations and noise positions (batches use seed)
     noise_gen = torch.Generator().manual_seed(seed)
-    anchor_texts = [p.render() for p in prompts]
+    anchor_texts = [p.text(form) for p in prompts]
     class_texts = [class_prompt.format(p.classname) for p in prompts]
+    raw = config.input_features == "raw"
 
     def noisy(texts: list[str]) -> Tensor:
         tokens = text_encoder.tokenizer(texts).to(text_encoder.device)
-        position = rng.choice(NOISE_POSITIONS)
+        position = rng.choice(list(noise_positions))
         with torch.no_grad(), autocast(dev):
             f = encode_text_with_noise(
                 text_encoder.model, tokens, n_noise, noise_std, position, noise_gen
             )
-        return F.normalize(f.float(), dim=-1).to(dev)
+        f = f.float() if raw else F.normalize(f.float(), dim=-1)
+        return f.to(dev)
 
     def batch_loss(network: DisentangleNetwork, idx: list[int]) -> Tensor:
-        augmented = [augment_prompt(prompts[i], aug, rng) for i in idx]
+        augmented = [augment_prompt(prompts[i], aug, rng, form, words) for i in idx]
         f_anchor = cache([anchor_texts[i] for i in idx])
-        f_aug = noisy(augmented) if ign else cache(augmented)
+        f_aug = noisy(augmented) if ign and n_noise > 0 else cache(augmented)
         f_cls = cache([class_texts[i] for i in idx])
         z_anchor, z_aug, z_cls = network(torch.cat([f_anchor, f_aug, f_cls])).chunk(3)
         terms = (config.tau, config.tau_c, config.lambda_c, config.loss_form)
@@ -320,6 +392,22 @@ def train_clap_image_features(
     )  # fmt: skip
 
 
+@torch.no_grad()
+def encode_images_raw(backbone: Any, images: Tensor, batch_size: int = 256) -> Tensor:
+    """``(B, D)`` image features *before* L2 normalisation (``model.encode_image``), fp32.
+
+    The authors' trainer and evaluation feed these to the network (``main/trainer.py``,
+    ``__encode_img``; ``main/evaluate.py``).
+    """
+    dev = torch.device(backbone.device)
+    dtype = backbone.dtype
+    outs = []
+    for chunk in torch.split(images, batch_size):
+        with torch.inference_mode(), autocast(dev, enabled=dtype == torch.float32):
+            outs.append(backbone.model.encode_image(chunk.to(dev, dtype)))
+    return torch.cat(outs).float().clone()
+
+
 def train_clap_image(
     backbone: Any,
     images: Any,
@@ -332,8 +420,9 @@ def train_clap_image(
 ) -> CLAPResult:
     """Im.Aug: the same network trained on augmented views of images instead of prompts.
 
-    ``n_views`` views of every image (:func:`image_augmentation`) are encoded once; training
-    samples view pairs (:func:`train_clap_image_features`).  The paper's images are one
+    ``n_views`` views of every image (:func:`image_augmentation`) are encoded once (raw or
+    L2-normalised, ``config.input_features``; the authors' ``__encode_img`` gives raw ones);
+    training samples view pairs (:func:`train_clap_image_features`).  The paper's images are one
     synthetic image per prompt; for ShapeWorld the runner renders them from the prompt factors.
 
     Args:
@@ -343,6 +432,10 @@ def train_clap_image(
     """
     if n_views < 2:
         raise ValueError(f"n_views={n_views} must be >= 2 (pairs of views).")
+    cfg = replace(
+        config or CLAPConfig(), **{k: kwargs[k] for k in ("input_features",) if k in kwargs}
+    )
+    _check_input(cfg.input_features)
     transform = image_augmentation()
     views = []
     with torch.random.fork_rng(devices=[]):
@@ -350,7 +443,10 @@ def train_clap_image(
         pil = [images.load_image(i) for i in range(len(images))]
         for _ in tqdm(range(n_views), desc="Im.Aug views", disable=not progress, leave=False):
             batch = torch.stack([backbone.preprocess(transform(img)) for img in pil])
-            views.append(backbone.encode_images(batch, batch_size=256).float())
+            if cfg.input_features == "raw":
+                views.append(encode_images_raw(backbone, batch, batch_size=256))
+            else:
+                views.append(backbone.encode_images(batch, batch_size=256).float())
     kwargs.setdefault("device", backbone.device)
     kwargs.setdefault("num_classes", len(set(np.asarray(images.labels).tolist())))
     return train_clap_image_features(

@@ -323,7 +323,9 @@ def test_spc_removes_injected_outliers_and_finds_the_clusters() -> None:
 
 def test_spc_matches_the_authors_procedure_on_scaled_rows() -> None:
     """The authors' ``get_ILF_kmeans_weights_classifier`` runs on template rows scaled by 100
-    and keeps the templates scoring strictly above the (n_keep+1)-th best; ours on unit rows."""
+    and keeps the templates scoring strictly above the (n_keep+1)-th best; ours on unit rows.
+    Their ``IsolationForest()`` is unseeded (here it gets our episode seed, as ours does);
+    their ``KMeans(..., random_state=0)`` is seeded with 0, as ours by default."""
     from sklearn.cluster import KMeans
     from sklearn.ensemble import IsolationForest
 
@@ -333,8 +335,16 @@ def test_spc_matches_the_authors_procedure_on_scaled_rows() -> None:
     scores = IsolationForest(random_state=seed).fit(scaled).decision_function(scaled)
     threshold = sorted(scores, reverse=True)[n_keep]
     kept = np.flatnonzero(scores > threshold)
-    centres = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(scaled[kept]).cluster_centers_
+    # scikit-learn 1.0.1 (the authors' env.yaml) defaults to n_init=10
+    centres = KMeans(n_clusters=k, random_state=0, n_init=10).fit(scaled[kept]).cluster_centers_
     ours = spurious_prototype_correction(x, keep=n_keep, n_clusters=k, seed=seed)
+    # kmeans_seed=None: k-means seeded with the episode seed too (the former default)
+    episode = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(scaled[kept])
+    by_seed = spurious_prototype_correction(x, keep=n_keep, n_clusters=k, seed=seed, kmeans_seed=None)
+    np.testing.assert_allclose(
+        by_seed.centres.double().numpy(), episode.cluster_centers_ / 100.0, atol=1e-6, rtol=0
+    )  # the bound below
+    assert not np.allclose(by_seed.centres.numpy(), ours.centres.numpy(), atol=1e-3)
     np.testing.assert_array_equal(ours.kept_indices, kept)
     # float32 (spurious_prototype_correction normalises in float32 and returns float32):
     # unit rows of D = 16 carry <= (D/2 + 2) 2^-24 = 6e-7 of float32 normalisation, which

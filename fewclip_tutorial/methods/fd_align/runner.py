@@ -64,12 +64,12 @@ def run_fd_align(
     ctx: Context, config: FDAlignConfig, *, progress: bool = True, return_result: bool = False
 ) -> dict:
     """FD-Align on one few-shot episode (options: :class:`FDAlignConfig`; ``beta=0`` is
-    plain fine-tuning, like for like).
+    plain fine-tuning, like for like: with the trained head, the authors' ``modules/FT_CoOp.py``).
 
     The original encoder's validation and test features come from the feature cache;
     a fine-tuned encoder is cached under its own weights digest.  The result holds every
     option that ran (defaults included) and ``"resolved"``: the logit scale, learning rate
-    and SPC seeds those options came to on this backbone and episode.  The result holds
+    and SPC seeds those options came to on this backbone and episode; also
     ``"start"``: the original encoder scored with FD-Align's class prototypes (the
     like-for-like zero-shot), ``"best_epoch"`` (0: the original was kept) and
     ``"history"``: :meth:`FDAlignResult.epochs`; with ``return_result`` (a direct call,

@@ -323,7 +323,9 @@ def test_spc_removes_injected_outliers_and_finds_the_clusters() -> None:
 
 def test_spc_matches_the_authors_procedure_on_scaled_rows() -> None:
     """The authors' ``get_ILF_kmeans_weights_classifier`` runs on template rows scaled by 100
-    and keeps the templates scoring strictly above the (n_keep+1)-th best; ours on unit rows."""
+    and keeps the templates scoring strictly above the (n_keep+1)-th best; ours on unit rows.
+    Their ``IsolationForest()`` is unseeded (here it gets our episode seed, as ours does);
+    their ``KMeans(..., random_state=0)`` is seeded with 0, as ours by default."""
     from sklearn.cluster import KMeans
     from sklearn.ensemble import IsolationForest
 
@@ -333,8 +335,18 @@ def test_spc_matches_the_authors_procedure_on_scaled_rows() -> None:
     scores = IsolationForest(random_state=seed).fit(scaled).decision_function(scaled)
     threshold = sorted(scores, reverse=True)[n_keep]
     kept = np.flatnonzero(scores > threshold)
-    centres = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(scaled[kept]).cluster_centers_
+    # scikit-learn 1.0.1 (the authors' env.yaml) defaults to n_init=10
+    centres = KMeans(n_clusters=k, random_state=0, n_init=10).fit(scaled[kept]).cluster_centers_
     ours = spurious_prototype_correction(x, keep=n_keep, n_clusters=k, seed=seed)
+    # kmeans_seed=None: k-means seeded with the episode seed too (the former default)
+    episode = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(scaled[kept])
+    by_seed = spurious_prototype_correction(
+        x, keep=n_keep, n_clusters=k, seed=seed, kmeans_seed=None
+    )
+    np.testing.assert_allclose(
+        by_seed.centres.double().numpy(), episode.cluster_centers_ / 100.0, atol=1e-6, rtol=0
+    )  # the bound below
+    assert not np.allclose(by_seed.centres.numpy(), ours.centres.numpy(), atol=1e-3)
     np.testing.assert_array_equal(ours.kept_indices, kept)
     # float32 (spurious_prototype_correction normalises in float32 and returns float32):
     # unit rows of D = 16 carry <= (D/2 + 2) 2^-24 = 6e-7 of float32 normalisation, which
@@ -534,19 +546,176 @@ def test_finetuned_backbone_swaps_the_image_encoder(backbone: Backbone) -> None:
 # --------------------------------------------------------------------------- integration
 
 
-def test_options_are_the_config_and_presets_are_the_papers() -> None:
+def test_options_are_the_config_and_presets() -> None:
     from fewclip_tutorial.methods.registry import get_method
 
     spec = get_method("fd-align")
     fields = {f.name: f.default for f in dataclasses.fields(fd.FDAlignConfig)}
     assert {n: o.default for n, o in spec.options.items()} == fields
-    assert spec.options["kl_direction"].choices == ["paper", "code"]
-    paper = fd.preset("colab")
-    assert (paper.blocks, paper.epochs, paper.optimizer, paper.batch_size) == (-1, 60, "sgd", 256)
-    assert (paper.alpha, paper.beta, paper.n_clusters, round(paper.keep * 80)) == (1, 20, 20, 60)
-    assert fd.preset("colab-pets") == paper and fd.preset("embedded") == fd.FDAlignConfig()
+    assert spec.options["kl_direction"].choices == ["code", "paper"]
+    assert fd.preset("embedded") == fd.FDAlignConfig()
+    # another setup takes the authors' rate for its own dataset: Oxford Pets, one rate
+    assert fd.preset("colab-pets") == dataclasses.replace(fd.preset("colab"), lr=6e-5)
     with pytest.raises(ValueError, match="kl_direction"):
         fd.FDAlignConfig(kl_direction="backwards")
+    with pytest.raises(ValueError, match="logit_scale"):
+        fd.FDAlignConfig(logit_scale=-1.0)
+    with pytest.raises(ValueError, match="kmeans_seed"):
+        fd.FDAlignConfig(kmeans_seed=-2)
+    with pytest.raises(ValueError, match="shots"):
+        fd.preset("colab", shots=3)  # the authors tuned EuroSAT at 1, 2, 4, 8 and 16 shots
+    # the paper's objective, one call away, on any preset; the schedule unchanged
+    paper = fd.preset("colab", shots=16).paper()
+    assert (paper.head, paper.kl_direction, paper.kl_reduction) == ("fixed", "paper", "batchmean")
+    assert dataclasses.replace(paper, head="trained", kl_direction="code") == dataclasses.replace(
+        fd.preset("colab", shots=16), kl_reduction="batchmean"
+    )
+
+
+def test_defaults_are_the_authors_code() -> None:
+    """The authors' values, written out (``skingorz/FD-Align``)."""
+    cfg = fd.FDAlignConfig()
+    # modules/FD_Align_SCP_CoOp.py, shared_step: final_loss = loss + ctx_loss, with
+    # ctx_loss = cscale * KLDivLoss()(log(softmax(context(data))), softmax(context(zero_data))),
+    # cscale = context_scale=20 in tools/FT_alldataset.sh
+    assert cfg.alpha == 1.0 and cfg.beta == 20.0
+    assert cfg.kl_direction == "code"  # KLDivLoss(input=log P_ft, target=P_frozen)
+    assert cfg.kl_reduction == "elementwise-mean"  # KLDivLoss() default reduction='mean'
+    # FD_Align_SCP_CoOp.py: self.classifier = CoOp_head(normalize=True, weights=zero_shot_weight),
+    # its parameters requires_grad = True
+    assert cfg.head == "trained"
+    # architectures/feature_extractor/clip.py, get_zeroshot_weight / get_context_weights:
+    # weights *= clip_model.logit_scale.exp(), the model's own scale
+    assert cfg.logit_scale == 0.0
+    # get_ILF_kmeans_weights_classifier(clip_model_, openai_imagenet_template, classname,
+    # cnumber, 60): 60 of CLIP's 80 templates, KMeans(n_clusters=cnumber, random_state=0),
+    # context_numbers=(20) in tools/FT_alldataset.sh
+    assert cfg.spc and cfg.n_clusters == 20 and round(cfg.keep * 80) == 60
+    assert cfg.kmeans_seed == 0
+    colab = fd.preset("colab", shots=16)
+    # config/set_FT_CoOp_config.py: weight_decay 5e-4, decay_scheduler "cosine",
+    # per_gpu_train_batchsize 256, lr_scale = train_batchsize / 256; modules/utils.py,
+    # set_schedule: SGD(momentum=0.9, nesterov=True); tools/FT_alldataset.sh: epoch=60,
+    # optim=sgd, the whole ViT_B_32_clip
+    assert (colab.optimizer, colab.weight_decay, colab.epochs, colab.batch_size) == (
+        "sgd",
+        5e-4,
+        60,
+        256,
+    )
+    assert colab.blocks == -1 and colab.lr_scaling == "batch" and colab.templates == "auto"
+    # config/lr/lr_config.py, eurosat_config["full_lr"]: 2e-4 at 1 shot, 9e-5 at 16; times
+    # train_batchsize / 256 with train_batchsize = min(N, 256): 10 and 160 images
+    one = fd.preset("colab", shots=1)
+    assert one.lr == 2e-4 and colab.lr == 9e-5
+    assert one.resolved_lr(10) == pytest.approx(2e-4 * 10 / 256, rel=1e-15)
+    assert colab.resolved_lr(160) == pytest.approx(9e-5 * 160 / 256, rel=1e-15)
+    assert colab.resolved_lr(1000) == 9e-5  # a full batch of 256: unscaled
+    # the former Colab rate, 5e-5 at every shot count, was 6.4x theirs at 1-shot EuroSAT
+    assert 5e-5 / one.resolved_lr(10) == pytest.approx(6.4, rel=1e-12)
+    # imagenet_config["full_lr"] = 5e-5, also the rate for datasets they did not tune
+    assert fd.authors_base_lr("imagenet", 4) == 5e-5 == fd.authors_base_lr("shapeworld", 16)
+    # the embedded schedule keeps its own rate, unscaled
+    assert (cfg.lr, cfg.lr_scaling, cfg.optimizer) == (3e-4, "none", "adamw")
+
+
+def _authors_zeroshot_weight(text: torch.Tensor, scale: float) -> torch.Tensor:
+    """``get_zeroshot_weight``: per class, the mean of the unit template embeddings,
+    renormalised, times ``logit_scale.exp()``; ``(C, M, D) -> (C, D)``."""
+    rows = []
+    for per_class in text:
+        e = per_class / per_class.norm(dim=-1, keepdim=True)
+        e = e.mean(dim=0)
+        rows.append(scale * e / e.norm())
+    return torch.stack(rows)
+
+
+def _authors_context_weights(text: torch.Tensor, scale: float) -> torch.Tensor:
+    """``get_context_weights``: the same per template, over the classes; ``-> (M, D)``."""
+    return _authors_zeroshot_weight(text.transpose(0, 1), scale)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_default_loss_is_the_authors_total_loss() -> None:
+    """On identical float64 tensors, ``fd_align_loss`` at ``FDAlignConfig()``'s options with the
+    package's trained head equals the authors' ``shared_step`` total, ``CE(head(data)) +
+    20 * KLDivLoss()(log softmax(context(data)), softmax(context(zero_data)))``, and differs
+    from the paper's objective (fixed prototypes, per-image KL(P_ft || P_frozen))."""
+    g = torch.Generator().manual_seed(11)
+    f64 = {"generator": g, "dtype": torch.float64}
+    n_cls, n_tpl, d, b, scale = 4, 20, 8, 6, 35.0  # S = 20 prototypes, a small model's scale
+    common = 3.0 * F.normalize(torch.randn(d, **f64), dim=0)
+    text = (
+        common
+        + torch.randn(n_cls, 1, d, **f64)
+        + 0.3 * torch.randn(1, n_tpl, d, **f64)
+        + 0.05 * torch.randn(n_cls, n_tpl, d, **f64)
+    )
+    data = common + 0.5 * torch.randn(b, d, **f64)
+    zero_data = data + 0.2 * torch.randn(b, d, **f64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    # the authors' modules: CoOp_head and ClassificationHead, both normalise then linear
+    head = _AuthorsHead(_authors_zeroshot_weight(text, scale)).double()
+    context = _AuthorsHead(_authors_context_weights(text, scale)).double()
+    with torch.no_grad():
+        ctx_loss = torch.nn.KLDivLoss()(
+            torch.log(F.softmax(context(data), dim=1)), F.softmax(context(zero_data), dim=1)
+        )
+        authors = F.cross_entropy(head(data), y) + 20.0 * ctx_loss
+    cfg = fd.FDAlignConfig()
+    ours_head = fd.trained_head(class_prototypes(text), scale)
+    assert ours_head.weight.dtype == torch.float64
+    # float64: the two heads differ by rounding only (C x D weights of size <= 35)
+    torch.testing.assert_close(ours_head.weight, head.weight, atol=1e-12, rtol=0)
+    args = (data, zero_data, y, ours_head, spurious_prototypes(text), cfg.alpha, cfg.beta)
+    with torch.no_grad():
+        ours = fd_align_loss(*args, cfg.kl_direction, cfg.kl_reduction, logit_scale=scale)
+        paper_cfg = cfg.paper()
+        assert paper_cfg.head == "fixed"
+        paper = fd_align_loss(
+            data,
+            zero_data,
+            y,
+            class_prototypes(text),
+            spurious_prototypes(text),
+            paper_cfg.alpha,
+            paper_cfg.beta,
+            paper_cfg.kl_direction,
+            paper_cfg.kl_reduction,
+            logit_scale=scale,
+        )
+    # float64: logits of size <= 35 from D = 8 dots round by ~1e-14; CE and 20 x the KL
+    # by a few of those: < 1e-11
+    torch.testing.assert_close(ours.total, authors, atol=1e-11, rtol=0)
+    # the function's own defaults are the same objective
+    with torch.no_grad():
+        torch.testing.assert_close(fd_align_loss(*args, logit_scale=scale).total, ours.total)
+    # the paper's form weighs the KL S = 20 times more (and in the other direction)
+    assert abs(paper.total.item() - ours.total.item()) > 1e-3
+
+
+def test_trainer_uses_the_backbones_logit_scale_and_the_scaled_rate(backbone: Backbone) -> None:
+    """``logit_scale=0``: the trained head starts at the backbone's own ``tau * t_c``; a number
+    forces it.  ``lr_scaling="batch"``: the peak rate is lr x min(N, batch) / 256."""
+    cls, spur = _protos(backbone)
+    own = dataclasses.replace(backbone, logit_scale=35.0)
+    kw = {"epochs": 1, "batch_size": 4, "blocks": 0, "optimizer": "sgd", "lr": 0.0}
+    unit = F.normalize(cls, dim=-1)
+    for bb, forced, want in ((own, 0.0, 35.0), (own, 100.0, 100.0), (backbone, 0.0, 100.0)):
+        r = train_fd_align(bb, _split(2), lambda v: 0.0, cls, spur, logit_scale=forced, **kw)
+        assert r.logit_scale == want and r.config.head == "trained"
+        # lr = 0 and SGD: the head has not moved from its start (float32: scale x unit rows)
+        torch.testing.assert_close(r.classifier.weight, want * unit, atol=1e-5, rtol=0)
+    r = train_fd_align(
+        backbone,
+        _split(3),
+        lambda v: 0.0,
+        cls,
+        spur,
+        **{**kw, "lr": 0.5, "lr_scaling": "batch"},
+    )
+    assert r.lr == 0.5 * 4 / 256  # 6 images, batches of 4
+    assert r.fit.history["lr"][0] == pytest.approx(r.lr, rel=1e-12)
 
 
 def test_exercises_are_registered_and_catch_wrong_forms() -> None:
@@ -594,6 +763,16 @@ def test_runner_end_to_end_and_feature_cache(backbone: Backbone, tmp_path, monke
     opts = {"keep": 3, "n_clusters": 2, "head": "trained", **COMMON}
     out = run_method("fd-align", context=ctx, **opts)
     assert out["beta"] == 20.0 and out["spc"] is True and out["n_spurious_prototypes"] == 2
+    # the configuration that ran, every option (defaults included), and what it resolved to
+    ran = fd.FDAlignConfig(**opts).options()
+    assert {k: out[k] for k in ran} == ran and out["kl_direction"] == "code"
+    assert out["resolved"] == {
+        "logit_scale": backbone.logit_scale,
+        "lr": COMMON["lr"],
+        "kmeans_random_state": 0,
+        "isolation_forest_random_state": ctx.seed,
+        "n_train_images": len(ctx.splits.train),
+    }
     assert len(out["removed_templates"]) == 1 and out["n_templates"] == 4
     h = out["history"]
     assert h["epoch"] == [0, 1, 2] and h["val_spurious_kl"][0] == 0.0

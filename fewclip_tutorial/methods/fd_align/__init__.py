@@ -10,7 +10,13 @@ Which blocks of the image encoder train, and the fine-tuned backbone, are
 """
 
 from fewclip_tutorial.encoders import finetuned_backbone, trainable_parameter_names
-from fewclip_tutorial.methods.fd_align.config import FD_ALIGN_PRESETS, FDAlignConfig, preset
+from fewclip_tutorial.methods.fd_align.config import (
+    AUTHORS_BASE_LR,
+    FD_ALIGN_PRESETS,
+    FDAlignConfig,
+    authors_base_lr,
+    preset,
+)
 from fewclip_tutorial.methods.fd_align.core import (
     FDAlignLoss,
     SPCResult,
@@ -21,6 +27,7 @@ from fewclip_tutorial.methods.fd_align.core import (
     spurious_kl,
     spurious_prototype_correction,
     spurious_prototypes,
+    trained_head,
 )
 from fewclip_tutorial.methods.fd_align.runner import run_fd_align, spurious_templates
 from fewclip_tutorial.methods.fd_align.train import (
@@ -32,11 +39,13 @@ from fewclip_tutorial.methods.fd_align.train import (
 )
 
 __all__ = [
+    "AUTHORS_BASE_LR",
     "FD_ALIGN_PRESETS",
     "FDAlignConfig",
     "FDAlignLoss",
     "FDAlignResult",
     "SPCResult",
+    "authors_base_lr",
     "class_prototypes",
     "classification_logits",
     "encode_pair",
@@ -52,5 +61,6 @@ __all__ = [
     "spurious_templates",
     "train_fd_align",
     "train_transform",
+    "trained_head",
     "trainable_parameter_names",
 ]

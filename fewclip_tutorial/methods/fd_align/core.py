@@ -8,7 +8,8 @@ knowledge by asking the fine-tuned encoder to place every image among a set of
 the frozen pretrained encoder does.
 
 The paper's objective, for an image ``x`` with label ``y``, a fine-tuned encoder ``f``,
-the frozen pretrained encoder ``f_0`` and ``tau = 100`` (:data:`CLIP_LOGIT_SCALE`)::
+the frozen pretrained encoder ``f_0`` and CLIP's logit scale ``tau`` (100 for CLIP,
+:data:`CLIP_LOGIT_SCALE`; the authors read ``logit_scale.exp()`` from the model)::
 
     class prototype     t_c  = norm( 1/M sum_m norm(g(P_m(c))) )         (C, D) unit rows
     spurious prototype  mu_m = norm( 1/C sum_c norm(g(P_m(c))) )         (M, D) unit rows
@@ -24,19 +25,24 @@ spurious prototypes.
 
 The authors' code (``modules/FD_Align_SCP_CoOp.py`` and
 ``architectures/feature_extractor/clip.py`` in ``skingorz/FD-Align``) differs from the
-paper's equations in three ways; each is one option away here:
+paper's equations in three ways.  :class:`~.config.FDAlignConfig` follows the code by
+default and reaches the paper with :meth:`~.config.FDAlignConfig.paper`:
 
 * KL (``kl_direction``, ``kl_reduction``): the code computes
   ``torch.nn.KLDivLoss()(log P(x; f), P(x; f_0))``, i.e. ``KL(P(x; f_0) || P(x; f))``
   averaged over all ``B * S`` elements, which is ``1/S`` of the per-image KL.  With
   ``S = 20`` prototypes and weight 20 the per-image KL is weighted by 1, twenty times
   less than the paper's ``beta = 20`` on the per-image KL.
-* Head (``head``): the code trains a linear head initialised from ``tau * t_c``; the
-  paper's ``L_class`` (our default) scores against the fixed prototypes.  The authors
-  also train that head alone first (linear probing); we do not.
+* Head (``head``): the code trains a linear head initialised from ``tau * t_c`` (their
+  ``CoOp_head``); the paper's ``L_class`` scores against the fixed prototypes.  The
+  authors' scripts also train that head alone first (linear probing); we do not.
 * SPC centres: the code uses the raw k-means centres as a frozen head; we renormalise
-  them, so the spurious softmax keeps CLIP's temperature.  The code's Isolation Forest
-  is unseeded; ours is seeded.
+  them, so the spurious softmax keeps CLIP's temperature.  The code's k-means has
+  ``random_state=0`` (ours by default, ``kmeans_seed``); its Isolation Forest is
+  unseeded, ours takes the episode seed.
+
+The functions below default to the paper's equations (``spurious_kl``) where they are
+one equation; :func:`fd_align_loss` defaults to the authors' KL form.
 
 This module is the functional core (prototypes, losses, SPC); the trainer is :mod:`.train`
 (:func:`~.train.train_fd_align`), the runner :mod:`.runner`, the options :mod:`.config`.
@@ -67,6 +73,7 @@ __all__ = [
     "spurious_kl",
     "spurious_prototype_correction",
     "spurious_prototypes",
+    "trained_head",
 ]
 
 KLDirection = Literal["paper", "code"]
@@ -139,6 +146,30 @@ def classification_logits(
         dtype = next(classifier.parameters()).dtype  # float32, or float64 in equivalence tests
         return classifier(F.normalize(image_features.to(dtype), dim=-1))
     return _cosine_logits(image_features, classifier, logit_scale, "class prototypes")
+
+
+def trained_head(class_protos: Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> nn.Linear:
+    """The authors' trainable head at its start: ``nn.Linear(D, C)`` with weights
+    ``logit_scale * t_c`` (unit rows) and bias 0, in the prototypes' dtype and device.
+
+    Their ``CoOp_head`` (``architectures/classifier/CoOp_head.py``) initialised by
+    ``get_zeroshot_weight`` (``architectures/feature_extractor/clip.py``), trained with the
+    encoder; :func:`classification_logits` feeds it the normalised image features, so at the
+    start its logits are the paper's ``tau * cos(f(x), t_c)``.
+    """
+    if class_protos.ndim != 2 or 0 in class_protos.shape:
+        raise ValueError(
+            f"class_protos must be a non-empty (C, D) tensor, got {tuple(class_protos.shape)}; "
+            "build it with class_prototypes()."
+        )
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale={logit_scale} must be positive (CLIP's: 100).")
+    c, d = class_protos.shape
+    head = nn.Linear(d, c).to(class_protos.device, class_protos.dtype)
+    with torch.no_grad():
+        head.weight.copy_(logit_scale * F.normalize(class_protos.detach(), dim=-1))
+        head.bias.zero_()
+    return head
 
 
 def spurious_distribution(
@@ -215,17 +246,25 @@ def fd_align_loss(
     spurious_protos: Tensor | None,
     alpha: float = 1.0,
     beta: float = 20.0,
-    direction: KLDirection = "paper",
-    reduction: KLReduction = "batchmean",
+    direction: KLDirection = "code",
+    reduction: KLReduction = "elementwise-mean",
+    logit_scale: float = CLIP_LOGIT_SCALE,
 ) -> FDAlignLoss:
     """``L = alpha * L_class + beta * L_spurious`` for ``(B, D)`` features and ``(B,)`` labels.
 
+    By default the authors' ``CE + 20 * KLDivLoss()(log P(x; f), P(x; f_0))``
+    (``modules/FD_Align_SCP_CoOp.py``: ``shared_step`` and ``train_forward``); the paper's
+    Eq. ``alpha * L_class + beta * KL(P_ft || P_frozen)`` is ``direction="paper",
+    reduction="batchmean"`` with ``(C, D)`` prototypes as ``classifier``.
+
     ``classifier``: ``(C, D)`` class prototypes or a trained head (:func:`classification_logits`).
+    ``logit_scale`` scales the cosines to the prototypes (a trained head carries its own).
     With ``beta == 0`` the total is exactly ``alpha * L_class`` (plain fine-tuning); the
     spurious KL is still measured without gradient when the frozen features and the
     prototypes are given (NaN otherwise).
     """
-    l_class = F.cross_entropy(classification_logits(finetuned_features, classifier), labels)
+    logits = classification_logits(finetuned_features, classifier, logit_scale)
+    l_class = F.cross_entropy(logits, labels)
     if frozen_features is None or spurious_protos is None:
         if beta != 0:
             raise ValueError(
@@ -235,7 +274,9 @@ def fd_align_loss(
         return FDAlignLoss(alpha * l_class, l_class, torch.full_like(l_class, float("nan")))
     kw = {"direction": direction, "reduction": reduction}
     with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
-        l_spur = spurious_kl(finetuned_features, frozen_features, spurious_protos, **kw)
+        l_spur = spurious_kl(
+            finetuned_features, frozen_features, spurious_protos, logit_scale, **kw
+        )
     if beta == 0:  # exactly alpha * L_class, and no graph through the KL
         return FDAlignLoss(alpha * l_class, l_class, l_spur)
     return FDAlignLoss(alpha * l_class + beta * l_spur, l_class, l_spur)
@@ -283,13 +324,16 @@ def spurious_prototype_correction(
     n_clusters: int = 20,
     seed: int = 0,
     n_init: int = 10,
+    kmeans_seed: int | None = 0,
 ) -> SPCResult:
     """Spurious Prototype Correction (SPC): drop outlier templates, cluster the rest.
 
     1. An Isolation Forest (scikit-learn defaults, ``random_state=seed``) scores the
-       ``M`` unit-normalised template features; the ``keep`` most normal stay.
-    2. k-means (``n_clusters``, ``random_state=seed``, ``n_init`` restarts) clusters
-       them; the renormalised centres are the new spurious prototypes.
+       ``M`` unit-normalised template features; the ``keep`` most normal stay.  The
+       authors' forest is unseeded, so which templates they drop varies from run to run.
+    2. k-means (``n_clusters``, ``random_state=kmeans_seed``: 0 as the authors, ``None``
+       for ``seed``; ``n_init`` restarts) clusters them; the renormalised centres are the
+       new spurious prototypes.
 
     Both steps are unchanged by a global scale, so this equals the authors'
     ``get_ILF_kmeans_weights_classifier`` on rows scaled by 100, up to that scale.
@@ -298,8 +342,10 @@ def spurious_prototype_correction(
         template_features: ``(M, D)`` spurious prototypes before correction.
         keep: a count (paper: 60 of 80) or a fraction in ``(0, 1]`` (``0.75``).
         n_clusters: ``k`` (paper: 20); reduced to the number kept if larger.
-        seed: seeds both steps.
-        n_init: k-means restarts (explicit, so results do not depend on scikit-learn's default).
+        seed: seeds the Isolation Forest (and k-means when ``kmeans_seed`` is ``None``).
+        n_init: k-means restarts (explicit, so results do not depend on scikit-learn's
+            default; 10 was the default of the authors' scikit-learn 1.0.1).
+        kmeans_seed: k-means ``random_state`` (the authors': 0).
     """
     from sklearn.cluster import KMeans
     from sklearn.ensemble import IsolationForest
@@ -322,7 +368,8 @@ def spurious_prototype_correction(
     scores = IsolationForest(random_state=seed).fit(x).score_samples(x)
     order = np.argsort(-scores, kind="stable")
     kept, removed = np.sort(order[:n_keep]), np.sort(order[n_keep:])
-    kmeans = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(x[kept])
+    km_state = seed if kmeans_seed is None else int(kmeans_seed)
+    kmeans = KMeans(n_clusters=k, random_state=km_state, n_init=n_init).fit(x[kept])
     centres = torch.from_numpy(kmeans.cluster_centers_).float()
     device = template_features.device
     return SPCResult(

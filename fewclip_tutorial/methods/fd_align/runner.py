@@ -32,7 +32,7 @@ from fewclip_tutorial.methods.tip_adapter.core import (
     tip_logits,
 )
 from fewclip_tutorial.methods.tip_adapter.search import default_search_grid, search_hparams
-from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_text_features
+from fewclip_tutorial.zeroshot import prompt_text_features
 
 __all__ = ["run_fd_align", "spurious_templates"]
 
@@ -64,10 +64,12 @@ def run_fd_align(
     ctx: Context, config: FDAlignConfig, *, progress: bool = True, return_result: bool = False
 ) -> dict:
     """FD-Align on one few-shot episode (options: :class:`FDAlignConfig`; ``beta=0`` is
-    plain fine-tuning, like for like).
+    plain fine-tuning, like for like: with the trained head, the authors' ``modules/FT_CoOp.py``).
 
     The original encoder's validation and test features come from the feature cache;
-    a fine-tuned encoder is cached under its own weights digest.  The result holds
+    a fine-tuned encoder is cached under its own weights digest.  The result holds every
+    option that ran (defaults included) and ``"resolved"``: the logit scale, learning rate
+    and SPC seeds those options came to on this backbone and episode; also
     ``"start"``: the original encoder scored with FD-Align's class prototypes (the
     like-for-like zero-shot), ``"best_epoch"`` (0: the original was kept) and
     ``"history"``: :meth:`FDAlignResult.epochs`; with ``return_result`` (a direct call,
@@ -80,7 +82,13 @@ def run_fd_align(
     cls, spur = class_prototypes(text), spurious_prototypes(text)
     removed: list[str] = []
     if cfg.spc:
-        corrected = spurious_prototype_correction(spur, cfg.keep, cfg.n_clusters, seed=ctx.seed)
+        corrected = spurious_prototype_correction(
+            spur,
+            cfg.keep,
+            cfg.n_clusters,
+            seed=ctx.seed,
+            kmeans_seed=None if cfg.kmeans_seed < 0 else cfg.kmeans_seed,
+        )
         spur, removed = corrected.prototypes, [names[i] for i in corrected.removed_indices]
     result = train_fd_align(
         backbone,
@@ -93,14 +101,15 @@ def run_fd_align(
         val_reference=ctx.features("val"),
         progress=progress,
     )
-    start = ctx.report(lambda f: classification_logits(f, cls.to(f.device)))
+    tau = result.logit_scale
+    start = ctx.report(lambda f: classification_logits(f, cls.to(f.device), tau))
     kept_start = result.fit.best_step == 0 and cfg.head == "fixed"
     tuned_ctx = ctx
     if not kept_start:
         tuned = finetuned_backbone(backbone, result.visual)
         tuned_ctx = dataclasses.replace(ctx, backbone=tuned, _memo={})
     head = result.classifier.cpu()
-    out = tuned_ctx.report(lambda f: classification_logits(f, head))
+    out = tuned_ctx.report(lambda f: classification_logits(f, head, tau))
     out.update(
         result.config.options(),
         start=start,
@@ -110,7 +119,16 @@ def run_fd_align(
         removed_templates=removed,
         n_templates=len(names),
         n_spurious_prototypes=int(spur.shape[0]),
-        logit_scale=CLIP_LOGIT_SCALE,
+        # what the options above resolved to on this backbone and episode
+        resolved={
+            "logit_scale": tau,
+            "lr": result.lr,
+            "kmeans_random_state": (ctx.seed if cfg.kmeans_seed < 0 else cfg.kmeans_seed)
+            if cfg.spc
+            else None,
+            "isolation_forest_random_state": ctx.seed if cfg.spc else None,
+            "n_train_images": len(ctx.splits.train),
+        },
     )
     if return_result:
         out["result"] = result

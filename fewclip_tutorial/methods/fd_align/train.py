@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,6 +32,7 @@ from fewclip_tutorial.methods.fd_align.core import (
     classification_logits,
     fd_align_loss,
     spurious_kl,
+    trained_head,
 )
 from fewclip_tutorial.training import FitResult, fit
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE
@@ -164,6 +164,8 @@ class FDAlignResult:
         steps_per_epoch: optimiser steps per epoch (evaluations happen every epoch).
         trainable_parameters: names of the updated parameters of ``visual``.
         config: the :class:`FDAlignConfig` used.
+        logit_scale: the ``tau`` that ran (``config.logit_scale``, or the backbone's own).
+        lr: the peak learning rate that ran (``config.lr``, scaled by ``lr_scaling``).
     """
 
     visual: nn.Module
@@ -173,6 +175,8 @@ class FDAlignResult:
     steps_per_epoch: int
     trainable_parameters: list[str]
     config: FDAlignConfig
+    logit_scale: float = CLIP_LOGIT_SCALE
+    lr: float = float("nan")
 
     @property
     def best_epoch(self) -> int:
@@ -245,6 +249,8 @@ def train_fd_align(
             order, e.g. torchrun against one process, up to rounding).
     """
     cfg = dataclasses.replace(config or FDAlignConfig(), **overrides)
+    tau = cfg.resolved_logit_scale(backbone.logit_scale)
+    lr = cfg.resolved_lr(len(train_split))
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64.")
     if len(train_split) == 0:
@@ -268,19 +274,16 @@ def train_fd_align(
     modules: list[nn.Module] = [encoder]
     classifier: Tensor | nn.Module = class_protos.detach().to(device, dtype)
     if cfg.head == "trained":  # the authors' CoOp_head: weights tau * t_c, bias 0, trained
-        head = nn.Linear(classifier.shape[1], classifier.shape[0]).to(device, dtype)
-        with torch.no_grad():
-            head.weight.copy_(CLIP_LOGIT_SCALE * F.normalize(classifier, dim=-1))
-            head.bias.zero_()
+        head = trained_head(classifier, tau)
         classifier = head
         modules.append(head)
         params += list(head.parameters())
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
     transform = (
         train_transform(backbone.image_size, backbone.mean, backbone.std)
@@ -333,13 +336,14 @@ def train_fd_align(
             spurious_protos,
             cfg.alpha,
             cfg.beta,
-            cfg.kl_direction,
+            cfg.kl_direction,  # type: ignore[arg-type]
             cfg.kl_reduction,  # type: ignore[arg-type]
+            tau,
         )
         if not torch.isfinite(loss.total):
             raise FloatingPointError(
                 f"FD-Align loss became {loss.total.item()} at step {step}; lower lr "
-                f"(now {cfg.lr}) or beta (now {cfg.beta})."
+                f"(now {lr}) or beta (now {cfg.beta})."
             )
         return {
             "loss": loss.total,
@@ -367,9 +371,11 @@ def train_fd_align(
             feats = feats.to(device)
         accuracy = (
             100.0
-            * (classification_logits(feats, head_of(classifier)).argmax(1) == labels).float().mean()
+            * (classification_logits(feats, head_of(classifier), tau).argmax(1) == labels)
+            .float()
+            .mean()
         )
-        kl = spurious_kl(feats, ref, spurious_protos)
+        kl = spurious_kl(feats, ref, spurious_protos, tau)
         return {"score": float(accuracy), "accuracy": float(accuracy), "spurious_kl": float(kl)}
 
     result = fit(
@@ -397,4 +403,6 @@ def train_fd_align(
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=names,
         config=cfg,
+        logit_scale=tau,
+        lr=lr,
     )

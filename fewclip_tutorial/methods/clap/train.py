@@ -295,8 +295,17 @@ def train_clap(
     class_texts = [class_prompt.format(p.classname) for p in prompts]
     raw = config.input_features == "raw"
 
+    token_rows: dict[str, Tensor] = {}  # augmentations give a finite set of strings
+
+    def tokenize(texts: list[str]) -> Tensor:
+        """``tokenizer(texts)``, each distinct string tokenized once per run."""
+        missing = [t for t in dict.fromkeys(texts) if t not in token_rows]
+        if missing:
+            token_rows.update(zip(missing, text_encoder.tokenizer(missing), strict=True))
+        return torch.stack([token_rows[t] for t in texts]).to(text_encoder.device)
+
     def noisy(texts: list[str]) -> Tensor:
-        tokens = text_encoder.tokenizer(texts).to(text_encoder.device)
+        tokens = tokenize(texts)
         position = rng.choice(list(noise_positions))
         with torch.no_grad(), autocast(dev):
             f = encode_text_with_noise(

@@ -79,6 +79,7 @@ __all__ = [
     "ExerciseGrade",
     "GradeConfig",
     "Isolation",
+    "ReferenceView",
     "StudentGrades",
     "build_parser",
     "check_output_path",
@@ -93,6 +94,8 @@ __all__ = [
     "new_run_seed",
     "notebook_code",
     "parse_notebook",
+    "reference_view",
+    "stub_module_source",
     "write_grades_csv",
 ]
 
@@ -506,8 +509,11 @@ def _sandbox_env() -> dict[str, str]:
     }
 
 
-def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> list[str]:
-    """bwrap with a read-only view of the interpreter, its libraries and this package only.
+def _bwrap_prefix(
+    private: Sequence[str] = (), tmp_bytes: int = 512 << 20, package_view: Path | None = None
+) -> list[str]:
+    """bwrap with a read-only view of the interpreter, its libraries and this package only
+    (``package_view``, a :class:`ReferenceView` root, shown in the package's place).
 
     ValueError when a folder the interpreter needs holds one of ``private`` (the
     submissions would be visible inside).
@@ -535,7 +541,8 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
     for r in roots:
         cmd += ["--ro-bind", str(r), str(r)]
     package = _package_dir()
-    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    shown = package if package_view is None else package_view
+    cmd += ["--ro-bind", str(shown), str(package), "--proc", "/proc", "--dev", "/dev"]
     # /dev read-only but for its own small /dev/shm and POSIX message queues: the zygote
     # empties both (and /tmp) between students and checks that they are empty
     if _bwrap_supports("--size"):
@@ -545,6 +552,128 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         cmd += ["--mqueue", "/dev/mqueue"]
     cmd += ["--remount-ro", "/dev"]
     return [*cmd, "--chdir", "/tmp"]
+
+
+# --------------------------------------------------------------------------- the package view
+
+
+@dataclass
+class ReferenceView:
+    """The package as the sandbox shows it: a copy in which every exercise's reference
+    functions (:meth:`~fewclip_tutorial.course.exercises.Exercise.forbidden_functions`) are
+    stubs that raise :class:`~fewclip_tutorial.course.exercises.ReferenceHiddenError`.
+
+    Attributes:
+        root: the copy (no ``__pycache__``), bound read-only over the package's folder.
+        stubs: ``{(module, name): exercises}``: the stubbed functions and whose they are.
+        sources: ``{(module, name): source}``: the real code of each stubbed function, sent
+            into a student process that grades one exercise only (its building blocks:
+            another exercise's reference stays usable, the graded one's never arrives).
+        keys: ``{exercise: [(label, key)]}``: what a copy of each forbidden function's code
+            looks like (see ``_grading_child._code_key``), for the in-process check.
+        skipped: forbidden functions not defined at a module's top level (lambdas and nested
+            wrappers of the catalog): not stubbed, they only call a stubbed function.
+    """
+
+    root: Path
+    stubs: dict[tuple[str, str], tuple[str, ...]]
+    sources: dict[tuple[str, str], str]
+    keys: dict[str, list[tuple[str, str]]]
+    skipped: list[str]
+
+    def restore_for(self, exercise: str) -> list[tuple[str, str, str]]:
+        """``[(module, name, source)]``: every stub but those of ``exercise``, made real."""
+        return [
+            (module, name, self.sources[module, name])
+            for (module, name), owners in self.stubs.items()
+            if exercise not in owners
+        ]
+
+
+def _stub_statement(label: str, owners: Sequence[str]) -> str:
+    return (
+        "from fewclip_tutorial.course.exercises import _reference_hidden as _h; "
+        f"raise _h({label!r}, {tuple(owners)!r})"
+    )
+
+
+def stub_module_source(
+    source: str, module: str, names: Mapping[str, Sequence[str]]
+) -> tuple[str, dict[str, str]]:
+    """``(source with the top-level functions in names stubbed, {name: real source})``.
+
+    Each stubbed function keeps its decorators and signature; its body (docstring included)
+    becomes one ``raise`` of :class:`~fewclip_tutorial.course.exercises.ReferenceHiddenError`
+    naming the exercises in ``names[function]``.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    real: dict[str, str] = {}
+    edits: list[tuple[int, int, int, str]] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            end = node.end_lineno or node.lineno
+            real[node.name] = "".join(lines[first - 1 : end])
+            body = node.body[0]
+            edits.append((body.lineno, body.col_offset, end, node.name))
+    for lineno, col, end, name in sorted(edits, reverse=True):
+        head = lines[lineno - 1].encode()[:col].decode()  # col_offset counts UTF-8 bytes
+        stub = _stub_statement(f"{module}.{name}", names[name])
+        lines[lineno - 1 : end] = [head + stub + "\n"]
+    return "".join(lines), real
+
+
+_VIEWS: dict[str, ReferenceView] = {}
+
+
+def reference_view() -> ReferenceView:
+    """The sandbox's copy of the package (made once per grading process; removed at exit)."""
+    import atexit
+    import sys as _sys
+
+    from fewclip_tutorial.course.exercises import get_exercise, list_exercises
+
+    package = _package_dir()
+    if str(package) in _VIEWS:
+        return _VIEWS[str(package)]
+    per_module: dict[str, dict[str, list[str]]] = {}
+    keys: dict[str, list[tuple[str, str]]] = {}
+    skipped: list[str] = []
+    for name in list_exercises():
+        keys[name] = []
+        for fn in get_exercise(name).forbidden_functions():
+            label = f"{fn.__module__}.{fn.__qualname__}"
+            keys[name].append((label, repr(child._code_key(fn.__code__))))
+            if "." in fn.__qualname__ or "<" in fn.__qualname__:
+                skipped.append(label)
+                continue
+            owners = per_module.setdefault(fn.__module__, {}).setdefault(fn.__qualname__, [])
+            owners.append(name)
+    top = Path(tempfile.mkdtemp(prefix="fewclip-grade-view-"))
+    atexit.register(shutil.rmtree, top, True)
+    root = top / package.name
+    shutil.copytree(package, root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    stubs: dict[tuple[str, str], tuple[str, ...]] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for module, names in per_module.items():
+        path = Path(_sys.modules[module].__file__ or "").resolve()
+        text, real = stub_module_source(path.read_text(encoding="utf-8"), module, names)
+        missing = set(names) - set(real)
+        if missing:
+            skipped += [f"{module}.{n}" for n in sorted(missing)]
+        (root / path.relative_to(package)).write_text(text, encoding="utf-8")
+        for fname, src in real.items():
+            stubs[module, fname] = tuple(names[fname])
+            sources[module, fname] = src
+    os.chmod(top, 0o755)  # a grader run as root starts bwrap as user 65534: it must read it
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o644)
+    view = ReferenceView(root, stubs, sources, keys, skipped)
+    _VIEWS[str(package)] = view
+    return view
 
 
 def _interpreter_roots() -> list[Path]:
@@ -581,10 +710,12 @@ def _readable_by_others(paths: Iterable[Path]) -> bool:
     return True
 
 
-def _bwrap_command(output_fd: int, private: Sequence[str] = ()) -> list[str]:
+def _bwrap_command(
+    output_fd: int, private: Sequence[str] = (), package_view: Path | None = None
+) -> list[str]:
     """The sandbox's command line: bwrap, then the zygote."""
     zygote = ["-m", child.__name__, "--sandboxed", "--output-fd", str(output_fd)]
-    return [*_bwrap_prefix(private), "--", sys.executable, *zygote]
+    return [*_bwrap_prefix(private, package_view=package_view), "--", sys.executable, *zygote]
 
 
 def _vm_size() -> int:
@@ -653,8 +784,8 @@ class _Box:
         sandboxed = self.isolation.sandboxed
         if sandboxed:
             try:
-                cmd = _bwrap_command(out_w, self.private)
-            except ValueError as err:
+                cmd = _bwrap_command(out_w, self.private, reference_view().root)
+            except (ValueError, OSError, SyntaxError) as err:
                 os.close(out_w)
                 raise _SandboxDied(str(err)) from None
             self.work = "/tmp/work"

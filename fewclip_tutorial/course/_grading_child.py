@@ -286,17 +286,42 @@ def _code_key(c: Any) -> tuple[Any, ...]:
     return key if len(c.co_code) >= _COPY_MIN_BYTES else (*key, c.co_varnames)
 
 
-def _same_code(code: Any, forbidden: Mapping[Any, str]) -> str:
-    """The name of the forbidden function whose code ``code`` repeats (renamed or not), or ""."""
+def code_keys(functions: Sequence[Any]) -> dict[str, str]:
+    """``{repr of the code key: "module.qualname"}`` of ``functions`` (see :func:`_code_key`)."""
+    return {repr(_code_key(fn.__code__)): f"{fn.__module__}.{fn.__qualname__}" for fn in functions}
+
+
+def _same_code(code: Any, forbidden: Mapping[str, str]) -> str:
+    """The name of the forbidden function whose code ``code`` repeats (renamed or not), or "".
+
+    ``forbidden``: :func:`code_keys` of the forbidden functions, computed by the grader
+    outside the sandbox (inside, the package's references are stubs).
+    """
     if code is None:
         return ""
     try:
-        if code in forbidden:
-            return forbidden[code]
-        mine = _code_key(code)
-        return next((label for ref, label in forbidden.items() if _code_key(ref) == mine), "")
+        return forbidden.get(repr(_code_key(code)), "")
     except Exception:  # noqa: BLE001 - an odd code object is simply not a copy
         return ""
+
+
+def _restore_references(restore: Sequence[Any]) -> None:
+    """Give the stubbed functions in ``restore`` (``[module, name, source]``) their real code
+    back, in place: every alias, closure and registry entry sees it.  The grader sends the
+    building blocks a student process grading one exercise may use: never its own reference.
+    """
+    import importlib
+    import inspect
+
+    for module, name, source in restore:
+        mod = importlib.import_module(str(module))
+        namespace = dict(vars(mod))
+        exec(compile(str(source), f"<{module}.{name}>", "exec"), namespace)  # noqa: S102
+        live = inspect.unwrap(getattr(mod, str(name)))
+        real = inspect.unwrap(namespace[str(name)])
+        live.__code__ = real.__code__
+        live.__defaults__ = real.__defaults__
+        live.__kwdefaults__ = real.__kwdefaults__
 
 
 def _statements(src: str) -> list[str]:
@@ -329,6 +354,9 @@ def student_main(
     work = Path(str(request["work"]))
     code = [(str(a), str(b)) for a, b in request["code"]]
     exmod.set_edition("student")
+    solo = request.get("solo")  # grading this exercise only: other references made real
+    _restore_references(request.get("restore") or [])
+    exmod.GRADING[0] = solo
 
     answers: dict[str, Any] = {}
 
@@ -338,13 +366,14 @@ def student_main(
 
     exmod.Exercise.check = recording_check  # type: ignore[method-assign]
 
-    forbidden: dict[str, dict[Any, str]] = {}
-    for name in exmod.list_exercises():
-        with contextlib.suppress(Exception):
-            forbidden[name] = {
-                fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
-                for fn in exmod.get_exercise(name).forbidden_functions()
-            }
+    forbidden: dict[str, dict[str, str]] = {
+        str(name): {str(key): str(label) for label, key in pairs}
+        for name, pairs in (request.get("copy_keys") or {}).items()
+    }
+    if not forbidden:  # the package's own code is here (no sandbox): ask it
+        for name in exmod.list_exercises():
+            with contextlib.suppress(Exception):
+                forbidden[name] = code_keys(exmod.get_exercise(name).forbidden_functions())
 
     def flag(what: str) -> None:
         """Tell the grader at once (one atomic pipe write): what the student's code does
@@ -353,7 +382,7 @@ def student_main(
             os.write(msg_out, encode({"event": "flag", "what": what[:300]}))
 
     hits: list[str] = []
-    active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
+    active: list[dict[str, str]] = [{}]  # the code keys of the running exercise's references
     seen: dict[Any, str] = {}  # code object -> the forbidden function it copies, or ""
 
     def profiler(frame: Any, event: str, arg: Any) -> None:
@@ -443,6 +472,8 @@ def student_main(
         trials = load_inputs(payload)
         fn = answers.get(name)
         del hits[:]
+        exmod.GRADING[0] = name
+        first_hidden = len(exmod.HIDDEN_CALLS)
         active[0] = forbidden.get(name, {})
         seen.clear()
         first_tamper = len(tampered)
@@ -475,6 +506,18 @@ def student_main(
                 break
             outputs.append(sanitize(got))
         active[0] = {}
+        hidden = list(exmod.HIDDEN_CALLS)
+        own = [f for f, owners in hidden[first_hidden:] if name in owners]
+        if own:  # a stub of this exercise's reference: its code is not in this process
+            error = (
+                f"uses the package's reference solution: it calls {own[0]}, which is not "
+                f"available while grading {name}"
+            )
+        # a stub of another exercise's reference (a building block) was called, here or in
+        # the cells: a wrong answer is graded again in a process where those are real
+        retry = bool(error) and not solo and any(name not in o for _, o in hidden)
+        if get_profile() is not profiler or hits or own:
+            retry = False
         if get_profile() is not profiler:
             error = "removed the grader's profiler (sys.setprofile): not allowed"
         if hits:
@@ -482,9 +525,14 @@ def student_main(
         mine = in_cells + tampered[first_tamper:]
         if mine:
             error = f"tampered with the grader's checks: {mine[0]}"
+            retry = False
         sys.stdout.flush()
         sys.stderr.flush()
-        send({"event": "result", "name": name, "error": error}, None if error else outputs)
+        exmod.GRADING[0] = solo
+        send(
+            {"event": "result", "name": name, "error": error, "retry": retry},
+            None if error else outputs,
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

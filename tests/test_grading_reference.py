@@ -18,7 +18,7 @@ import csv
 import sys
 
 import pytest
-from test_grading import GOOD_PE, GOOD_ZS, ISOLATION, SANDBOXED, _submission, _write
+from test_grading import GOOD_PE, GOOD_ZS, ISOLATION, SANDBOXED, _submission
 
 from fewclip_tutorial.course import _grading_child as child
 from fewclip_tutorial.course import grading

@@ -667,7 +667,7 @@ def reference_view() -> ReferenceView:
             stubs[module, fname] = tuple(names[fname])
             sources[module, fname] = src
     os.chmod(top, 0o755)  # a grader run as root starts bwrap as user 65534: it must read it
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o755)
         for f in files:
             os.chmod(os.path.join(folder, f), 0o644)

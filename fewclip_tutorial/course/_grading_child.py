@@ -431,6 +431,13 @@ def student_main(
         elif event == "import" and args and args[0] in ("_cffi_backend", "_thread", "_ctypes"):
             tampered.append(f"it imported {args[0]} afresh (a way around the grader's checks)")
 
+    def arm() -> None:
+        """The profiler on again before each exercise (a function that switched it off and
+        then failed is flagged against its own exercise, not the next one)."""
+        sys.setprofile(profiler)
+        threading.setprofile(profiler)
+
+    allowed_callers.add(arm.__code__)
     armed = False
     sys.addaudithook(watch)
     get_profile = sys.getprofile
@@ -473,6 +480,7 @@ def student_main(
         fn = answers.get(name)
         del hits[:]
         exmod.GRADING[0] = name
+        arm()
         first_hidden = len(exmod.HIDDEN_CALLS)
         active[0] = forbidden.get(name, {})
         seen.clear()

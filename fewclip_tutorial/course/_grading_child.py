@@ -675,31 +675,98 @@ def _student_files(folder: Path, mounts: frozenset[str]) -> list[str]:
 #: the writable places of the sandbox, emptied between students
 SCRATCH = (Path("/tmp"), Path("/dev/shm"), Path("/dev/mqueue"))
 
-_KEYCTL = {"x86_64": 250, "aarch64": 219, "i686": 288, "armv7l": 311, "ppc64le": 280}
+#: the number of the ``keyctl`` system call, by ``platform.machine()`` (Linux's syscall
+#: tables: x86_64 250, i386 288, arm EABI 311, powerpc 271, s390 280; arm64, riscv64 and
+#: loongarch64 use the generic table, 219).  Elsewhere the grader cannot clear or check the
+#: user's keyrings, which outlive processes: every student then gets a fresh sandbox (a
+#: fresh user namespace, so fresh keyrings), and the grader says so on its first line.
+_KEYCTL = {
+    "x86_64": 250,
+    "amd64": 250,
+    "i386": 288,
+    "i486": 288,
+    "i586": 288,
+    "i686": 288,
+    "aarch64": 219,
+    "arm64": 219,
+    "riscv64": 219,
+    "loongarch64": 219,
+    "armv6l": 311,
+    "armv7l": 311,
+    "armv8l": 311,
+    "ppc64le": 271,
+    "ppc64": 271,
+    "ppc": 271,
+    "s390x": 280,
+}
+#: a 32-bit interpreter on a 64-bit kernel calls through the 32-bit table
+_KEYCTL_32 = {"x86_64": "i686", "amd64": "i686", "aarch64": "armv7l", "arm64": "armv7l"}
 
 
-def _keyctl(*args: Any) -> int:
-    import ctypes
+def keyctl_number(machine: str | None = None, bits: int | None = None) -> int | None:
+    """The ``keyctl`` system call's number here (None where the grader does not know it)."""
     import platform
 
-    number = _KEYCTL.get(platform.machine())
+    machine = (machine if machine is not None else platform.machine()).lower()
+    bits = bits if bits is not None else struct.calcsize("P") * 8
+    if bits == 32:
+        machine = _KEYCTL_32.get(machine, machine)
+    return _KEYCTL.get(machine)
+
+
+def keyrings_unchecked() -> str:
+    """Why the user's keyrings cannot be cleared between students here ("" when they can)."""
+    import platform
+
+    if keyctl_number() is not None:
+        return ""
+    return (
+        f"the user's keyrings cannot be cleared or checked on {platform.machine() or 'this'} "
+        "(no keyctl system call number known): a fresh sandbox for every student"
+    )
+
+
+def _keyctl(*args: Any) -> tuple[int, int]:
+    """``(result, errno)`` of ``keyctl(*args)``; ``(-1, ENOSYS)`` where its number is unknown."""
+    import ctypes
+
+    number = keyctl_number()
     if number is None:
-        return -1
+        return -1, errno.ENOSYS
     libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.syscall(number, *args))
+    ctypes.set_errno(0)
+    return int(libc.syscall(number, *args)), ctypes.get_errno()
 
 
 def _clear_keyrings() -> bool:
-    """Clear the user's keyrings (they outlive processes); True when both are empty after."""
+    """Clear the user's keyrings (they outlive processes); True when both are empty after.
+
+    False where they cannot be checked (:func:`keyrings_unchecked`), and when a keyring
+    cannot be read (a student took the permissions away: it may hold a key).
+    """
+    if keyctl_number() is None:
+        return False
     keyctl_clear, keyctl_read = 7, 11
     empty = True
     for ring in (-4, -5):  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
-        with contextlib.suppress(Exception):
+        try:
             _keyctl(keyctl_clear, ring)
-        with contextlib.suppress(Exception):
-            if _keyctl(keyctl_read, ring, None, 0) > 0:  # bytes of the list of keys
-                empty = False
+            size, err = _keyctl(keyctl_read, ring, None, 0)  # bytes of the list of keys
+        except Exception:  # noqa: BLE001 - no ctypes: unchecked, so not known to be empty
+            return False
+        if size > 0 or (size < 0 and err not in (errno.ENOSYS, errno.ENOKEY)):
+            empty = False
     return empty
+
+
+#: the modes of the writable places when the sandbox started (a student may chmod them)
+_SCRATCH_MODES: dict[Path, int] = {}
+
+
+def _record_scratch_modes() -> None:
+    for folder in SCRATCH:
+        with contextlib.suppress(OSError):
+            _SCRATCH_MODES[folder] = os.stat(folder).st_mode & 0o7777
 
 
 def _leftovers_in_sandbox() -> list[str]:
@@ -708,12 +775,16 @@ def _leftovers_in_sandbox() -> list[str]:
     mounts = _mount_points()
     for folder in SCRATCH:
         found += _student_files(folder, mounts)
+        with contextlib.suppress(OSError):
+            mode = os.stat(folder).st_mode & 0o7777
+            if folder in _SCRATCH_MODES and mode != _SCRATCH_MODES[folder]:
+                found.append(f"{folder} with mode {mode:o}")
     for kind in ("shm", "sem", "msg"):
         with contextlib.suppress(OSError):
             lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
             found += [f"System V {kind} {line.split()[1]}" for line in lines if line.split()]
     if not _clear_keyrings():
-        found.append("a key in the user's keyring")
+        found.append(keyrings_unchecked() or "a key in the user's keyring")
     return found
 
 
@@ -721,6 +792,9 @@ def _clean_sandbox(bound: float = 60.0) -> list[str]:
     """Empty the sandbox's writable places, IPC objects and keyrings; what is still there."""
     mounts = _mount_points()
     for folder in SCRATCH:
+        if folder in _SCRATCH_MODES:  # writable again, for the sandbox's user, if it was
+            with contextlib.suppress(OSError):
+                os.chmod(folder, _SCRATCH_MODES[folder])
         _empty(folder, mounts)
     _remove_sysv_ipc()
     _clear_keyrings()
@@ -862,6 +936,10 @@ def zygote_main(argv: Sequence[str]) -> int:  # pragma: no cover - runs in its o
 
     import fewclip_tutorial.course.exercises as exmod
 
+    if sandboxed:
+        _record_scratch_modes()
+        if keyrings_unchecked():
+            print(f"[grader] {keyrings_unchecked()}", file=sys.stderr)
     torch.set_num_threads(1)
     exmod.list_exercises()
     body = json.dumps({"event": "ready", "pid": os.getpid()}).encode() + b"\n"

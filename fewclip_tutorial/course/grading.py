@@ -14,7 +14,8 @@ How a class is graded
 2. **Student code runs in an OS-level sandbox**: on Linux with bubblewrap
    (``bwrap``) one sandbox holds a read-only view of the interpreter and of this
    package only (not the submissions, not the book, not the instructor edition,
-   not the grader's output), a private tmpfs as the only writable place, no
+   not the grader's output; the package is a copy, :func:`reference_view`, in which
+   every exercise's reference functions are stubs), a private tmpfs as the only writable place, no
    network, its own PID namespace, a non-root user, and CPU, memory, process and
    file-size limits set from outside.  Inside, a process that has imported torch
    forks one *student process* per notebook, in a fresh work folder; when it ends,
@@ -39,9 +40,12 @@ How a class is graded
 5. Zero for an exercise, with the reason, when the function raises, returns a
    wrong value, changes its input in place, runs past ``--timeout`` (a deadline
    kept by the grader, which nothing the student sends can move), prints more
-   than ``--output-limit`` bytes while it runs, kills its process, or calls or
-   copies the package's own answer (a best-effort check inside the student
-   process: see the instructors' page).  Zero for every exercise of a notebook
+   than ``--output-limit`` bytes while it runs, kills its process, or calls the
+   package's own answer (in the sandbox a stub: the answer's code is not there; an
+   answer that failed after calling *another* exercise's reference, a stub too, is
+   graded again alone in a process that gets the real code of every reference but its
+   own exercise's) or copies it (a best-effort check inside the student process: see
+   the instructors' page).  Zero for every exercise of a notebook
    that leaves a process running after it finished.
 
 The CSV (written atomically) has one row per student: ``student``, one score column
@@ -450,10 +454,13 @@ def detect_isolation(mode: str = "auto") -> Isolation:
         raise ValueError(f"Unknown sandbox mode {mode!r}; use auto, bwrap or none.")
     problem = "--sandbox none was asked for" if mode == "none" else _bwrap_problem()
     if not problem:
+        keyrings = child.keyrings_unchecked()
         return Isolation(
             "bubblewrap",
-            "bubblewrap sandbox: read-only interpreter and package, private tmpfs, no network, "
-            "own PID namespace, uid 65534, CPU/memory/process/file-size limits",
+            "bubblewrap sandbox: read-only interpreter, the package with the exercises' "
+            "reference solutions replaced by stubs, private tmpfs, no network, "
+            "own PID namespace, uid 65534, CPU/memory/process/file-size limits"
+            + (f"; {keyrings}" if keyrings else ""),
         )
     if mode == "bwrap":
         raise ValueError(f"--sandbox bwrap: {problem}")

@@ -356,7 +356,6 @@ def student_main(
     exmod.set_edition("student")
     solo = request.get("solo")  # grading this exercise only: other references made real
     _restore_references(request.get("restore") or [])
-    exmod.GRADING[0] = solo
 
     answers: dict[str, Any] = {}
 
@@ -403,6 +402,22 @@ def student_main(
             flag(f"tampered with the grader's checks: {what}")
 
     tampered: list[str] = _Noted()
+
+    class _HiddenCalls(list):  # type: ignore[type-arg]
+        """The stubs of references called: one of the running exercise's is reported at
+        once (a function that then hangs, or calls it from a thread, is still named)."""
+
+        def append(self, item: Any) -> None:
+            super().append(item)
+            with contextlib.suppress(Exception):
+                function, owners = item
+                if exmod.GRADING[0] in owners:
+                    flag(
+                        f"uses the package's reference solution: it calls {function}, which "
+                        f"is not available while grading {exmod.GRADING[0]}"
+                    )
+
+    exmod.HIDDEN_CALLS = _HiddenCalls()
     raw_start = _thread.start_new_thread
     allowed_callers = {threading.Thread._bootstrap_inner.__code__}
 
@@ -536,7 +551,7 @@ def student_main(
             retry = False
         sys.stdout.flush()
         sys.stderr.flush()
-        exmod.GRADING[0] = solo
+        exmod.GRADING[0] = None
         send(
             {"event": "result", "name": name, "error": error, "retry": retry},
             None if error else outputs,

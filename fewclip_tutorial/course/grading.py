@@ -1338,6 +1338,8 @@ class _Grader:
                     else:
                         problem = "sent a message the grader does not expect"
                         done = self._kill_child()
+                    if self.box.flags:  # what it said against itself before it ended
+                        problem = self.box.flags[0]
                     break
                 if not problem:
                     done = self._finish()

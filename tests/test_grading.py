@@ -644,9 +644,12 @@ def test_the_package_reference_scores_zero_however_it_is_reached(graded: dict) -
     pe = _reason(graded, "cheater2", "prompt_ensemble")
     assert "reference solution" in pe and "prompt_ensemble" in pe
     assert graded["rows"]["cheater2"]["zero_shot_logits"] == "1"
-    assert "a copy of fewclip_tutorial.zeroshot.prompt_ensemble" in _reason(
-        graded, "copied", "prompt_ensemble"
-    )
+    # its copy of the package's source: in the sandbox, the source of a stub
+    copied = _reason(graded, "copied", "prompt_ensemble")
+    if SANDBOXED:
+        assert "not available while grading prompt_ensemble" in copied, copied
+    else:
+        assert "a copy of fewclip_tutorial.zeroshot.prompt_ensemble" in copied, copied
 
 
 def test_the_sandbox_keeps_the_graders_and_other_students_files(graded: dict) -> None:

@@ -10,11 +10,17 @@ the planted name as an optional extra and must keep full marks.  ``c_reader`` wo
 get its marks only if something of the planter's reached it.  ``d_clear_after`` calls
 the package's answer and then empties the student process's own lists of what it saw.
 ``e_stopper`` stops (SIGSTOP) the process in the sandbox that forked it.
+
+A second class checks the other way out: ``a_locker`` leaves a key in a keyring it made
+impossible to clear (no write, setattr or read permission left for its user), so that the
+sandbox cannot be emptied, and ``b_after``, graded next, must get a fresh sandbox that does
+not hold the key.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import stat
 from pathlib import Path
@@ -71,7 +77,9 @@ PLANTER = (
     "try:\n"
     "    open('/dev/answers', 'w').write('left for a classmate')\n"
     "except OSError as e:\n"
-    "    print('blocked:', e)\n" + GOOD_PE
+    "    print('blocked:', e)\n"
+    "os.chmod('/tmp', 0o555)  # the grader cannot empty them by name: it chmods them back\n"
+    "os.chmod('/dev/shm', 0o555)\n" + GOOD_PE
 )
 
 HONEST = (
@@ -207,3 +215,67 @@ def test_the_sandbox_shows_dev_read_only_but_its_own_shm_and_queues() -> None:
     assert cmd[cmd.index("--remount-ro") + 1] == "/dev"
     assert cmd.index("--remount-ro") > cmd.index("/dev/shm")
     assert cmd[cmd.index("/dev/shm") - 1] == "--tmpfs"
+
+
+#: ``KEYS`` plus keyctl's number (``KEYCTL_SETPERM`` is 5)
+KEYCTL = "KEYCTL = {'x86_64': 250, 'aarch64': 219}.get(platform.machine(), 0)\n"
+LOCKER = (
+    KEYS
+    + KEYCTL
+    + "print('add_key', libc.syscall(ADD_KEY, b'user', b'fewclip', b'answers', 7, -4))\n"
+    "# the user keyring: view and search only, for its possessor and its user\n"
+    "print('setperm', libc.syscall(KEYCTL, 5, -4, 0x09 << 24 | 0x09 << 16))\n" + GOOD_PE
+)
+AFTER = (
+    KEYS + "def my_prompt_ensemble(t):\n"
+    "    if libc.syscall(REQUEST_KEY, b'user', b'fewclip', None, 0) != -1:\n"
+    "        raise LookupError('a key from another student')\n" + RIGHT_PE
+)
+needs_keyctl = pytest.mark.skipif(
+    not SANDBOXED or child.keyctl_number() not in (250, 219),
+    reason="needs bubblewrap on x86_64 or aarch64 (the keyring calls the test makes)",
+)
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    subs = tmp_path_factory.mktemp("locked")
+    _submission(subs / "a_locker.ipynb", LOCKER, GOOD_ZS)
+    _submission(subs / "b_after.ipynb", AFTER, GOOD_ZS)
+    _submission(subs / "c_last.ipynb", GOOD_PE, GOOD_ZS)
+    config = GradeConfig(seed=RUN_SEED, timeout=LIMIT, setup_timeout=LIMIT)
+    grades = grade_directory(subs, config, isolation=ISOLATION)
+    return {g.student: g for g in grades}
+
+
+@needs_keyctl
+def test_a_sandbox_left_unclean_is_replaced_before_the_next_student(locked: dict) -> None:
+    assert {s: g.total for s, g in locked.items()} == {
+        "a_locker": 2.0,
+        "b_after": 2.0,
+        "c_last": 2.0,
+    }, {s: g.log[-600:] for s, g in locked.items()}
+    assert "setperm 0" in locked["a_locker"].log  # the lock took
+    assert "a fresh sandbox follows" in locked["a_locker"].log
+    assert "keyring" in locked["a_locker"].log
+    for student in ("b_after", "c_last"):  # the fresh sandbox is cleaned as usual after
+        assert "a fresh sandbox follows" not in locked[student].log
+    assert _grader_processes() == []
+
+
+def test_keyctl_numbers_and_what_other_architectures_get(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert child.keyctl_number("x86_64", 64) == 250
+    assert child.keyctl_number("x86_64", 32) == 288
+    assert child.keyctl_number("aarch64", 64) == child.keyctl_number("riscv64", 64) == 219
+    assert child.keyctl_number("ppc64le", 64) == 271  # not s390's 280
+    assert child.keyctl_number("s390x", 64) == 280
+    assert child.keyctl_number("sparc64", 64) is None
+    # elsewhere: said on the grader's first line, and every student gets a fresh sandbox
+    monkeypatch.setattr(child, "keyctl_number", lambda *a: None)
+    assert child._keyctl(11, -4, None, 0) == (-1, errno.ENOSYS)
+    assert child._clear_keyrings() is False
+    why = child.keyrings_unchecked()
+    assert "fresh sandbox for every student" in why
+    assert any(why in x for x in child._leftovers_in_sandbox())
+    if SANDBOXED:
+        assert why in grading.detect_isolation("auto").description

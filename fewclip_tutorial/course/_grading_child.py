@@ -286,17 +286,42 @@ def _code_key(c: Any) -> tuple[Any, ...]:
     return key if len(c.co_code) >= _COPY_MIN_BYTES else (*key, c.co_varnames)
 
 
-def _same_code(code: Any, forbidden: Mapping[Any, str]) -> str:
-    """The name of the forbidden function whose code ``code`` repeats (renamed or not), or ""."""
+def code_keys(functions: Sequence[Any]) -> dict[str, str]:
+    """``{repr of the code key: "module.qualname"}`` of ``functions`` (see :func:`_code_key`)."""
+    return {repr(_code_key(fn.__code__)): f"{fn.__module__}.{fn.__qualname__}" for fn in functions}
+
+
+def _same_code(code: Any, forbidden: Mapping[str, str]) -> str:
+    """The name of the forbidden function whose code ``code`` repeats (renamed or not), or "".
+
+    ``forbidden``: :func:`code_keys` of the forbidden functions, computed by the grader
+    outside the sandbox (inside, the package's references are stubs).
+    """
     if code is None:
         return ""
     try:
-        if code in forbidden:
-            return forbidden[code]
-        mine = _code_key(code)
-        return next((label for ref, label in forbidden.items() if _code_key(ref) == mine), "")
+        return forbidden.get(repr(_code_key(code)), "")
     except Exception:  # noqa: BLE001 - an odd code object is simply not a copy
         return ""
+
+
+def _restore_references(restore: Sequence[Any]) -> None:
+    """Give the stubbed functions in ``restore`` (``[module, name, source]``) their real code
+    back, in place: every alias, closure and registry entry sees it.  The grader sends the
+    building blocks a student process grading one exercise may use: never its own reference.
+    """
+    import importlib
+    import inspect
+
+    for module, name, source in restore:
+        mod = importlib.import_module(str(module))
+        namespace = dict(vars(mod))
+        exec(compile(str(source), f"<{module}.{name}>", "exec"), namespace)  # noqa: S102
+        live = inspect.unwrap(getattr(mod, str(name)))
+        real = inspect.unwrap(namespace[str(name)])
+        live.__code__ = real.__code__
+        live.__defaults__ = real.__defaults__
+        live.__kwdefaults__ = real.__kwdefaults__
 
 
 def _statements(src: str) -> list[str]:
@@ -329,6 +354,8 @@ def student_main(
     work = Path(str(request["work"]))
     code = [(str(a), str(b)) for a, b in request["code"]]
     exmod.set_edition("student")
+    solo = request.get("solo")  # grading this exercise only: other references made real
+    _restore_references(request.get("restore") or [])
 
     answers: dict[str, Any] = {}
 
@@ -338,13 +365,14 @@ def student_main(
 
     exmod.Exercise.check = recording_check  # type: ignore[method-assign]
 
-    forbidden: dict[str, dict[Any, str]] = {}
-    for name in exmod.list_exercises():
-        with contextlib.suppress(Exception):
-            forbidden[name] = {
-                fn.__code__: f"{fn.__module__}.{fn.__qualname__}"
-                for fn in exmod.get_exercise(name).forbidden_functions()
-            }
+    forbidden: dict[str, dict[str, str]] = {
+        str(name): {str(key): str(label) for label, key in pairs}
+        for name, pairs in (request.get("copy_keys") or {}).items()
+    }
+    if not forbidden:  # the package's own code is here (no sandbox): ask it
+        for name in exmod.list_exercises():
+            with contextlib.suppress(Exception):
+                forbidden[name] = code_keys(exmod.get_exercise(name).forbidden_functions())
 
     def flag(what: str) -> None:
         """Tell the grader at once (one atomic pipe write): what the student's code does
@@ -353,7 +381,7 @@ def student_main(
             os.write(msg_out, encode({"event": "flag", "what": what[:300]}))
 
     hits: list[str] = []
-    active: list[dict[Any, str]] = [{}]  # the forbidden code objects of the running exercise
+    active: list[dict[str, str]] = [{}]  # the code keys of the running exercise's references
     seen: dict[Any, str] = {}  # code object -> the forbidden function it copies, or ""
 
     def profiler(frame: Any, event: str, arg: Any) -> None:
@@ -374,6 +402,22 @@ def student_main(
             flag(f"tampered with the grader's checks: {what}")
 
     tampered: list[str] = _Noted()
+
+    class _HiddenCalls(list):  # type: ignore[type-arg]
+        """The stubs of references called: one of the running exercise's is reported at
+        once (a function that then hangs, or calls it from a thread, is still named)."""
+
+        def append(self, item: Any) -> None:
+            super().append(item)
+            with contextlib.suppress(Exception):
+                function, owners = item
+                if exmod.GRADING[0] in owners:
+                    flag(
+                        f"uses the package's reference solution: it calls {function}, which "
+                        f"is not available while grading {exmod.GRADING[0]}"
+                    )
+
+    exmod.HIDDEN_CALLS = _HiddenCalls()
     raw_start = _thread.start_new_thread
     allowed_callers = {threading.Thread._bootstrap_inner.__code__}
 
@@ -402,6 +446,13 @@ def student_main(
         elif event == "import" and args and args[0] in ("_cffi_backend", "_thread", "_ctypes"):
             tampered.append(f"it imported {args[0]} afresh (a way around the grader's checks)")
 
+    def arm() -> None:
+        """The profiler on again before each exercise (a function that switched it off and
+        then failed is flagged against its own exercise, not the next one)."""
+        sys.setprofile(profiler)
+        threading.setprofile(profiler)
+
+    allowed_callers.add(arm.__code__)
     armed = False
     sys.addaudithook(watch)
     get_profile = sys.getprofile
@@ -443,6 +494,9 @@ def student_main(
         trials = load_inputs(payload)
         fn = answers.get(name)
         del hits[:]
+        exmod.GRADING[0] = name
+        arm()
+        first_hidden = len(exmod.HIDDEN_CALLS)
         active[0] = forbidden.get(name, {})
         seen.clear()
         first_tamper = len(tampered)
@@ -475,6 +529,18 @@ def student_main(
                 break
             outputs.append(sanitize(got))
         active[0] = {}
+        hidden = list(exmod.HIDDEN_CALLS)
+        own = [f for f, owners in hidden[first_hidden:] if name in owners]
+        if own:  # a stub of this exercise's reference: its code is not in this process
+            error = (
+                f"uses the package's reference solution: it calls {own[0]}, which is not "
+                f"available while grading {name}"
+            )
+        # a stub of another exercise's reference (a building block) was called, here or in
+        # the cells: a wrong answer is graded again in a process where those are real
+        retry = bool(error) and not solo and any(name not in o for _, o in hidden)
+        if get_profile() is not profiler or hits or own:
+            retry = False
         if get_profile() is not profiler:
             error = "removed the grader's profiler (sys.setprofile): not allowed"
         if hits:
@@ -482,9 +548,14 @@ def student_main(
         mine = in_cells + tampered[first_tamper:]
         if mine:
             error = f"tampered with the grader's checks: {mine[0]}"
+            retry = False
         sys.stdout.flush()
         sys.stderr.flush()
-        send({"event": "result", "name": name, "error": error}, None if error else outputs)
+        exmod.GRADING[0] = None
+        send(
+            {"event": "result", "name": name, "error": error, "retry": retry},
+            None if error else outputs,
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -619,31 +690,98 @@ def _student_files(folder: Path, mounts: frozenset[str]) -> list[str]:
 #: the writable places of the sandbox, emptied between students
 SCRATCH = (Path("/tmp"), Path("/dev/shm"), Path("/dev/mqueue"))
 
-_KEYCTL = {"x86_64": 250, "aarch64": 219, "i686": 288, "armv7l": 311, "ppc64le": 280}
+#: the number of the ``keyctl`` system call, by ``platform.machine()`` (Linux's syscall
+#: tables: x86_64 250, i386 288, arm EABI 311, powerpc 271, s390 280; arm64, riscv64 and
+#: loongarch64 use the generic table, 219).  Elsewhere the grader cannot clear or check the
+#: user's keyrings, which outlive processes: every student then gets a fresh sandbox (a
+#: fresh user namespace, so fresh keyrings), and the grader says so on its first line.
+_KEYCTL = {
+    "x86_64": 250,
+    "amd64": 250,
+    "i386": 288,
+    "i486": 288,
+    "i586": 288,
+    "i686": 288,
+    "aarch64": 219,
+    "arm64": 219,
+    "riscv64": 219,
+    "loongarch64": 219,
+    "armv6l": 311,
+    "armv7l": 311,
+    "armv8l": 311,
+    "ppc64le": 271,
+    "ppc64": 271,
+    "ppc": 271,
+    "s390x": 280,
+}
+#: a 32-bit interpreter on a 64-bit kernel calls through the 32-bit table
+_KEYCTL_32 = {"x86_64": "i686", "amd64": "i686", "aarch64": "armv7l", "arm64": "armv7l"}
 
 
-def _keyctl(*args: Any) -> int:
-    import ctypes
+def keyctl_number(machine: str | None = None, bits: int | None = None) -> int | None:
+    """The ``keyctl`` system call's number here (None where the grader does not know it)."""
     import platform
 
-    number = _KEYCTL.get(platform.machine())
+    machine = (machine if machine is not None else platform.machine()).lower()
+    bits = bits if bits is not None else struct.calcsize("P") * 8
+    if bits == 32:
+        machine = _KEYCTL_32.get(machine, machine)
+    return _KEYCTL.get(machine)
+
+
+def keyrings_unchecked() -> str:
+    """Why the user's keyrings cannot be cleared between students here ("" when they can)."""
+    import platform
+
+    if keyctl_number() is not None:
+        return ""
+    return (
+        f"the user's keyrings cannot be cleared or checked on {platform.machine() or 'this'} "
+        "(no keyctl system call number known): a fresh sandbox for every student"
+    )
+
+
+def _keyctl(*args: Any) -> tuple[int, int]:
+    """``(result, errno)`` of ``keyctl(*args)``; ``(-1, ENOSYS)`` where its number is unknown."""
+    import ctypes
+
+    number = keyctl_number()
     if number is None:
-        return -1
+        return -1, errno.ENOSYS
     libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.syscall(number, *args))
+    ctypes.set_errno(0)
+    return int(libc.syscall(number, *args)), ctypes.get_errno()
 
 
 def _clear_keyrings() -> bool:
-    """Clear the user's keyrings (they outlive processes); True when both are empty after."""
+    """Clear the user's keyrings (they outlive processes); True when both are empty after.
+
+    False where they cannot be checked (:func:`keyrings_unchecked`), and when a keyring
+    cannot be read (a student took the permissions away: it may hold a key).
+    """
+    if keyctl_number() is None:
+        return False
     keyctl_clear, keyctl_read = 7, 11
     empty = True
     for ring in (-4, -5):  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
-        with contextlib.suppress(Exception):
+        try:
             _keyctl(keyctl_clear, ring)
-        with contextlib.suppress(Exception):
-            if _keyctl(keyctl_read, ring, None, 0) > 0:  # bytes of the list of keys
-                empty = False
+            size, err = _keyctl(keyctl_read, ring, None, 0)  # bytes of the list of keys
+        except Exception:  # noqa: BLE001 - no ctypes: unchecked, so not known to be empty
+            return False
+        if size > 0 or (size < 0 and err not in (errno.ENOSYS, errno.ENOKEY)):
+            empty = False
     return empty
+
+
+#: the modes of the writable places when the sandbox started (a student may chmod them)
+_SCRATCH_MODES: dict[Path, int] = {}
+
+
+def _record_scratch_modes() -> None:
+    for folder in SCRATCH:
+        with contextlib.suppress(OSError):
+            _SCRATCH_MODES[folder] = os.stat(folder).st_mode & 0o7777
 
 
 def _leftovers_in_sandbox() -> list[str]:
@@ -652,12 +790,16 @@ def _leftovers_in_sandbox() -> list[str]:
     mounts = _mount_points()
     for folder in SCRATCH:
         found += _student_files(folder, mounts)
+        with contextlib.suppress(OSError):
+            mode = os.stat(folder).st_mode & 0o7777
+            if folder in _SCRATCH_MODES and mode != _SCRATCH_MODES[folder]:
+                found.append(f"{folder} with mode {mode:o}")
     for kind in ("shm", "sem", "msg"):
         with contextlib.suppress(OSError):
             lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
             found += [f"System V {kind} {line.split()[1]}" for line in lines if line.split()]
     if not _clear_keyrings():
-        found.append("a key in the user's keyring")
+        found.append(keyrings_unchecked() or "a key in the user's keyring")
     return found
 
 
@@ -665,6 +807,9 @@ def _clean_sandbox(bound: float = 60.0) -> list[str]:
     """Empty the sandbox's writable places, IPC objects and keyrings; what is still there."""
     mounts = _mount_points()
     for folder in SCRATCH:
+        if folder in _SCRATCH_MODES:  # writable again, for the sandbox's user, if it was
+            with contextlib.suppress(OSError):
+                os.chmod(folder, _SCRATCH_MODES[folder])
         _empty(folder, mounts)
     _remove_sysv_ipc()
     _clear_keyrings()
@@ -806,6 +951,10 @@ def zygote_main(argv: Sequence[str]) -> int:  # pragma: no cover - runs in its o
 
     import fewclip_tutorial.course.exercises as exmod
 
+    if sandboxed:
+        _record_scratch_modes()
+        if keyrings_unchecked():
+            print(f"[grader] {keyrings_unchecked()}", file=sys.stderr)
     torch.set_num_threads(1)
     exmod.list_exercises()
     body = json.dumps({"event": "ready", "pid": os.getpid()}).encode() + b"\n"

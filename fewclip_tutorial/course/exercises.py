@@ -49,6 +49,7 @@ __all__ = [
     "EDITIONS",
     "Exercise",
     "Opaque",
+    "ReferenceHiddenError",
     "SolutionsHiddenError",
     "UnknownExerciseError",
     "check",
@@ -72,6 +73,40 @@ class UnknownExerciseError(KeyError):
 
 class SolutionsHiddenError(RuntimeError):
     """The student edition does not print reference solutions."""
+
+
+class ReferenceHiddenError(RuntimeError):
+    """A reference solution called while the grader grades its exercise.
+
+    Inside the grader's sandbox the package is a copy in which the graded exercises'
+    reference functions (:meth:`Exercise.forbidden_functions`) are stubs that raise this:
+    their code is not there to call, reload or read.
+    """
+
+    def __init__(self, function: str, exercises: Sequence[str]) -> None:
+        super().__init__(function, tuple(exercises))
+        self.function = function
+        self.exercises = tuple(exercises)
+
+    def __str__(self) -> str:
+        now = GRADING[0]
+        which = now if now in self.exercises else " / ".join(self.exercises)
+        return (
+            f"{self.function} is the package's reference solution: it is not available "
+            f"while grading {which}; write your own"
+        )
+
+
+#: inside the grader's sandbox: ``[the exercise being graded or None]`` and every stub of a
+#: reference that was called, as ``(function, exercises it is forbidden for)``
+GRADING: list[str | None] = [None]
+HIDDEN_CALLS: list[tuple[str, tuple[str, ...]]] = []
+
+
+def _reference_hidden(function: str, exercises: Sequence[str]) -> ReferenceHiddenError:
+    """What a stub of a reference raises (see :class:`ReferenceHiddenError`); noted first."""
+    HIDDEN_CALLS.append((function, tuple(exercises)))
+    return ReferenceHiddenError(function, exercises)
 
 
 # --------------------------------------------------------------------------- edition

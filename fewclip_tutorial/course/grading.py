@@ -14,7 +14,8 @@ How a class is graded
 2. **Student code runs in an OS-level sandbox**: on Linux with bubblewrap
    (``bwrap``) one sandbox holds a read-only view of the interpreter and of this
    package only (not the submissions, not the book, not the instructor edition,
-   not the grader's output), a private tmpfs as the only writable place, no
+   not the grader's output; the package is a copy, :func:`reference_view`, in which
+   every exercise's reference functions are stubs), a private tmpfs as the only writable place, no
    network, its own PID namespace, a non-root user, and CPU, memory, process and
    file-size limits set from outside.  Inside, a process that has imported torch
    forks one *student process* per notebook, in a fresh work folder; when it ends,
@@ -39,9 +40,12 @@ How a class is graded
 5. Zero for an exercise, with the reason, when the function raises, returns a
    wrong value, changes its input in place, runs past ``--timeout`` (a deadline
    kept by the grader, which nothing the student sends can move), prints more
-   than ``--output-limit`` bytes while it runs, kills its process, or calls or
-   copies the package's own answer (a best-effort check inside the student
-   process: see the instructors' page).  Zero for every exercise of a notebook
+   than ``--output-limit`` bytes while it runs, kills its process, or calls the
+   package's own answer (in the sandbox a stub: the answer's code is not there; an
+   answer that failed after calling *another* exercise's reference, a stub too, is
+   graded again alone in a process that gets the real code of every reference but its
+   own exercise's) or copies it (a best-effort check inside the student process: see
+   the instructors' page).  Zero for every exercise of a notebook
    that leaves a process running after it finished.
 
 The CSV (written atomically) has one row per student: ``student``, one score column
@@ -79,6 +83,7 @@ __all__ = [
     "ExerciseGrade",
     "GradeConfig",
     "Isolation",
+    "ReferenceView",
     "StudentGrades",
     "build_parser",
     "check_output_path",
@@ -93,6 +98,8 @@ __all__ = [
     "new_run_seed",
     "notebook_code",
     "parse_notebook",
+    "reference_view",
+    "stub_module_source",
     "write_grades_csv",
 ]
 
@@ -447,10 +454,13 @@ def detect_isolation(mode: str = "auto") -> Isolation:
         raise ValueError(f"Unknown sandbox mode {mode!r}; use auto, bwrap or none.")
     problem = "--sandbox none was asked for" if mode == "none" else _bwrap_problem()
     if not problem:
+        keyrings = child.keyrings_unchecked()
         return Isolation(
             "bubblewrap",
-            "bubblewrap sandbox: read-only interpreter and package, private tmpfs, no network, "
-            "own PID namespace, uid 65534, CPU/memory/process/file-size limits",
+            "bubblewrap sandbox: read-only interpreter, the package with the exercises' "
+            "reference solutions replaced by stubs, private tmpfs, no network, "
+            "own PID namespace, uid 65534, CPU/memory/process/file-size limits"
+            + (f"; {keyrings}" if keyrings else ""),
         )
     if mode == "bwrap":
         raise ValueError(f"--sandbox bwrap: {problem}")
@@ -506,8 +516,11 @@ def _sandbox_env() -> dict[str, str]:
     }
 
 
-def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> list[str]:
-    """bwrap with a read-only view of the interpreter, its libraries and this package only.
+def _bwrap_prefix(
+    private: Sequence[str] = (), tmp_bytes: int = 512 << 20, package_view: Path | None = None
+) -> list[str]:
+    """bwrap with a read-only view of the interpreter, its libraries and this package only
+    (``package_view``, a :class:`ReferenceView` root, shown in the package's place).
 
     ValueError when a folder the interpreter needs holds one of ``private`` (the
     submissions would be visible inside).
@@ -535,7 +548,8 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
     for r in roots:
         cmd += ["--ro-bind", str(r), str(r)]
     package = _package_dir()
-    cmd += ["--ro-bind", str(package), str(package), "--proc", "/proc", "--dev", "/dev"]
+    shown = package if package_view is None else package_view
+    cmd += ["--ro-bind", str(shown), str(package), "--proc", "/proc", "--dev", "/dev"]
     # /dev read-only but for its own small /dev/shm and POSIX message queues: the zygote
     # empties both (and /tmp) between students and checks that they are empty
     if _bwrap_supports("--size"):
@@ -545,6 +559,128 @@ def _bwrap_prefix(private: Sequence[str] = (), tmp_bytes: int = 512 << 20) -> li
         cmd += ["--mqueue", "/dev/mqueue"]
     cmd += ["--remount-ro", "/dev"]
     return [*cmd, "--chdir", "/tmp"]
+
+
+# --------------------------------------------------------------------------- the package view
+
+
+@dataclass
+class ReferenceView:
+    """The package as the sandbox shows it: a copy in which every exercise's reference
+    functions (:meth:`~fewclip_tutorial.course.exercises.Exercise.forbidden_functions`) are
+    stubs that raise :class:`~fewclip_tutorial.course.exercises.ReferenceHiddenError`.
+
+    Attributes:
+        root: the copy (no ``__pycache__``), bound read-only over the package's folder.
+        stubs: ``{(module, name): exercises}``: the stubbed functions and whose they are.
+        sources: ``{(module, name): source}``: the real code of each stubbed function, sent
+            into a student process that grades one exercise only (its building blocks:
+            another exercise's reference stays usable, the graded one's never arrives).
+        keys: ``{exercise: [(label, key)]}``: what a copy of each forbidden function's code
+            looks like (see ``_grading_child._code_key``), for the in-process check.
+        skipped: forbidden functions not defined at a module's top level (lambdas and nested
+            wrappers of the catalog): not stubbed, they only call a stubbed function.
+    """
+
+    root: Path
+    stubs: dict[tuple[str, str], tuple[str, ...]]
+    sources: dict[tuple[str, str], str]
+    keys: dict[str, list[tuple[str, str]]]
+    skipped: list[str]
+
+    def restore_for(self, exercise: str) -> list[tuple[str, str, str]]:
+        """``[(module, name, source)]``: every stub but those of ``exercise``, made real."""
+        return [
+            (module, name, self.sources[module, name])
+            for (module, name), owners in self.stubs.items()
+            if exercise not in owners
+        ]
+
+
+def _stub_statement(label: str, owners: Sequence[str]) -> str:
+    return (
+        "from fewclip_tutorial.course.exercises import _reference_hidden as _h; "
+        f"raise _h({label!r}, {tuple(owners)!r})"
+    )
+
+
+def stub_module_source(
+    source: str, module: str, names: Mapping[str, Sequence[str]]
+) -> tuple[str, dict[str, str]]:
+    """``(source with the top-level functions in names stubbed, {name: real source})``.
+
+    Each stubbed function keeps its decorators and signature; its body (docstring included)
+    becomes one ``raise`` of :class:`~fewclip_tutorial.course.exercises.ReferenceHiddenError`
+    naming the exercises in ``names[function]``.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    real: dict[str, str] = {}
+    edits: list[tuple[int, int, int, str]] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            end = node.end_lineno or node.lineno
+            real[node.name] = "".join(lines[first - 1 : end])
+            body = node.body[0]
+            edits.append((body.lineno, body.col_offset, end, node.name))
+    for lineno, col, end, name in sorted(edits, reverse=True):
+        head = lines[lineno - 1].encode()[:col].decode()  # col_offset counts UTF-8 bytes
+        stub = _stub_statement(f"{module}.{name}", names[name])
+        lines[lineno - 1 : end] = [head + stub + "\n"]
+    return "".join(lines), real
+
+
+_VIEWS: dict[str, ReferenceView] = {}
+
+
+def reference_view() -> ReferenceView:
+    """The sandbox's copy of the package (made once per grading process; removed at exit)."""
+    import atexit
+    import sys as _sys
+
+    from fewclip_tutorial.course.exercises import get_exercise, list_exercises
+
+    package = _package_dir()
+    if str(package) in _VIEWS:
+        return _VIEWS[str(package)]
+    per_module: dict[str, dict[str, list[str]]] = {}
+    keys: dict[str, list[tuple[str, str]]] = {}
+    skipped: list[str] = []
+    for name in list_exercises():
+        keys[name] = []
+        for fn in get_exercise(name).forbidden_functions():
+            label = f"{fn.__module__}.{fn.__qualname__}"
+            keys[name].append((label, repr(child._code_key(fn.__code__))))
+            if "." in fn.__qualname__ or "<" in fn.__qualname__:
+                skipped.append(label)
+                continue
+            owners = per_module.setdefault(fn.__module__, {}).setdefault(fn.__qualname__, [])
+            owners.append(name)
+    top = Path(tempfile.mkdtemp(prefix="fewclip-grade-view-"))
+    atexit.register(shutil.rmtree, top, True)
+    root = top / package.name
+    shutil.copytree(package, root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    stubs: dict[tuple[str, str], tuple[str, ...]] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for module, names in per_module.items():
+        path = Path(_sys.modules[module].__file__ or "").resolve()
+        text, real = stub_module_source(path.read_text(encoding="utf-8"), module, names)
+        missing = set(names) - set(real)
+        if missing:
+            skipped += [f"{module}.{n}" for n in sorted(missing)]
+        (root / path.relative_to(package)).write_text(text, encoding="utf-8")
+        for fname, src in real.items():
+            stubs[module, fname] = tuple(names[fname])
+            sources[module, fname] = src
+    os.chmod(top, 0o755)  # a grader run as root starts bwrap as user 65534: it must read it
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o644)
+    view = ReferenceView(root, stubs, sources, keys, skipped)
+    _VIEWS[str(package)] = view
+    return view
 
 
 def _interpreter_roots() -> list[Path]:
@@ -581,10 +717,12 @@ def _readable_by_others(paths: Iterable[Path]) -> bool:
     return True
 
 
-def _bwrap_command(output_fd: int, private: Sequence[str] = ()) -> list[str]:
+def _bwrap_command(
+    output_fd: int, private: Sequence[str] = (), package_view: Path | None = None
+) -> list[str]:
     """The sandbox's command line: bwrap, then the zygote."""
     zygote = ["-m", child.__name__, "--sandboxed", "--output-fd", str(output_fd)]
-    return [*_bwrap_prefix(private), "--", sys.executable, *zygote]
+    return [*_bwrap_prefix(private, package_view=package_view), "--", sys.executable, *zygote]
 
 
 def _vm_size() -> int:
@@ -653,8 +791,8 @@ class _Box:
         sandboxed = self.isolation.sandboxed
         if sandboxed:
             try:
-                cmd = _bwrap_command(out_w, self.private)
-            except ValueError as err:
+                cmd = _bwrap_command(out_w, self.private, reference_view().root)
+            except (ValueError, OSError, SyntaxError) as err:
                 os.close(out_w)
                 raise _SandboxDied(str(err)) from None
             self.work = "/tmp/work"
@@ -952,6 +1090,7 @@ class _Grader:
         self.inputs: dict[str, list[Any]] = {}
         self.expected: dict[str, list[Any]] = {}
         self.setup_problem = ""
+        self._keys: dict[str, list[tuple[str, str]]] | None = None
 
     def close(self) -> None:
         self.box.close()
@@ -959,6 +1098,30 @@ class _Grader:
     def _ensure(self) -> None:
         if not self.box.alive:
             self.box.start()
+
+    def _view(self) -> ReferenceView | None:
+        """The sandbox's copy of the package (None without a sandbox: the package itself)."""
+        return reference_view() if self.isolation.sandboxed else None
+
+    def _copy_keys(self) -> dict[str, list[tuple[str, str]]]:
+        """``{exercise: [(label, code key)]}`` of every exercise's reference functions."""
+        if self._keys is None:
+            view = self._view()
+            if view is not None:
+                self._keys = view.keys
+            else:
+                from fewclip_tutorial.course.exercises import get_exercise, list_exercises
+
+                self._keys = {
+                    name: [
+                        (label, key)
+                        for key, label in child.code_keys(
+                            get_exercise(name).forbidden_functions()
+                        ).items()
+                    ]
+                    for name in list_exercises()
+                }
+        return self._keys
 
     def _trial_inputs(self, name: str) -> list[Any]:
         from fewclip_tutorial.course.exercises import get_exercise
@@ -1037,7 +1200,16 @@ class _Grader:
         leftover = False
         cfg = self.config
         cpu = int(cfg.setup_timeout + cfg.timeout * 50 + 60)
-        while remaining is None or remaining:
+        view = self._view()
+        solo: str | None = None  # the exercise a process grades alone (see below)
+        again: list[str] = []
+        while remaining is None or remaining or again:
+            if remaining is not None and not remaining:
+                # an answer that called another exercise's (stubbed) reference as a building
+                # block and failed: graded again alone, in a process where only its own
+                # references are stubs
+                solo = again.pop(0)
+                remaining = [solo]
             try:
                 self._ensure()
             except (_SandboxDied, OSError) as err:
@@ -1052,6 +1224,9 @@ class _Grader:
                 "work": self.box.work,
                 "cpu_limit": cpu,
                 "private": self.box.private,
+                "copy_keys": self._copy_keys(),
+                "solo": solo,
+                "restore": view.restore_for(solo) if view is not None and solo else [],
             }
             current: str | None = None
             done: dict[str, Any] = {}
@@ -1134,6 +1309,14 @@ class _Grader:
                                 error = f"returned something the grader cannot read ({type(err).__name__})"
                         if self.box.flags:  # it said so itself before it could hide it
                             error, outputs = self.box.flags[0], None
+                        elif (
+                            error
+                            and header.get("retry") is True
+                            and solo is None
+                            and view is not None
+                            and name not in again
+                        ):
+                            again.append(name)
                         results[name] = (error, outputs)
                         remaining.remove(name)
                         current = None
@@ -1155,6 +1338,8 @@ class _Grader:
                     else:
                         problem = "sent a message the grader does not expect"
                         done = self._kill_child()
+                    if self.box.flags:  # what it said against itself before it ended
+                        problem = self.box.flags[0]
                     break
                 if not problem:
                     done = self._finish()

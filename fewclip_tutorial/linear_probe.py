@@ -9,14 +9,12 @@ the frozen features of the K-shot training set,
     \\min_{V, b}\\; \\frac{1}{2} \\lVert V \\rVert^2
     + C \\sum_{i} -\\log \\operatorname{softmax}(V f_i + b)_{y_i},
 
-with the inverse regularisation strength ``C`` searched on a grid.  CLIP searched
-``C`` on a validation set with a parametric binary search; we scan a log-spaced
-grid and choose on the *few-shot validation split* (``min(K, 4)`` images per
-class, never the test set).  Ties go to the smaller ``C`` (stronger
-regularisation), the safer choice with few shots.
+with the inverse regularisation strength ``C`` chosen on the *few-shot validation
+split* (``min(K, 4)`` images per class, never the test set).  CLIP searched ``C``
+with a parametric binary search; CoOp's ``lpclip`` code, the default here, with a
+coarse grid and a bisection in ``log10 C`` (below).
 
-After the search the probe is **refit on the training shots only** with the
-chosen ``C``.  (CLIP's appendix describes merging the validation split back
+Every probe is **fit on the training shots only** with the chosen ``C``.  (CLIP's appendix describes merging the validation split back
 into training for its final fit.)  We keep them apart on purpose: a K-shot
 result then uses exactly K labelled images per class for training, and the
 reported validation accuracy stays the accuracy that chose ``C``.

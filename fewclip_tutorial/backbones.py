@@ -171,17 +171,22 @@ class Backbone:
                 return param.dtype
         return torch.float32
 
-    def encode_images(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def encode_images(
+        self, images: torch.Tensor, batch_size: int | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         """Embed preprocessed images.
 
         Args:
             images: ``(B, 3, H, W)`` tensor produced by :attr:`preprocess`.
             batch_size: split the forward pass into chunks of this size (``None``: one pass).
+            normalize: L2-normalise the features (``False``: the raw output of the image
+                tower, ``model.encode_image``, as CoOp's linear probe uses it).
 
         Returns:
-            ``(B, D)`` L2-normalised fp32 features on :attr:`device` (usable in autograd
-            graphs: the inference-mode forward is converted back to a normal tensor), whatever
-            the dtype of ``images`` and of the model's weights (:attr:`dtype`).
+            ``(B, D)`` L2-normalised (or raw) fp32 features on :attr:`device` (usable in
+            autograd graphs: the inference-mode forward is converted back to a normal
+            tensor), whatever the dtype of ``images`` and of the model's weights
+            (:attr:`dtype`).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -199,6 +204,8 @@ class Backbone:
                 feats = self.model.encode_image(chunk.to(self.device, dtype, non_blocking=True))
             outs.append(feats)
         # Outside inference mode: functional ops turn inference tensors into normal ones.
+        if not normalize:
+            return torch.cat(outs).float().clone()
         return F.normalize(torch.cat(outs).float(), dim=-1)
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

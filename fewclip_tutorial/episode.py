@@ -103,7 +103,12 @@ class Context:
         raise KeyError(f"Unknown split {name!r}; use one of {', '.join(valid)}.")
 
     def features(
-        self, split: str, views: int = 1, augment: bool = False, seed: int | None = None
+        self,
+        split: str,
+        views: int = 1,
+        augment: bool = False,
+        seed: int | None = None,
+        raw: bool = False,
     ) -> Any:
         """Image features of a split (memoised in-process, cached on disk).
 
@@ -114,6 +119,7 @@ class Context:
                 dataset's classes are mirror-invariant (``dataset.info["hflip_invariant"]``,
                 default ``True``), instead of the eval transform.
             seed: augmentation seed (default: the episode seed).
+            raw: the image tower's output, not L2-normalised (CoOp's linear probe).
 
         Returns:
             ``FeatureSet`` with ``features`` ``(N, D)`` (or ``(V, N, D)`` when
@@ -123,6 +129,8 @@ class Context:
 
         seed = self.seed if seed is None else int(seed)
         key = (split, int(views), bool(augment), seed if augment else 0)
+        if raw:  # normalised features keep their old memo key
+            key += ("raw",)
         if key not in self._memo:
             self._memo[key] = extract_features(
                 self.backbone,
@@ -133,6 +141,7 @@ class Context:
                 cache_dir=self.cache_dir,
                 progress=self.progress,
                 flip=bool(self.dataset.info.get("hflip_invariant", True)),
+                raw=raw,
             )
         return self._memo[key]
 

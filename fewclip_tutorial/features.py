@@ -4,7 +4,8 @@ Training-free methods (zero-shot CLIP, Tip-Adapter, linear probes, cross-modal
 heads) only need the frozen image embeddings ``f = E_img(x) / ||E_img(x)||``.
 :func:`extract_features` computes them once per (backbone, split, views,
 augmentation, seed) and stores them on disk, so notebooks and the CLI re-run in
-seconds.
+seconds.  ``raw=True`` gives ``E_img(x)`` itself, not normalised (CoOp's linear
+probe), cached under its own key.
 
 Augmented views follow Tip-Adapter's cache construction (Zhang et al., 2022):
 each of the ``V`` views (10 in the paper) passes every training image through a
@@ -106,8 +107,9 @@ class FeatureSet:
     """Features of one split.
 
     Attributes:
-        features: ``(N, D)`` L2-normalised fp32 features, or ``(V, N, D)`` for
-            ``V`` views (``views > 1`` or ``augment=True``).
+        features: ``(N, D)`` L2-normalised fp32 features (raw ones when extracted with
+            ``raw=True``), or ``(V, N, D)`` for ``V`` views (``views > 1`` or
+            ``augment=True``).
         labels: ``(N,)`` int64 labels.
     """
 
@@ -179,12 +181,14 @@ def cache_key(
     augment: bool = False,
     seed: int = 0,
     flip: bool = True,
+    raw: bool = False,
 ) -> str:
     """SHA-256 (hex) identifying the features of ``split`` under these settings.
 
     Hashes the backbone identifier, the split fingerprint, ``views``,
     ``augment``, ``seed``, the transform description (with ``flip``) and
-    :data:`FEATURE_FORMAT_VERSION`.
+    :data:`FEATURE_FORMAT_VERSION`; ``raw=True`` adds ``"raw": true`` (so the keys of
+    normalised features, and the caches written before raw ones existed, are unchanged).
     """
     payload = {
         "backbone": str(backbone.identifier),
@@ -195,6 +199,8 @@ def cache_key(
         "transform": _describe_transform(backbone, augment, flip),
         "version": FEATURE_FORMAT_VERSION,
     }
+    if raw:
+        payload["raw"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -319,8 +325,10 @@ def _encode_view(
     batch_size: int,
     num_workers: int,
     pbar: Any,
+    raw: bool = False,
 ) -> Tensor:
     device = torch.device(backbone.device)
+    kwargs = {"normalize": False} if raw else {}
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -331,7 +339,7 @@ def _encode_view(
     chunks: list[Tensor] = []
     with torch.inference_mode():
         for batch in loader:
-            out = backbone.encode_images(batch.to(device, non_blocking=True))
+            out = backbone.encode_images(batch.to(device, non_blocking=True), **kwargs)
             if out.dim() != 2 or out.shape[0] != batch.shape[0]:
                 raise ValueError(
                     f"backbone.encode_images returned shape {tuple(out.shape)} for a batch of "
@@ -356,6 +364,7 @@ def extract_features(
     progress: bool = True,
     num_workers: int | None = None,
     flip: bool = True,
+    raw: bool = False,
 ) -> FeatureSet:
     """Encode every image of ``split`` with the frozen ``backbone``.
 
@@ -380,6 +389,9 @@ def extract_features(
             (each image has its own augmentation seed), so it is not part of the cache key.
         flip: with ``augment``, flip views horizontally at random (``False`` for datasets
             whose classes are not mirror-invariant).
+        raw: the image tower's output as it is, not L2-normalised
+            (``backbone.encode_images(..., normalize=False)``), as CoOp's linear probe
+            uses it; cached under its own key (:func:`cache_key`).
 
     Returns:
         :class:`FeatureSet` with features ``(N, D)`` when ``views == 1`` and not
@@ -403,7 +415,9 @@ def extract_features(
             logger.warning("backbone has no `identifier`; feature caching is disabled.")
         else:
             folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir).expanduser()
-            key = cache_key(backbone, split, views=views, augment=augment, seed=seed, flip=flip)
+            key = cache_key(
+                backbone, split, views=views, augment=augment, seed=seed, flip=flip, raw=raw
+            )
             path = cache_path(folder, split, key)
             if path.exists():
                 try:
@@ -436,7 +450,7 @@ def extract_features(
             ds = ViewDataset(split, tf, seed=seed, views=views)
         else:
             ds = ViewDataset(split, backbone.preprocess, seed=None)
-        encoded = _encode_view(backbone, ds, batch_size, num_workers, pbar)
+        encoded = _encode_view(backbone, ds, batch_size, num_workers, pbar, raw=raw)
 
     if augment:
         features = encoded.reshape(views, n, -1)

@@ -377,3 +377,27 @@ def test_download_flag_is_passed_to_torchvision_loaders_only(
     err = capsys.readouterr().err
     assert "nothing to download" in err and "drop --download" in err
     assert "download=True" not in err
+
+
+def test_run_json_prints_the_configuration_that_ran(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fewclip run METHOD --json`` prints every option value, given or default."""
+    from fixtures_data import make_spec
+
+    from fewclip_tutorial.backbones import load_backbone
+    from fewclip_tutorial.episode import build_context
+    from fewclip_tutorial.methods.registry import run_method as registry_run
+
+    bb = load_backbone("shapeworld-tiny", pretrained=None, device="cpu")
+    ctx = build_context(make_spec([4, 4]), bb, shots=1, seed=1, cache_dir=None, progress=False)
+
+    def run(method: str, **kwargs: object) -> dict:
+        options = {k: v for k, v in kwargs.items() if k in METHODS[method].options}
+        return registry_run(method, context=ctx, progress=False, **options)
+
+    monkeypatch.setattr(cli, "load_dataset", lambda *a: types.SimpleNamespace(name="toy"))
+    monkeypatch.setattr(cli, "run_method", run)
+    assert cli.main(["run", "linear-probe", "--json", "--steps", "2", "--no-progress"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["config"] == {"protocol": "lpclip", "max_iter": 1000, "steps": 2}

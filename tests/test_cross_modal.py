@@ -439,6 +439,97 @@ def test_partial_finetune_trains_a_copy_and_lr0_is_zero_shot() -> None:
         )
 
 
+def test_partial_finetune_defaults_are_the_authors() -> None:
+    # linzhiqiu/cross_modal_adaptation, engine/optimizer/default.py, HYPER_DICT["partial"]
+    # (run by partial_finetuning.sh with --hyperparams partial --logit 4.0)
+    assert cm.PARTIAL_GRIDS["paper"] == {
+        "lrs": (0.00001, 0.000001, 0.0000001),
+        "weight_decays": (0.0, 0.001, 0.00001),
+        "batch_sizes": (8,),
+    }
+    assert cm.CrossModalConfig().partial_grid == "paper"
+    assert inspect.signature(cm.train_partial_finetune).parameters["grid"].default == "paper"
+    # the package's earlier single configuration stays reachable
+    assert cm.PARTIAL_GRIDS["single"] == {"lrs": (1e-4,), "weight_decays": (0.0,),
+                                          "batch_sizes": (8,)}  # fmt: skip
+
+
+def _partial_problem():
+    vit = _tiny_vit()
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(9, 3, 16, 16, generator=g), torch.tensor([0, 1, 2] * 3)
+    val_images, val_labels = torch.randn(6, 3, 16, 16, generator=g), torch.tensor([0, 1, 2] * 2)
+    text = _unit(3, 4, 16, seed=5)
+    split = cm.split_visual_encoder(vit)
+    with torch.no_grad():  # prefix activations, as the runner caches them
+        train_cache, val_cache = split.prefix(images).unsqueeze(0), split.prefix(val_images)
+    return vit, split, train_cache, labels, text, val_cache, val_labels
+
+
+def _explicit_search(split, train_cache, labels, text, val_cache, val_labels, configs, **kw):
+    """The grid search written out: a fresh head and suffix per configuration, the best
+    validation (accuracy, -loss), the earlier configuration on a tie."""
+    import copy
+
+    txt, txt_labels = cm.text_samples(text)
+    best, scores = None, []
+    for lr, wd, bs in configs:
+        head = cm.CrossModalHead(cm.class_prototypes(text), logit_scale=cm.PARTIAL_FT_LOGIT_SCALE)
+        suffix = copy.deepcopy(split.suffix)
+        res = cm.train_head(head, train_cache, labels, txt, txt_labels, val_cache, val_labels,
+                            lr=lr, weight_decay=wd, batch_size=bs, suffix=suffix,
+                            image_ratio=0.5, **kw)  # fmt: skip
+        scores.append(res.best_score)
+        if best is None or res.best_score > best[1].best_score:
+            best = ((lr, wd, bs), res, head)
+    return best, scores
+
+
+def test_partial_finetune_grid_keeps_the_best_validation_configuration() -> None:
+    vit, split, train_cache, labels, text, val_cache, val_labels = _partial_problem()
+    kw = {"iters": 12, "warmup": 2, "eval_every": 4, "seed": 1, "device": "cpu"}
+    lrs, wds = (3e-2, 1e-3, 0.0), (0.0, 1e-1)
+    res = cm.train_partial_finetune(
+        vit, train_cache, labels, text, val_cache, val_labels, lrs=lrs, weight_decays=wds,
+        batch_sizes=(4,), cached=True, progress=False, **kw,
+    )  # fmt: skip
+    configs = [(lr, wd, 4) for lr in lrs for wd in wds]
+    (cfg, best, head), scores = _explicit_search(
+        split, train_cache, labels, text, val_cache, val_labels, configs, **kw
+    )
+    assert len(set(scores)) > 1  # the configurations differ on validation
+    assert res.hparams == {"lr": cfg[0], "weight_decay": cfg[1], "batch_size": cfg[2]}
+    assert [(g["lr"], g["weight_decay"], g["batch_size"]) for g in res.grid] == configs
+    # the same training, step for step (the same ops on the same tensors): equal scores
+    assert [(g["val_accuracy"], -g["val_loss"]) for g in res.grid] == scores
+    assert (res.val_accuracy, -res.val_loss) == best.best_score == max(scores)
+    assert res.best_step == best.best_step
+    assert torch.equal(res.head.weight, head.weight)
+    # lr = 0 leaves every configuration at its start: the start is kept (step 0)
+    still = cm.train_partial_finetune(
+        vit, train_cache, labels, text, val_cache, val_labels, lrs=(0.0,), cached=True,
+        progress=False, **kw,
+    )  # fmt: skip
+    assert still.best_step == 0 and len(still.grid) == 3  # the authors' 3 weight decays
+    assert torch.equal(still.head.weight, cm.class_prototypes(text))
+
+
+def test_partial_finetune_grid_of_one_is_the_single_configuration() -> None:
+    vit, split, train_cache, labels, text, val_cache, val_labels = _partial_problem()
+    kw = {"iters": 12, "warmup": 2, "eval_every": 4, "seed": 1, "device": "cpu"}
+    res = cm.train_partial_finetune(vit, train_cache, labels, text, val_cache, val_labels,
+                                    grid="single", cached=True, progress=False, **kw)  # fmt: skip
+    (cfg, best, head), _ = _explicit_search(
+        split, train_cache, labels, text, val_cache, val_labels, [(1e-4, 0.0, 8)], **kw
+    )
+    assert res.hparams == {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 8}
+    assert len(res.grid) == 1 and (res.val_accuracy, -res.val_loss) == best.best_score
+    assert torch.equal(res.head.weight, head.weight)
+    with pytest.raises(ValueError, match="grid must be one of"):
+        cm.train_partial_finetune(vit, train_cache, labels, text, val_cache, val_labels,
+                                  grid="small", cached=True, progress=False, **kw)  # fmt: skip
+
+
 # ------------------------------------------------------------------------- runner + exercises
 
 
@@ -475,6 +566,14 @@ def test_runner_variants(ctx) -> None:
     # re-encoded validation features agree with the cached prefix used for selection
     # (one validation image at most, as above)
     assert part["val_accuracy"] == pytest.approx(part["selection_val_accuracy"], abs=one_image)
+    # the authors' grid by default, the package's earlier configuration on request
+    assert part["partial_grid"] == "paper" and part["config"]["partial_grid"] == "paper"
+    assert [(g["lr"], g["weight_decay"]) for g in part["grid"]] == [
+        (lr, wd) for lr in (1e-5, 1e-6, 1e-7) for wd in (0.0, 1e-3, 1e-5)
+    ]
+    single = run_method("cross-modal", variant="partial", partial_grid="single", **kw)
+    assert single["hparams"] == {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 8}
+    assert len(single["grid"]) == 1 and single["config"]["partial_grid"] == "single"
 
 
 def test_exercises_registered_and_reference_passes() -> None:

@@ -151,11 +151,61 @@ def test_zero_shot_method_matches_a_hand_computation(ctx: Context) -> None:
 
 
 def test_linear_probe_method(ctx: Context) -> None:
-    result = run_method("linear-probe", context=ctx, max_iter=200)
+    # the package's earlier probe, now protocol "normalized"
+    result = run_method("linear-probe", context=ctx, max_iter=200, protocol="normalized")
     assert result["C"] in DEFAULT_CS.tolist()  # an entry of the grid itself, not a rounding
     assert len(result["C_search"]) == len(DEFAULT_CS)
     assert result["val_accuracy"] == max(acc for _, acc in result["C_search"])
     assert 0.0 <= result["test_accuracy"] <= 100.0 and "sketch" in result["ood_accuracy"]
+
+
+def test_linear_probe_normalized_protocol_is_the_earlier_probe(ctx: Context) -> None:
+    """``protocol="normalized"``: the cached unit features, the 13-value grid, ties to the
+    smaller C, exactly as the probe ran before the lpclip protocol became the default."""
+    from fewclip_tutorial.linear_probe import fit_linear_probe
+
+    result = run_method("linear-probe", context=ctx, protocol="normalized")
+    train, val = ctx.features("train"), ctx.features("val")
+    probe = fit_linear_probe(train.features, train.labels, val.features, val.labels,
+                             Cs=DEFAULT_CS, seed=ctx.seed, num_classes=ctx.num_classes)  # fmt: skip
+    assert result["C"] == probe.C
+    assert result["C_search"] == [[c, acc] for c, acc in probe.search]
+    want = ctx.report(probe.logits)
+    assert (result["test_accuracy"], result["ood_accuracy"]) == (
+        want["test_accuracy"],
+        want["ood_accuracy"],
+    )
+    assert result["config"] == {"protocol": "normalized", "max_iter": 1000, "steps": 8}
+
+
+def test_linear_probe_lpclip_protocol_uses_raw_features(ctx: Context) -> None:
+    import torch.nn.functional as F
+
+    from fewclip_tutorial.linear_probe import LPCLIP_CS, fit_linear_probe_lpclip
+
+    raw, unit = ctx.features("train", raw=True), ctx.features("train")
+    norms = raw.features.norm(dim=-1)
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-3)  # not unit vectors
+    # the same forward pass, normalised afterwards: float32 rounding of a unit vector's
+    # entries (<= 2^-24 each) plus that of the division and norm (a few 2^-24 more)
+    torch.testing.assert_close(F.normalize(raw.features, dim=-1), unit.features,
+                               atol=8 * 2.0**-24, rtol=0)  # fmt: skip
+    assert torch.equal(raw.labels, unit.labels)
+    result = run_method("linear-probe", context=ctx)  # the default: CoOp's lpclip
+    assert result["protocol"] == "lpclip"
+    assert result["config"] == {"protocol": "lpclip", "max_iter": 1000, "steps": 8}
+    val = ctx.features("val", raw=True)
+    probe = fit_linear_probe_lpclip(raw.features, raw.labels, val.features, val.labels,
+                                    seed=ctx.seed, num_classes=ctx.num_classes)  # fmt: skip
+    assert result["C"] == probe.C and [c for c, _ in result["C_search"][:7]] == list(LPCLIP_CS)
+    assert len(result["C_search"]) == 7 + 2 * 8
+    names = ["val", "test"] + [f"ood:{d}" for d in ctx.ood_domains]
+    want = ctx.report(probe.logits, {n: ctx.features(n, raw=True) for n in names})
+    assert (result["val_accuracy"], result["test_accuracy"], result["ood_accuracy"]) == (
+        want["val_accuracy"],
+        want["test_accuracy"],
+        want["ood_accuracy"],
+    )
 
 
 def test_register_and_run_a_method_with_options(ctx: Context, scratch_methods: list[str]) -> None:

@@ -125,6 +125,43 @@ def test_cache_key_changes_with_every_setting(split, backbone, tmp_path):
     assert cache_key(FakeBackbone(), split) == cache_key(backbone, split)
 
 
+class _RawCapableBackbone(FakeBackbone):
+    """The fake linear encoder with ``normalize=`` as ``Backbone.encode_images`` has it."""
+
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        self.encode_calls += 1
+        out = images.flatten(1).float() @ self.weight
+        return out / out.norm(dim=-1, keepdim=True) if normalize else out
+
+
+def test_raw_features_have_their_own_key_and_normalised_keys_are_unchanged(split, tmp_path):
+    import hashlib
+    import json
+
+    from fewclip_tutorial.features import FEATURE_FORMAT_VERSION, _describe_transform
+
+    bb = _RawCapableBackbone()
+    # the key of normalised features as it was before raw features existed: caches stay valid
+    payload = {"backbone": bb.identifier, "split": split.fingerprint(), "views": 1,
+               "augment": False, "seed": 0, "transform": _describe_transform(bb, False, True),
+               "version": FEATURE_FORMAT_VERSION}  # fmt: skip
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert cache_key(bb, split) == cache_key(bb, split, raw=False) == old
+    assert cache_key(bb, split, raw=True) != old
+    unit = extract_features(bb, split, cache_dir=tmp_path, progress=False)
+    raw = extract_features(bb, split, cache_dir=tmp_path, progress=False, raw=True)
+    assert len(_feature_files(tmp_path)) == 2
+    expected = torch.stack([bb.preprocess(split.load_image(i)) for i in range(len(split))])
+    expected = expected.flatten(1).float() @ bb.weight
+    torch.testing.assert_close(raw.features, expected, rtol=0, atol=0)  # one batch, same op
+    # the fake's own normalisation, the same float32 ops on the same rows: equal
+    torch.testing.assert_close(raw.features / raw.features.norm(dim=-1, keepdim=True),
+                               unit.features, rtol=0, atol=0)  # fmt: skip
+    calls = bb.encode_calls
+    again = extract_features(bb, split, cache_dir=tmp_path, progress=False, raw=True)
+    assert bb.encode_calls == calls and torch.equal(again.features, raw.features)  # cached
+
+
 def test_augment_deterministic_per_seed(split, backbone):
     a = extract_features(
         backbone, split, views=2, augment=True, seed=0, cache_dir=None, progress=False

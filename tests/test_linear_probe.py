@@ -9,7 +9,15 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from fewclip_tutorial.linear_probe import DEFAULT_CS, LinearProbe, fit_linear_probe
+import fewclip_tutorial.linear_probe as lp
+from fewclip_tutorial.linear_probe import (
+    DEFAULT_CS,
+    LPCLIP_CS,
+    LPCLIP_STEPS,
+    LinearProbe,
+    fit_linear_probe,
+    fit_linear_probe_lpclip,
+)
 from fewclip_tutorial.metrics import accuracy, per_class_accuracy, round_metrics
 
 
@@ -119,6 +127,127 @@ def test_bad_shapes_are_rejected() -> None:
     probe = fit_linear_probe(xtr, ytr, xva, yva, Cs=[1.0])
     with pytest.raises(ValueError, match=r"\(N, 6\)"):
         probe.logits(torch.randn(2, 5))
+
+
+# --------------------------------------------------------------------------- CoOp's lpclip
+
+
+def test_lpclip_defaults_are_coops() -> None:
+    from fewclip_tutorial.methods.baselines import LinearProbeConfig
+
+    # KaiyangZhou/CoOp, lpclip/linear_probe.py: search_list, range(8), max_iter=1000, and the
+    # "Linear probe CLIP" baseline is this protocol on the raw image features
+    assert LPCLIP_CS == (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
+    assert LPCLIP_STEPS == 8
+    assert LinearProbeConfig().protocol == "lpclip"
+    assert LinearProbeConfig().max_iter == 1000
+    assert LinearProbeConfig().steps == 8
+
+
+def _coop_search(xtr, ytr, xva, yva):
+    """CoOp's search re-written: the C of every fit in order, and the final classifier."""
+    tried = []
+
+    def fit(c):
+        tried.append(c)
+        # penalty="l2" is sklearn's default (the argument is deprecated since sklearn 1.8)
+        clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(xtr, ytr)
+        return clf, sum(clf.predict(xva) == yva) / len(yva)
+
+    accs = [fit(c)[1] for c in [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]]
+    c_peak = [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6][int(np.argmax(accs))]
+    c_left, c_right = 1e-1 * c_peak, 1e1 * c_peak
+    outcomes = []
+    for _ in range(8):
+        clf_left, acc_left = fit(c_left)
+        clf_right, acc_right = fit(c_right)
+        if acc_left < acc_right:
+            outcomes.append("right")
+            c_final, clf_final = c_right, clf_right
+            c_left = 0.5 * (np.log10(c_right) + np.log10(c_left))
+            c_right = np.log10(c_right)
+        else:
+            outcomes.append("tie" if acc_left == acc_right else "left")
+            c_final, clf_final = c_left, clf_left
+            c_right = 0.5 * (np.log10(c_right) + np.log10(c_left))
+            c_left = np.log10(c_left)
+        c_left, c_right = np.power(10, c_left), np.power(10, c_right)
+    return tried, c_final, clf_final, outcomes
+
+
+def test_lpclip_search_equals_coops_loop() -> None:
+    centers = np.eye(4, 6)
+    xtr, ytr = _blobs(2, centers, 1.0, 14)
+    xva, yva = _blobs(6, centers, 1.0, 15)
+    xtr, xva = 30 * xtr.double(), 30 * xva.double()  # raw features: norms far from 1
+    probe = fit_linear_probe_lpclip(xtr, ytr, xva, yva)
+    tried, c_final, clf, outcomes = _coop_search(xtr.numpy(), ytr.numpy(), xva.numpy(), yva.numpy())
+    # the problem exercises every branch: a right end kept, a left end kept, a tie
+    assert {"right", "left", "tie"} <= set(outcomes), outcomes
+    assert [c for c, _ in probe.search] == [float(c) for c in tried]  # the same C, bit for bit
+    assert len(probe.search) == 7 + 2 * 8
+    assert probe.C == c_final
+    # the kept classifier is the last step's: sklearn's fit at C_final on the same float64 data
+    logits = probe.logits(xva.float()).double()
+    want = torch.tensor(clf.decision_function(xva.numpy()))
+    w, b = probe.weight.double(), probe.bias.double()
+    terms = xva.abs() @ w.abs().T + b.abs()
+    bound = float(2 * (xva.shape[1] + 2) * 2**-24 * terms.max())  # float32 weights and inputs
+    torch.testing.assert_close(logits, want, atol=bound, rtol=0)
+    assert probe.val_accuracy == 100 * np.mean(clf.predict(xva.numpy()) == yva.numpy())
+
+
+def _scripted(monkeypatch, score):
+    """Replace the fits by a validation accuracy ``score(C)`` (the search logic alone)."""
+
+    def fake_fit(x, y, C, max_iter, seed, num_classes):
+        return np.full((num_classes, x.shape[1]), float(C)), np.zeros(num_classes)
+
+    monkeypatch.setattr(lp, "_fit", fake_fit)
+    monkeypatch.setattr(lp, "_val_accuracy", lambda w, b, x, y: float(score(w[0, 0])))
+    x, y = _blobs(2, CENTERS, 0.1, 0)
+    return fit_linear_probe_lpclip(x, y, x, y)
+
+
+def test_lpclip_first_grid_keeps_the_first_best(monkeypatch) -> None:
+    # 1e4 and 1e-2 tie for the best: argmax keeps 1e4, the first in CoOp's order
+    probe = _scripted(monkeypatch, lambda c: 50.0 if c in (1e4, 1e-2) else 10.0)
+    assert [c for c, _ in probe.search[7:9]] == [1e3, 1e5]  # [C*/10, 10 C*] around 1e4
+
+
+def test_lpclip_bisection_keeps_the_left_end_on_a_tie(monkeypatch) -> None:
+    probe = _scripted(monkeypatch, lambda c: 30.0)  # every fit ties
+    cs = [c for c, _ in probe.search]
+    assert cs[:7] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]  # the first of the ties: 1e6
+    lefts, rights = cs[7::2], cs[8::2]
+    # ties keep the left end, 1e5 (recomputed as 10^log10 each step: within a rounding);
+    # the right end halves towards it in log10 C: 7, 6, 5.5, 5.25, ...
+    np.testing.assert_allclose(np.log10(lefts), [5.0] * 8, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        np.log10(rights), [5 + 2 / 2**k for k in range(8)], rtol=0, atol=1e-12
+    )
+    assert probe.C == lefts[-1]  # the end kept at the last step
+
+
+def test_lpclip_bisection_moves_right_when_the_right_end_is_better(monkeypatch) -> None:
+    probe = _scripted(monkeypatch, lambda c: math.log10(c))  # larger C, strictly better
+    cs = [c for c, _ in probe.search]
+    assert cs[:2] == [1e6, 1e4]  # 1e6 is the best of the first grid
+    lefts, rights = cs[7::2], cs[8::2]
+    # the left end halves towards the right one, 1e7: 5, 6, 6.5, 6.75, ...
+    np.testing.assert_allclose(
+        np.log10(lefts), [7 - 2 / 2**k for k in range(8)], rtol=0, atol=1e-12
+    )
+    np.testing.assert_allclose(np.log10(rights), [7.0] * 8, rtol=0, atol=1e-12)
+    assert probe.C == rights[-1]
+
+
+def test_lpclip_rejects_bad_steps() -> None:
+    xtr, ytr = _blobs(3, CENTERS, 0.2, 12)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        fit_linear_probe_lpclip(xtr, ytr, xtr, ytr, steps=-1)
+    probe = fit_linear_probe_lpclip(xtr, ytr, xtr, ytr, steps=0)  # the first grid alone
+    assert len(probe.search) == 7 and probe.C in LPCLIP_CS
 
 
 # --------------------------------------------------------------------------- metrics

@@ -43,12 +43,14 @@ BUILTIN = (
     "clap",
 )
 
-HEADER = {"method", "dataset", "backbone", "shots", "seed", "val_accuracy", "test_accuracy"}
+HEADER = {
+    "method", "dataset", "backbone", "shots", "seed", "config", "val_accuracy", "test_accuracy",
+}  # fmt: skip
 
 #: The method's own keys of its result (besides the header and the accuracies).
 KEYS: dict[str, set[str]] = {
     "zero-shot": {"per_class_accuracy", "templates"},
-    "linear-probe": {"C", "C_search"},
+    "linear-probe": {"C", "C_search", "protocol"},
     "tip-adapter": {
         "alpha", "beta", "cache_size", "logit_scale", "selection_val_accuracy", "views",
         "zero_shot_val_accuracy",
@@ -139,8 +141,10 @@ def test_json_keys(ctx, name: str) -> None:
     assert (out["method"], out["shots"], out["seed"]) == (name, 2, 1)
     assert set(out["ood_accuracy"]) == {"sketch"}
     json.dumps(out, default=str)  # the CLI's --json
-    # the configuration that ran, every option value with the defaults included
-    assert _flatten(out["config"]) == {**flat_values(get_method(name).config()), **CHEAP[name]}
+    # the configuration that ran: every option, given or default
+    spec = get_method(name)
+    want = {k: opt.default for k, opt in spec.options.items()} | CHEAP[name]
+    assert out["config"] == {k: spec.options[k].coerce(k, v) for k, v in want.items()}, name
     if name == "fd-align":  # its options are echoed in the result
         assert set(get_method(name).options) <= set(out)
 

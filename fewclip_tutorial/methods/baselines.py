@@ -5,7 +5,11 @@
   ``100 * f @ W.T``.
 * ``linear-probe``: logistic regression on the frozen image features of the K
   shots, ``C`` chosen on the few-shot validation split
-  (:mod:`fewclip_tutorial.linear_probe`).
+  (:mod:`fewclip_tutorial.linear_probe`).  By default CoOp's ``lpclip`` protocol
+  (``lpclip/linear_probe.py``, KaiyangZhou/CoOp: raw image-tower features, its C grid
+  and bisection), the "Linear probe CLIP" of the CoOp, Tip-Adapter and cross-modal
+  tables; ``protocol="normalized"`` is the package's earlier probe (L2-normalised
+  features, a 13-value grid, ties to the smaller C).
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ import numpy as np
 from torch import Tensor
 
 from fewclip_tutorial.episode import Context
-from fewclip_tutorial.linear_probe import DEFAULT_CS, fit_linear_probe
+from fewclip_tutorial.features import FeatureSet
+from fewclip_tutorial.linear_probe import (
+    DEFAULT_CS,
+    LPCLIP_STEPS,
+    PROTOCOLS,
+    fit_linear_probe,
+    fit_linear_probe_lpclip,
+)
 from fewclip_tutorial.methods.registry import option, register_method
 from fewclip_tutorial.metrics import accuracy, per_class_accuracy
 from fewclip_tutorial.zeroshot import CLIP_LOGIT_SCALE, prompt_text_features, zero_shot_logits
@@ -36,9 +47,22 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """Logistic regression on frozen image features; C chosen on the few-shot val split."""
+    """Logistic regression on frozen image features; C chosen on the few-shot val split.
 
+    The default is CoOp's ``lpclip`` protocol (``lpclip/linear_probe.py``,
+    KaiyangZhou/CoOp): raw image-tower features, ``C`` first over 1e6 ... 1e-6 (the first
+    best), then 8 bisection steps in log10 C.  ``protocol="normalized"``: L2-normalised
+    features, ``C`` over ``logspace(-3, 3, 13)``, ties to the smaller ``C``.
+    """
+
+    protocol: str = option(
+        "lpclip",
+        "'lpclip': CoOp's probe (raw features, its C grid and bisection); 'normalized': "
+        "L2-normalised features, a 13-value C grid, ties to the smaller C",
+        list(PROTOCOLS),
+    )
     max_iter: int = option(1000, "L-BFGS iterations of the logistic regression")
+    steps: int = option(LPCLIP_STEPS, "bisection steps in log10 C of protocol 'lpclip'")
 
 
 def _flat(features: Tensor) -> Tensor:
@@ -77,20 +101,27 @@ def run_zero_shot(ctx: Context, config: ZeroShotConfig) -> dict[str, Any]:
 
 @register_method("linear-probe", config=LinearProbeConfig)
 def run_linear_probe(ctx: Context, config: LinearProbeConfig) -> dict[str, Any]:
-    """Linear probe (CLIP Sec. 3.2): sklearn logistic regression, ``C`` searched on val."""
-    train = ctx.features("train")
-    val = ctx.features("val")
-    probe = fit_linear_probe(
-        _flat(train.features),
-        train.labels,
-        _flat(val.features),
-        val.labels,
-        Cs=DEFAULT_CS,
-        max_iter=config.max_iter,
-        seed=ctx.seed,
-        num_classes=ctx.num_classes,
-    )
-    result = ctx.report(probe.logits)
+    """Linear probe (CLIP Sec. 3.2): sklearn logistic regression, ``C`` searched on val.
+
+    ``protocol="lpclip"`` fits and evaluates on the raw features of every split
+    (``ctx.features(split, raw=True)``); ``"normalized"`` on the cached normalised ones.
+    """
+    if config.steps < 0:
+        raise ValueError(f"steps must be >= 0 (CoOp: {LPCLIP_STEPS}), got {config.steps}.")
+    raw = config.protocol == "lpclip"
+    train = ctx.features("train", raw=raw)
+    val = ctx.features("val", raw=raw)
+    common = {"max_iter": config.max_iter, "seed": ctx.seed, "num_classes": ctx.num_classes}
+    args = (_flat(train.features), train.labels, _flat(val.features), val.labels)
+    if raw:
+        probe = fit_linear_probe_lpclip(*args, steps=config.steps, **common)
+        names = ["val", "test"] + [f"ood:{d}" for d in ctx.ood_domains]
+        by_split: dict[str, FeatureSet] = {n: ctx.features(n, raw=True) for n in names}
+        result = ctx.report(probe.logits, features_by_split=by_split)
+    else:
+        probe = fit_linear_probe(*args, Cs=DEFAULT_CS, **common)
+        result = ctx.report(probe.logits)
+    result["protocol"] = config.protocol
     result["C"] = probe.C
     result["C_search"] = [[c, acc] for c, acc in probe.search]
     return result

@@ -350,8 +350,9 @@ def run_method(
         **options: the method's options (see ``METHODS[method].options``).
 
     Returns:
-        ``{"method", "dataset", "backbone", "shots", "seed", "val_accuracy",
-        "test_accuracy", ["ood_accuracy"], ...method-specific keys}``.
+        ``{"method", "dataset", "backbone", "shots", "seed", "config", "val_accuracy",
+        "test_accuracy", ["ood_accuracy"], ...method-specific keys}``, where ``config`` is
+        ``{option: value}`` of every option of the run, defaults included.
 
     Raises:
         UnknownMethodError: unknown method name.
@@ -377,13 +378,13 @@ def run_method(
     if "progress" in params and "progress" not in opts:
         extra["progress"] = progress and context.progress
     seed_everything(context.seed)
-    ran: dict[str, Any] | None = None
     if spec.config is not None:
-        built = _build(spec.config, opts)
-        ran = dataclasses.asdict(built)  # every option value that ran, defaults included
-        result = spec.fn(context, built, **extra)
+        config = _build(spec.config, opts)
+        result = spec.fn(context, config, **extra)
+        ran = flat_values(config)
     else:
         result = spec.fn(context, **opts, **extra)
+        ran = dict(opts)
     if not isinstance(result, Mapping):
         raise TypeError(f"Method {method!r} returned {type(result).__name__}, expected a dict.")
     missing = [k for k in ("val_accuracy", "test_accuracy") if k not in result]
@@ -397,7 +398,6 @@ def run_method(
         "backbone": context.backbone.name,
         "shots": context.shots,
         "seed": context.seed,
+        "config": ran,  # every option value that ran, defaults included
     }
-    if ran is not None:
-        header["config"] = ran
     return {**header, **{k: v for k, v in result.items() if k not in header}}

@@ -14,6 +14,7 @@ from fewclip_tutorial.methods.cross_modal.config import (
     DEFAULT_ITERS,
     GRIDS,
     PARTIAL_FT_LOGIT_SCALE,
+    PARTIAL_GRIDS,
     CrossModalConfig,
 )
 from fewclip_tutorial.methods.cross_modal.core import (
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_ITERS",
     "GRIDS",
     "PARTIAL_FT_LOGIT_SCALE",
+    "PARTIAL_GRIDS",
     "CrossModalConfig",
     "CrossModalHead",
     "CrossModalResult",

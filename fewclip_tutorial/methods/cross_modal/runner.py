@@ -37,7 +37,8 @@ def _train_views(ctx: Context, flip: bool, progress: bool) -> Tensor:
 
 
 def _run_partial(ctx: Context, text: Tensor, modality: str, iters: int, flip: bool,
-                 progress: bool) -> tuple[CrossModalResult, dict[str, Any]]:  # fmt: skip
+                 progress: bool, grid: str = "paper",
+                 ) -> tuple[CrossModalResult, dict[str, Any]]:  # fmt: skip
     """Partial fine-tuning on the episode; returns the result and ``ctx.report``."""
     device, pre = ctx.backbone.device, ctx.backbone.preprocess
     visual = ctx.backbone.model.visual
@@ -52,7 +53,7 @@ def _run_partial(ctx: Context, text: Tensor, modality: str, iters: int, flip: bo
     result = train_partial_finetune(
         visual, train_cache, torch.as_tensor(ctx.splits.train.labels), text,
         cache(ctx.splits.val), torch.as_tensor(ctx.splits.val.labels), modality=modality,
-        iters=iters, seed=ctx.seed, device=device, progress=progress, cached=True,
+        iters=iters, seed=ctx.seed, device=device, progress=progress, cached=True, grid=grid,
     )  # fmt: skip
     suffix = result.suffix.eval()
 
@@ -81,7 +82,8 @@ def run_cross_modal(ctx: Context, config: CrossModalConfig, progress: bool = Tru
     flipped view (``flip=None``: unless ``dataset.info["hflip_invariant"]`` is
     ``False``, as for ShapeWorld).  Selection uses the few-shot validation split only.
     ``variant="partial"`` re-encodes the evaluation images through the fine-tuned end
-    of the encoder.
+    of the encoder; it searches ``partial_grid`` (default the authors' 9 configurations,
+    ``HYPER_DICT["partial"]`` of linzhiqiu/cross_modal_adaptation).
 
     Returns:
         ``ctx.report``'s accuracies plus ``hparams``, ``best_step``,
@@ -107,7 +109,10 @@ def run_cross_modal(ctx: Context, config: CrossModalConfig, progress: bool = Tru
     out: dict[str, Any] = {"variant": variant, "modality": modality, "templates": len(used),
                            "flip": flip}  # fmt: skip
     if variant == "partial":
-        result, report = _run_partial(ctx, text, modality, iters, flip, progress)
+        result, report = _run_partial(
+            ctx, text, modality, iters, flip, progress, grid=config.partial_grid
+        )
+        out["partial_grid"] = config.partial_grid
     else:
         val = ctx.features("val")
         result = train_cross_modal(

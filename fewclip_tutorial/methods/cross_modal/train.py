@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from fewclip_tutorial.device import autocast, get_device
 from fewclip_tutorial.encoders import split_visual_encoder
-from fewclip_tutorial.methods.cross_modal.config import DEFAULT_ITERS, GRIDS, PARTIAL_FT_LOGIT_SCALE
+from fewclip_tutorial.methods.cross_modal.config import (
+    DEFAULT_ITERS,
+    GRIDS,
+    PARTIAL_FT_LOGIT_SCALE,
+    PARTIAL_GRIDS,
+)
 from fewclip_tutorial.methods.cross_modal.core import (
     CrossModalHead,
     _check_labels,
@@ -472,9 +477,10 @@ def train_partial_finetune(
     iters: int = DEFAULT_ITERS,
     warmup: int = 50,
     eval_every: int = 100,
-    lrs: Sequence[float] = (1e-4,),
-    weight_decays: Sequence[float] = (0.0,),
-    batch_sizes: Sequence[int] = (8,),
+    grid: str = "paper",
+    lrs: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+    batch_sizes: Sequence[int] | None = None,
     logit_scale: float = PARTIAL_FT_LOGIT_SCALE,
     patience: int | None = None,
     seed: int = 1,
@@ -490,6 +496,13 @@ def train_partial_finetune(
     and validation images and its activations are cached; each step runs only the suffix
     on the image half of the batch (text samples go straight to the head).
 
+    Every configuration of the grid starts from the same state (the zero-shot head and
+    the pretrained suffix) and keeps its best validated step; the configuration with the
+    best validation ``(accuracy, -loss)`` wins, ties to the earlier one.  The starting
+    state stays a candidate: it is kept unless some step strictly beats it.  The default
+    grid is the authors' (``HYPER_DICT["partial"]`` in engine/optimizer/default.py of
+    linzhiqiu/cross_modal_adaptation, :data:`PARTIAL_GRIDS`).
+
     Args:
         visual: ``model.visual`` (left unchanged: the trainable end is deep-copied).
         train_images: ``(N, 3, H, W)`` or ``(V, N, 3, H, W)`` preprocessed images; with
@@ -498,7 +511,9 @@ def train_partial_finetune(
         text_features_per_template: ``(C, M, D)``.
         val_images: ``(N_val, 3, H, W)`` (with ``cached=True``: ``(N_val, ...)``
             activations); ``val_labels`` ``(N_val,)``.
-        lrs, weight_decays, batch_sizes: the grid (default one configuration).
+        grid: ``"paper"`` (the authors' 3 x 3 x 1) or ``"single"`` (lr 1e-4, weight decay
+            0, batch 8), see :data:`PARTIAL_GRIDS`; ``lrs`` / ``weight_decays`` /
+            ``batch_sizes`` replace its axes.
         logit_scale: fixed head scale (``exp(4) ≈ 54.6`` as in the paper).
         cached: the inputs are already prefix activations (``split.prefix`` of
             :func:`split_visual_encoder` on the same ``visual``).
@@ -542,8 +557,13 @@ def train_partial_finetune(
             f"the image encoder outputs dimension {out_dim} but text features have "
             f"{dim}; use text features from the same CLIP model."
         )
+    if grid not in PARTIAL_GRIDS:
+        raise ValueError(
+            f"grid must be one of {sorted(PARTIAL_GRIDS)} for partial fine-tuning, got {grid!r}; "
+            "or give lrs, weight_decays and batch_sizes."
+        )
     configs, skipped = _grid_configs(
-        {}, lrs, weight_decays, batch_sizes, device,
+        PARTIAL_GRIDS[grid], lrs, weight_decays, batch_sizes, device,
         train_cache.shape[0] * train_cache.shape[1], len(txt), ratio,
     )  # fmt: skip
     best = _train_grid(

@@ -631,6 +631,7 @@ def run_sweep(
     keep_results: bool = False,
     results: str | os.PathLike | None = None,
     shard: str | tuple[int, int] | None = None,
+    jobs: int = 1,
 ):
     """Run every method on every ``(dataset, shots, seed)`` episode.
 
@@ -645,6 +646,10 @@ def run_sweep(
         results: a results file (JSON lines): finished cells are appended, cells already
             there are read back instead of run (see :func:`run_cells`).
         shard: ``"I/N"`` or ``(I, N)``: run only that shard of the grid.
+        jobs: run the grid as ``jobs`` shards in as many processes at once, then merge
+            them (:func:`merge_results`): the same frame as one process, since every
+            cell is seeded on its own.  For a CPU with several cores; each process
+            keeps the thread settings of the environment (``OMP_NUM_THREADS``).
 
     With ``FEWCLIP_RESULTS_CACHE`` set (and without ``keep_results``), cells another
     call already ran with the same code on the same set-up are read from
@@ -657,6 +662,19 @@ def run_sweep(
         columns (percent), plus scalar extras.  With ``keep_results``, a
         ``(frame, list_of_dicts)`` pair.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be a whole number >= 1.")
+    if jobs > 1:
+        if shard is not None or keep_results:
+            raise ValueError(
+                "jobs > 1 runs the whole grid in shards and returns no raw results: "
+                "drop shard= and keep_results=, or use jobs=1."
+            )
+        grid_args = dict(
+            methods=methods, dataset=dataset, backbone=backbone, pretrained=pretrained,
+            shots=shots, seeds=seeds, dataset_kwargs=dataset_kwargs,
+        )  # fmt: skip
+        return _run_in_processes(grid_args, jobs, results)
     grid = sweep_cells(
         methods,
         datasets=dataset,
@@ -679,6 +697,40 @@ def run_sweep(
     )
     frame = sweep_frame(rows)
     return (frame, raw) if keep_results else frame
+
+
+def _run_shard(grid_args: dict[str, Any], shard: str, path: str) -> None:
+    """One shard of :func:`run_sweep` (``jobs > 1``), in a worker process."""
+    run_sweep(**grid_args, shard=shard, results=path)
+
+
+def _run_in_processes(grid_args: dict[str, Any], jobs: int, results: Any) -> Any:
+    """``jobs`` shards in as many spawned processes, merged into one frame."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    with tempfile.TemporaryDirectory(prefix="fewclip-sweep-") as tmp:
+        # one results file per shard, or the caller's file shared by all (appends are locked)
+        shard_files = [os.path.join(tmp, f"shard{i}.jsonl") for i in range(jobs)]
+        out = [str(results)] * jobs if results is not None else shard_files
+        spawn = multiprocessing.get_context("spawn")  # no forked torch state in workers
+        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+            done = [pool.submit(_run_shard, grid_args, f"{i}/{jobs}", out[i]) for i in range(jobs)]
+            for future in done:
+                future.result()
+        grid = grid_id(
+            sweep_cells(
+                grid_args["methods"],
+                datasets=grid_args["dataset"],
+                shots=grid_args["shots"],
+                seeds=grid_args["seeds"],
+                backbone=grid_args["backbone"],
+                pretrained=grid_args["pretrained"],
+                dataset_kwargs=grid_args["dataset_kwargs"],
+            )
+        )
+        return merge_results(sorted(set(out)), grid=grid)
 
 
 def _shard_pair(shard: str | tuple[int, int]) -> tuple[int, int]:

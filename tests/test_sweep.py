@@ -479,3 +479,19 @@ def test_the_cache_file_depends_on_the_thread_count(
     assert names[0] != names[1]
     monkeypatch.delenv("FEWCLIP_RESULTS_CACHE")
     assert sweep_module.results_cache_path() is None
+
+
+def test_a_sweep_in_two_processes_equals_one_process(tmp_path: Path):
+    methods = {"zero-shot": "zero-shot", "linear probe": ("linear-probe", {"max_iter": 100})}
+    grid = {"methods": methods, "shots": (1,), "seeds": (1, 2), "progress": False}
+    one = run_sweep(**grid)
+    two = run_sweep(**grid, jobs=2)
+    pd.testing.assert_frame_equal(two, one)
+    # into the caller's results file: a second call reads every cell back
+    results = tmp_path / "r.jsonl"
+    pd.testing.assert_frame_equal(run_sweep(**grid, jobs=2, results=results), one)
+    assert len(read_records(results)) == 4
+    with pytest.raises(ValueError, match="keep_results"):
+        run_sweep(**grid, jobs=2, keep_results=True)
+    with pytest.raises(ValueError, match="whole number"):
+        run_sweep(**grid, jobs=0)

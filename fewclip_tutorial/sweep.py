@@ -538,7 +538,8 @@ def run_cells(
         keep_results: also return the raw result dicts of the cells run here.
         cache: a JSON-lines file of rows shared across labels and calls (see
             :func:`results_cache_path`): a cell found there is not run; each cell run is
-            added.  Ignored with ``keep_results`` (the raw results are not cached).
+            added.  With ``keep_results`` every cell runs (raw results are not cached),
+            and its row is still added.
 
     Returns:
         ``(rows, raw)``: one row per cell of ``cells`` in order (recorded ones read back
@@ -570,7 +571,7 @@ def run_cells(
                     results, {**record, "grid": gid, "grid_cells": size, "index": cell.index}
                 )
     cached: dict[str, dict[str, Any]] = {}
-    if cache is not None and not keep_results:
+    if cache is not None and not keep_results:  # raw results are never read back
         cached = {r["cell"]: r["row"] for r in read_records(cache)}
     for number, cell in enumerate(todo, start=1):
         start = time.perf_counter()
@@ -582,7 +583,7 @@ def run_cells(
             if keep_results:
                 raw.append({**result, "label": cell.label})
             row = _row(result, cell)
-            if cache is not None and not keep_results:
+            if cache is not None:
                 append_record(cache, {"cell": _cache_key(cell), "row": row})
         seconds = time.perf_counter() - start
         rows[cell.key] = row
@@ -693,7 +694,7 @@ def run_sweep(
         shard=f"{index}/{count}",
         progress=progress,
         keep_results=keep_results,
-        cache=None if keep_results else results_cache_path(),
+        cache=results_cache_path(),
     )
     frame = sweep_frame(rows)
     return (frame, raw) if keep_results else frame

@@ -431,10 +431,15 @@ def test_the_cache_serves_a_cell_under_another_label_and_never_raw_results(tmp_p
     changed = sweep_cells({"zero-shot": ("zero-shot", {"by_prompt": True})}, shots=(1,), seeds=(1,))
     run_cells(changed, runner=runner, cache=cache)
     assert len(runner.calls) == 1
-    # raw results are never cached: keep_results runs every cell
+    # raw results are never cached: keep_results runs every cell, and adds its rows
     runner = CountingRunner()
     _, raw = run_cells(first, runner=runner, cache=cache, keep_results=True)
     assert len(runner.calls) == 2 and len(raw) == 2
+    kept = sweep_cells({"zero-shot": "zero-shot"}, shots=(4,), seeds=(1,))
+    run_cells(kept, runner=CountingRunner(), cache=cache, keep_results=True)
+    runner = CountingRunner()
+    run_cells(kept, runner=runner, cache=cache)
+    assert runner.calls == []
 
 
 def test_run_sweep_reads_the_cache_named_by_the_environment_with_the_same_frame(

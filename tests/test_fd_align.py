@@ -343,9 +343,10 @@ def test_spc_matches_the_authors_procedure_on_scaled_rows() -> None:
     by_seed = spurious_prototype_correction(
         x, keep=n_keep, n_clusters=k, seed=seed, kmeans_seed=None
     )
+    # the same float32 -> float64 round trip as the default's check: atol 1e-6 bounds it
     np.testing.assert_allclose(
         by_seed.centres.double().numpy(), episode.cluster_centers_ / 100.0, atol=1e-6, rtol=0
-    )  # the bound below
+    )
     assert not np.allclose(by_seed.centres.numpy(), ours.centres.numpy(), atol=1e-3)
     np.testing.assert_array_equal(ours.kept_indices, kept)
     # float32 (spurious_prototype_correction normalises in float32 and returns float32):
@@ -608,6 +609,7 @@ def test_defaults_are_the_authors_code() -> None:
     # train_batchsize / 256 with train_batchsize = min(N, 256): 10 and 160 images
     one = fd.preset("colab", shots=1)
     assert one.lr == 2e-4 and colab.lr == 9e-5
+    # one multiplication and one division in float64: at most 2 ulp apart, under 1e-15
     assert one.resolved_lr(10) == pytest.approx(2e-4 * 10 / 256, rel=1e-15)
     assert colab.resolved_lr(160) == pytest.approx(9e-5 * 160 / 256, rel=1e-15)
     assert colab.resolved_lr(1000) == 9e-5  # a full batch of 256: unscaled

@@ -234,7 +234,8 @@ def test_lpclip_bisection_moves_right_when_the_right_end_is_better(monkeypatch) 
     cs = [c for c, _ in probe.search]
     assert cs[:2] == [1e6, 1e4]  # 1e6 is the best of the first grid
     lefts, rights = cs[7::2], cs[8::2]
-    # the left end halves towards the right one, 1e7: 5, 6, 6.5, 6.75, ...
+    # the left end halves towards the right one, 1e7: 5, 6, 6.5, 6.75, ...; log10 of
+    # 10**x in float64 is x within a few ulp of 7 (< 1e-14): atol 1e-12 bounds it
     np.testing.assert_allclose(
         np.log10(lefts), [7 - 2 / 2**k for k in range(8)], rtol=0, atol=1e-12
     )

@@ -239,7 +239,7 @@ def test_lpclip_bisection_moves_right_when_the_right_end_is_better(monkeypatch) 
     np.testing.assert_allclose(
         np.log10(lefts), [7 - 2 / 2**k for k in range(8)], rtol=0, atol=1e-12
     )
-    np.testing.assert_allclose(np.log10(rights), [7.0] * 8, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.log10(rights), [7.0] * 8, rtol=0, atol=1e-12)  # as above
     assert probe.C == rights[-1]
 
 

@@ -35,6 +35,7 @@ from fewclip_tutorial.methods.clap import (
     train_clap,
     train_clap_image_features,
 )
+from fewclip_tutorial.sweep import flatten_result
 from fewclip_tutorial.zeroshot import prompt_ensemble
 
 # ----------------------------------------------------------------------------- fixtures
@@ -629,7 +630,7 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
             labels=torch.arange(n) % 3,
         )
 
-    sets = {"val": feature_set(9), "test": feature_set(12)}
+    sets = {"train": feature_set(9), "val": feature_set(9), "test": feature_set(12)}
 
     def features(split: str) -> SimpleNamespace:
         requested.append(split)
@@ -649,6 +650,7 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
             name="toy", classnames=classnames, templates=["a {}.", "a photo of a {}."]
         ),
         seed=0,
+        num_classes=3,
         features=features,
         report=report,
     )
@@ -663,6 +665,17 @@ def test_runner_chooses_lam_on_validation(backbone) -> None:
     assert res["lam_val_accuracy"][f"{res['lam']:g}"] == best
     assert res["history"]["val_step"] == [0, 2, 4] and res["steps_run"] == 4
     assert len(res["history"]["val_accuracy_at_1"]) == 3
+    # with a probe, the zero-shot numbers stay in the sweep's rows as scalars
+    probed = clap.run_clap(
+        ctx, steps=4, eval_every=2, hidden=8, input_features="normalized", probe=True,
+        progress=False,
+    )  # fmt: skip
+    zero_shot = {k: res[k] for k in ("val_accuracy", "test_accuracy")}
+    assert probed["zero_shot_refined"] == zero_shot  # same seed, same network
+    row = flatten_result(probed)
+    assert row["zero_shot_test_accuracy"] == res["test_accuracy"]
+    assert row["zero_shot_val_accuracy"] == res["val_accuracy"]
+    assert row["test_accuracy"] == probed["test_accuracy"] and "probe_C" in row
     # text features in the (C, M, D) layout of every other module
     fitted = clap.train_clap_episode(ctx, steps=0, input_features="normalized", progress=False)
     assert fitted.text_features.shape == (3, 2, dim) and fitted.result.best_step == 0

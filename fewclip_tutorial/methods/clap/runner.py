@@ -227,7 +227,8 @@ def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
     The standard keys (``val_accuracy``, ``test_accuracy``, ``ood_accuracy``) use refined
     image features against the refined prompt-ensemble classifier (or, with ``probe``, a
     few-shot linear probe on refined features; the zero-shot numbers then move to
-    ``zero_shot_refined``); ``zero_shot_by_prompt`` compares raw CLIP and refined features
+    ``zero_shot_refined``, and to the scalars ``zero_shot_val_accuracy``,
+    ``zero_shot_test_accuracy`` and ``zero_shot_ood_mean`` that a sweep's rows keep); ``zero_shot_by_prompt`` compares raw CLIP and refined features
     for the paper's ZS(C/PC/CP/NC) prompts on test; ``attack_images > 0`` adds
     ``adversarial`` (clean / FGSM / PGD-20 / CW-20 accuracy of CLIP and of the refined classifier).
     """
@@ -299,5 +300,11 @@ def run_clap(ctx: Any, config: CLAPOptions, progress: bool = True) -> dict:
         report["zero_shot_refined"] = {
             k: report[k] for k in ("val_accuracy", "test_accuracy", "ood_accuracy") if k in report
         }
+        # the same numbers as scalars, so a sweep's table rows keep them too
+        ood = report.get("ood_accuracy") or {}
+        report["zero_shot_val_accuracy"] = report["val_accuracy"]
+        report["zero_shot_test_accuracy"] = report["test_accuracy"]
+        if ood:
+            report["zero_shot_ood_mean"] = sum(ood.values()) / len(ood)
         report.update(report_of(lambda f: probe.logits(refined(f).cpu())), probe_C=probe.C)
     return report

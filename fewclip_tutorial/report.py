@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Paired", "glue", "paired", "styled", "verdict"]
+__all__ = ["Paired", "glue", "glue_paired", "paired", "styled", "verdict"]
 
 
 def glue(name: str, value: Any, fmt: str = "{:.1f}") -> str:
@@ -132,6 +132,19 @@ def verdict(diffs: Sequence[float], margin: float = 0.0) -> str:
     if sum(diffs) / len(diffs) <= margin:
         return "not reproduced"
     return "partly"
+
+
+def glue_paired(prefix: str, p: Paired, margin: float = 0.0, ndigits: int = 1) -> str:
+    """Glue one claim's numbers: ``<prefix>_m`` and ``<prefix>_b`` (method and baseline,
+    mean ± std), ``<prefix>_d`` (the paired difference, signed) and ``<prefix>_v`` (the
+    :func:`verdict`, with ``margin``).
+
+    Returns:
+        The verdict.
+    """
+    for part, suffix in (("method", "m"), ("baseline", "b"), ("diff", "d")):
+        glue(f"{prefix}_{suffix}", p.text(part, ndigits))
+    return glue(f"{prefix}_v", verdict(p.diffs, margin))
 
 
 def styled(

@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from fewclip_tutorial.report import glue, paired, styled, verdict
+from fewclip_tutorial.report import glue, glue_paired, paired, styled, verdict
 
 
 def _frame(rows: dict[str, list[float]], shots: int = 16) -> pd.DataFrame:
@@ -83,3 +83,9 @@ def test_styled_formats_bolds_the_best_and_hides_nan():
     assert bold == {"row1_col0", "row0_col1"}  # the best of each column
     with pytest.raises(ValueError, match="'max', 'min'"):
         styled(table, best="mean")
+
+
+def test_glue_paired_returns_the_verdict_of_the_differences():
+    frame = _frame({"m": [70.0, 80.0, 90.0], "b": [68.0, 81.0, 87.0]})
+    assert glue_paired("c1", paired(frame, "m", "b")) == "partly"
+    assert glue_paired("c1", paired(frame, "m", "b"), margin=5.0) == "not reproduced"

@@ -799,3 +799,9 @@ def test_runner_end_to_end_and_feature_cache(backbone: Backbone, tmp_path, monke
         plain["removed_templates"] == []
         and plain["history"]["loss"][1:] == plain["history"]["train_class"][1:]
     )
+
+
+def test_paper_options_are_what_paper_changes():
+    opts = fd.paper_options()
+    assert opts == {"head": "fixed", "kl_direction": "paper", "kl_reduction": "batchmean"}
+    assert fd.FDAlignConfig(**opts) == fd.FDAlignConfig().paper()

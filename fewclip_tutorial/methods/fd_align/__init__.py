@@ -15,6 +15,7 @@ from fewclip_tutorial.methods.fd_align.config import (
     FD_ALIGN_PRESETS,
     FDAlignConfig,
     authors_base_lr,
+    paper_options,
     preset,
 )
 from fewclip_tutorial.methods.fd_align.core import (
@@ -52,6 +53,7 @@ __all__ = [
     "fd_align_loss",
     "finetuned_backbone",
     "head_of",
+    "paper_options",
     "preset",
     "run_fd_align",
     "spurious_distribution",

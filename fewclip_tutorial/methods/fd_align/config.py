@@ -18,6 +18,7 @@ __all__ = [
     "FD_ALIGN_PRESETS",
     "FDAlignConfig",
     "authors_base_lr",
+    "paper_options",
     "preset",
 ]
 
@@ -218,6 +219,18 @@ FD_ALIGN_PRESETS: dict[str, FDAlignConfig] = {
         templates="auto",
     ),
 }
+
+
+def paper_options() -> dict[str, Any]:
+    """The options that turn the authors' objective into the paper's (fixed class
+    prototypes, ``KL(P_ft || P_frozen)`` per image averaged over the batch): what
+    :meth:`FDAlignConfig.paper` changes, as ``run_method("fd-align", ...)`` options."""
+    default, paper = FDAlignConfig(), FDAlignConfig().paper()
+    return {
+        f.name: getattr(paper, f.name)
+        for f in dataclasses.fields(FDAlignConfig)
+        if getattr(paper, f.name) != getattr(default, f.name)
+    }
 
 
 def preset(

@@ -33,10 +33,22 @@ if [[ "$CONFIG" == default ]]; then
   echo "== ruff"
   .venv/bin/ruff check fewclip_tutorial tests benchmarks scripts book
 fi
-echo "== pytest + nbval"
-.venv/bin/python -m pytest -q tests book \
-  --nbval --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg \
-  --durations=15
+NBVAL=(--nbval --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg)
+# Two phases on two workers (pytest-xdist; one file per worker at a time, so a notebook's
+# cells stay in one kernel). Phase 1: the two longest chapters first, one per worker, then
+# the other chapters and the unit tests. Phase 2: the comparison chapter, which reads the
+# runs chapters 4 and 5 made from FEWCLIP_RESULTS_CACHE and runs the rest in two processes.
+comparison=book/06_comparison.ipynb
+first=(book/04_fd_align.ipynb book/05_clap.ipynb)
+rest=()
+for nb in book/*.ipynb; do
+  [[ "$nb" == "$comparison" || " ${first[*]} " == *" $nb "* ]] || rest+=("$nb")
+done
+echo "== pytest + nbval, phase 1: unit tests and every chapter but the comparison"
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "${first[@]}" "${rest[@]}" tests \
+  "${NBVAL[@]}" --durations=15
+echo "== nbval, phase 2: $comparison"
+.venv/bin/python -m pytest -q "$comparison" "${NBVAL[@]}" --durations=5
 if [[ "$CONFIG" == default ]]; then
   echo "== book (from the checked notebooks)"
   bash scripts/build_book_noexec.sh

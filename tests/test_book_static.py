@@ -97,3 +97,60 @@ def test_the_citation_style_reaches_sphinx():
     assert config["sphinx"]["local_extensions"] == {"bibstyle": "book/_ext"}
     bib = (BOOK.parent / "references.bib").read_text()
     assert "Code:" not in bib and "code " in bib  # code URLs in their own field: links
+
+
+# ---------------------------------------------------------------- the chapter template
+
+#: the method chapters that follow the template (issue 22: every method chapter)
+TEMPLATE_CHAPTERS = ["04_fd_align.ipynb", "05_clap.ipynb"]
+TEMPLATE = [
+    "```{admonition} In this chapter you will",
+    "## Claims of the paper, here",
+    "```{admonition} Key takeaways",
+    "## Exercises",
+    "## References",
+]
+GLUE = re.compile(r"\{glue:text\}`[^`]+`|\{cite:[pt]\}`[^`]+`|`[^`]*`")
+
+
+def _markdown(path: Path) -> str:
+    nb = json.loads(path.read_text())
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def claims_table_problems(text: str) -> list[str]:
+    """Cells of the *Claims* table (past its first two columns: claim and task) that hold
+    a digit not inside a ``{glue:text}`` role: a number typed into the prose."""
+    section = text.split("## Claims of the paper, here", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    if len(rows) < 3:
+        return ["no claims table"]
+    bad = []
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for cell in cells[2:]:
+            if re.search(r"\d", GLUE.sub("", cell)):
+                bad.append(f"{cells[0][:40]}: {cell}")
+    return bad
+
+
+@pytest.mark.parametrize("name", TEMPLATE_CHAPTERS)
+def test_method_chapter_has_every_template_heading_in_order(name):
+    text = _markdown(BOOK / name)
+    at = [text.find(h) for h in TEMPLATE]
+    missing = [h for h, i in zip(TEMPLATE, at, strict=True) if i < 0]
+    assert not missing, f"{name} lacks {missing}"
+    assert at == sorted(at), f"{name}: template headings out of order"
+
+
+@pytest.mark.parametrize("name", TEMPLATE_CHAPTERS)
+def test_claims_table_numbers_come_from_glue(name):
+    assert claims_table_problems(_markdown(BOOK / name)) == []
+
+
+def test_the_claims_check_catches_a_typed_number():
+    table = (
+        "## Claims of the paper, here\n\n| claim | task | ours | verdict |\n|---|---|---|---|\n"
+        "| a | t | {glue:text}`x` | {glue:text}`v` |\n| b (16-shot) | t | 61.9 | partly |\n"
+    )
+    assert claims_table_problems(table) == ["b (16-shot): 61.9"]

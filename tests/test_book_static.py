@@ -102,7 +102,12 @@ def test_the_citation_style_reaches_sphinx():
 # ---------------------------------------------------------------- the chapter template
 
 #: the method chapters that follow the template (issue 22: every method chapter)
-TEMPLATE_CHAPTERS = ["02_tip_adapter.ipynb", "04_fd_align.ipynb", "05_clap.ipynb"]
+TEMPLATE_CHAPTERS = [
+    "02_tip_adapter.ipynb",
+    "03_cross_modal.ipynb",
+    "04_fd_align.ipynb",
+    "05_clap.ipynb",
+]
 TEMPLATE = [
     "```{admonition} In this chapter you will",
     "## Claims of the paper, here",

@@ -60,6 +60,8 @@ class Paired:
     def text(self, part: str = "diff", ndigits: int = 1) -> str:
         """``"mean ± std"`` of ``part`` (``"method"``, ``"baseline"`` or ``"diff"``, signed)."""
         mean, std = getattr(self, part)
+        if round(mean, ndigits) == 0:
+            mean = 0.0  # a difference that rounds to zero prints "0.0", never "-0.0"
         sign = "+" if part == "diff" and round(mean, ndigits) > 0 else ""
         return f"{sign}{mean:.{ndigits}f} ± {std:.{ndigits}f}"
 

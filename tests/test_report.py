@@ -89,3 +89,8 @@ def test_glue_paired_returns_the_verdict_of_the_differences():
     frame = _frame({"m": [70.0, 80.0, 90.0], "b": [68.0, 81.0, 87.0]})
     assert glue_paired("c1", paired(frame, "m", "b")) == "partly"
     assert glue_paired("c1", paired(frame, "m", "b"), margin=5.0) == "not reproduced"
+
+
+def test_a_difference_that_rounds_to_zero_has_no_sign():
+    frame = _frame({"m": [70.0, 80.0], "b": [70.02, 80.04]})
+    assert paired(frame, "m", "b").text() == "0.0 ± 0.0"

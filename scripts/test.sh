@@ -50,6 +50,10 @@ echo "== pytest + nbval, phase 1: unit tests and every chapter but the compariso
 echo "== nbval, phase 2: $comparison"
 .venv/bin/python -m pytest -q "$comparison" "${NBVAL[@]}" --durations=5
 if [[ "$CONFIG" == default ]]; then
+  # as the weekly Colab workflow runs every chapter: a fresh environment outside the
+  # repository, the chapter's own install cell (here from this checkout: no GitHub in CI)
+  echo "== chapter 1 as Colab runs it (scripts/colab_run.py)"
+  FEWCLIP_PKG="$PWD" .venv/bin/python scripts/colab_run.py book/01_zero_shot_and_linear_probe.ipynb
   echo "== book (from the checked notebooks)"
   bash scripts/build_book_noexec.sh
 fi

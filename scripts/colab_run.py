@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         PATH=f"{python.parent}:{env.get('PATH', '')}",
         PYTHONPATH=str(where / "fake"),
         IPYTHONDIR=str(where / "ipython"),
+        JUPYTER_DATA_DIR=str(where / "jupyter"),  # no user-level kernel: the venv's own
         TQDM_DISABLE="1",
     )
     if os.environ.get("FEWCLIP_PKG"):
